@@ -1,0 +1,67 @@
+# Runbrake — `make run` starts the whole product; `make test` runs every test.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PORT ?= 8000
+export PORT
+# Development defaults; production sets DEBUG=false plus SECRET_KEY and RUNBRAKE_ENCRYPTION_KEYS.
+export DEBUG ?= true
+
+# A Python >= 3.12: the one pyenv selects via .python-version, else the newest on PATH.
+PYTHON := $(shell for p in python3.13 python3.12 python3 $(wildcard $(HOME)/.pyenv/versions/3.1[2-9]*/bin/python3); do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
+	&& { $$p -c 'import sys; print(sys.executable)'; break; }; done)
+UV := .tools/bin/uv
+UV_VERSION := 0.13.9
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: help run test test-unit test-e2e lint fmt check-deploy clean setup browser
+
+help:
+	@echo "make run    - set up and start Runbrake on http://127.0.0.1:$(PORT)/"
+	@echo "make test   - set up and run every test (unit, integration, browser)"
+	@echo "make lint   - ruff and mypy"
+
+$(UV):
+	@test -n "$(PYTHON)" || { echo "Runbrake needs Python 3.12 or newer on PATH (or under pyenv)." >&2; exit 1; }
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.synced: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --python $(PYTHON)
+	@touch $@
+
+setup: $(VENV)/.synced
+
+run: setup
+	$(PY) manage.py migrate --no-input -v0
+	$(PY) manage.py seed_demo
+	@echo
+	@echo "  Runbrake:  http://127.0.0.1:$(PORT)/"
+	@echo "  Logins:    alice (admin) · bob (member) · carol (viewer) · mallory (Globex)"
+	@echo "             admin (Django admin at /admin/) — password: $${DEMO_PASSWORD:-runbrake-demo}"
+	@echo
+	exec $(PY) manage.py serve --port $(PORT)
+
+test: setup
+	$(PY) -m pytest -m "not e2e"
+	$(PY) -m pytest -m e2e tests/browser
+
+test-unit: setup
+	$(PY) -m pytest -m "not e2e"
+
+test-e2e: setup
+	$(PY) -m pytest -m e2e tests/browser
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+
+fmt: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .tools db.sqlite3* .test-db.sqlite3*

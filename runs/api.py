@@ -1,0 +1,287 @@
+"""The JSON API for scripts and integrations. Bearer-token auth; errors are
+`{"error": {"code", "message"}}` with the matching HTTP status."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from .forms import LaunchForm
+from .models import (
+    ApiToken,
+    Channel,
+    Membership,
+    ProviderAccount,
+    Run,
+    RunAlreadyFinished,
+    Status,
+)
+
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+ALLOWED_OPTIONS = {"structured_output", "output_schema"}
+
+ApiView = Callable[..., Awaitable[JsonResponse]]
+
+
+def error(status: int, code: str, message: str, **extra: Any) -> JsonResponse:
+    return JsonResponse({"error": {"code": code, "message": message, **extra}}, status=status)
+
+
+def api_view(*methods: str) -> Callable[[ApiView], ApiView]:
+    """Token auth, method check and JSON errors, once for every API endpoint."""
+
+    def decorate(view: ApiView) -> ApiView:
+        @csrf_exempt
+        @functools.wraps(view)
+        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
+            header = request.headers.get("Authorization", "")
+            token = header[7:].strip() if header.startswith("Bearer ") else ""
+            user = await sync_to_async(ApiToken.user_for)(token) if token else None
+            if user is None:
+                response = error(
+                    401,
+                    "UNAUTHENTICATED",
+                    "Send a valid token as 'Authorization: Bearer <token>' "
+                    "(create one with `manage.py issue_token <username>`).",
+                )
+                response["WWW-Authenticate"] = 'Bearer realm="runbrake"'
+                return response
+            if request.method not in methods:
+                response = error(
+                    405, "METHOD_NOT_ALLOWED", f"Use {' or '.join(methods)} on this endpoint."
+                )
+                response["Allow"] = ", ".join(methods)
+                return response
+            request.user = user
+            return await view(request, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def read_json(request: HttpRequest) -> dict[str, Any] | JsonResponse:
+    if not request.body:
+        return {}
+    try:
+        body = json.loads(request.body)
+    except ValueError as exc:
+        return error(400, "INVALID_JSON", f"The request body is not valid JSON: {exc}.")
+    if not isinstance(body, dict):
+        return error(400, "INVALID_JSON", "The request body must be a JSON object.")
+    return body
+
+
+def iso(value: Any) -> str | None:
+    return value.isoformat() if value else None
+
+
+def run_json(run: Run) -> dict[str, Any]:
+    stop = None
+    if run.stop_requested_at:
+        stop = {
+            "requested_at": iso(run.stop_requested_at),
+            "requested_by": run.stop_requested_by.get_username() if run.stop_requested_by else None,
+            "channel": run.stop_channel,
+            "reason": run.stop_reason,
+            "provider_answer": run.stop_answer,
+            "error": run.stop_error or None,
+            "attempts": run.stop_attempts,
+            "confirmed_at": iso(run.stop_confirmed_at),
+            "confirmation": run.stop_confirmation or None,
+            "latency_ms": run.stop_latency_ms,
+            "finished_before_stop": run.finished_before_stop,
+        }
+    return {
+        "id": run.pk,
+        "team": run.team_id,
+        "provider_account": run.provider_account_id,
+        "provider": run.provider,
+        "status": run.status,
+        "external_id": run.external_id or None,
+        "prompt": run.prompt,
+        "options": run.options,
+        "timeout_seconds": run.timeout_seconds,
+        "output": run.output,
+        "structured_output": run.structured_output,
+        "error": run.error or None,
+        "created_by": run.created_by.get_username() if run.created_by else None,
+        "created_at": iso(run.created_at),
+        "started_at": iso(run.started_at),
+        "finished_at": iso(run.finished_at),
+        "stop": stop,
+    }
+
+
+def _runs(user: Any) -> Any:
+    return Run.objects.for_user(user).select_related("created_by", "stop_requested_by")
+
+
+@api_view("GET")
+async def provider_accounts(request: HttpRequest) -> JsonResponse:
+    accounts = ProviderAccount.objects.for_user(request.user).order_by("team_id", "name")
+    return JsonResponse(
+        {
+            "results": [
+                {
+                    "id": a.pk,
+                    "team": a.team_id,
+                    "kind": a.kind,
+                    "name": a.name,
+                    "base_url": a.base_url,
+                    "api_key": a.masked_key,
+                }
+                async for a in accounts
+            ]
+        }
+    )
+
+
+@api_view("GET", "POST")
+async def runs(request: HttpRequest) -> JsonResponse:
+    if request.method == "POST":
+        return await _create_run(request)
+    qs = _runs(request.user).order_by("-id")
+    params = request.GET
+    if status := params.get("status"):
+        if status not in Status.values:
+            return error(
+                400,
+                "VALIDATION_ERROR",
+                f"Unknown status {status!r}; use one of {', '.join(Status.values)}.",
+                field="status",
+            )
+        qs = qs.filter(status=status)
+    if team := params.get("team"):
+        if not team.isdigit():
+            return error(400, "VALIDATION_ERROR", "team must be a team id.", field="team")
+        qs = qs.filter(team_id=int(team))
+    if provider := params.get("provider"):
+        qs = qs.filter(provider=provider)
+    if cursor := params.get("cursor"):
+        try:
+            before = int(base64.urlsafe_b64decode(cursor.encode()).decode())
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            return error(400, "VALIDATION_ERROR", "cursor is not one we issued.", field="cursor")
+        qs = qs.filter(pk__lt=before)
+    try:
+        limit = min(MAX_PAGE_SIZE, max(1, int(params.get("limit", PAGE_SIZE))))
+    except ValueError:
+        return error(400, "VALIDATION_ERROR", "limit must be a number.", field="limit")
+    page = [run async for run in qs[: limit + 1]]
+    next_cursor = None
+    if len(page) > limit:
+        page = page[:limit]
+        next_cursor = base64.urlsafe_b64encode(str(page[-1].pk).encode()).decode()
+    return JsonResponse({"results": [run_json(r) for r in page], "next_cursor": next_cursor})
+
+
+async def _create_run(request: HttpRequest) -> JsonResponse:
+    body = read_json(request)
+    if isinstance(body, JsonResponse):
+        return body
+    account_id = body.get("provider_account")
+    if not isinstance(account_id, int):
+        return error(
+            400,
+            "VALIDATION_ERROR",
+            "provider_account is required: the id of one of your provider accounts.",
+            field="provider_account",
+        )
+    account = await (
+        ProviderAccount.objects.for_user(request.user)
+        .select_related("team")
+        .filter(pk=account_id)
+        .afirst()
+    )
+    if account is None:
+        return error(
+            400,
+            "VALIDATION_ERROR",
+            f"No provider account {account_id} in your teams.",
+            field="provider_account",
+        )
+    membership = await Membership.objects.aget(team_id=account.team_id, user=request.user)
+    if not membership.can_launch:
+        return error(403, "FORBIDDEN", "Viewers can watch runs but not launch them.")
+    options = body.get("options") or {}
+    if not isinstance(options, dict) or (unknown := set(options) - ALLOWED_OPTIONS):
+        return error(
+            400,
+            "VALIDATION_ERROR",
+            f"options must be an object with only {', '.join(sorted(ALLOWED_OPTIONS))}"
+            + (f"; unknown: {', '.join(sorted(unknown))}." if isinstance(options, dict) else "."),
+            field="options",
+        )
+    schema = options.get("output_schema")
+    data = {
+        "provider_account": account.pk,
+        "prompt": body.get("prompt") if isinstance(body.get("prompt"), str) else "",
+        "structured_output": bool(options.get("structured_output")),
+        "output_schema": json.dumps(schema) if schema is not None else "",
+        "timeout_seconds": body.get(
+            "timeout_seconds", settings.RUNBRAKE_DEFAULT_TIMEOUT_SECONDS
+        ),
+    }
+    form = LaunchForm(data, team=account.team)
+    if not await sync_to_async(form.is_valid)():
+        field, messages = next(iter(form.errors.items()))
+        name = "options" if field in ("structured_output", "output_schema") else field
+        return error(
+            400,
+            "VALIDATION_ERROR",
+            f"{name}: {' '.join(messages)}",
+            field=name,
+            fields={k: list(v) for k, v in form.errors.items()},
+        )
+    run = await sync_to_async(Run.objects.launch)(
+        account=account,
+        user=request.user,
+        prompt=form.cleaned_data["prompt"],
+        options=form.run_options(),
+        timeout_seconds=form.cleaned_data["timeout_seconds"],
+        channel=Channel.API,
+    )
+    run = await _runs(request.user).aget(pk=run.pk)
+    return JsonResponse(run_json(run), status=201)
+
+
+@api_view("GET")
+async def run_detail(request: HttpRequest, pk: int) -> JsonResponse:
+    run = await _runs(request.user).filter(pk=pk).afirst()
+    if run is None:
+        return error(404, "NOT_FOUND", f"No run {pk} in your teams.")
+    return JsonResponse(run_json(run))
+
+
+@api_view("POST")
+async def stop_run(request: HttpRequest, pk: int) -> JsonResponse:
+    body = read_json(request)
+    if isinstance(body, JsonResponse):
+        return body
+    reason = body.get("reason", "")
+    if not isinstance(reason, str):
+        return error(400, "VALIDATION_ERROR", "reason must be a string.", field="reason")
+    run = await _runs(request.user).filter(pk=pk).afirst()
+    if run is None:
+        return error(404, "NOT_FOUND", f"No run {pk} in your teams.")
+    membership = await Membership.objects.aget(team_id=run.team_id, user=request.user)
+    if not membership.can_stop(run):
+        return error(403, "FORBIDDEN", "Viewers can watch runs but not stop them.")
+    try:
+        await run.astop(actor=request.user, channel=Channel.API, reason=reason.strip()[:500])
+    except RunAlreadyFinished as exc:
+        run = await _runs(request.user).aget(pk=pk)
+        return error(409, "RUN_ALREADY_FINISHED", str(exc), run=run_json(run))
+    run = await _runs(request.user).aget(pk=pk)
+    return JsonResponse(run_json(run))

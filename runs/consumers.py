@@ -1,0 +1,82 @@
+"""Websocket consumers: authenticate, authorise against the user's teams, join the group,
+send a snapshot, then forward pushes. Nothing else happens here."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from django.core.paginator import Paginator
+
+from . import live
+from .models import Membership, Run
+
+
+@database_sync_to_async
+def _team_snapshot(user: Any, team_id: int, page_number: str | None) -> str | None:
+    if not Membership.objects.filter(user=user, team_id=team_id).exists():
+        return None
+    runs = Run.objects.for_team(team_id).select_related(
+        "provider_account", "created_by", "stop_requested_by"
+    )
+    page = Paginator(runs, settings.RUNBRAKE_RUNS_PER_PAGE).get_page(page_number)
+    rows_id = "run-rows" if page.number == 1 else f"run-rows-p{page.number}"
+    return live.render_rows(list(page.object_list), rows_id)
+
+
+@database_sync_to_async
+def _run_snapshot(user: Any, run_id: int) -> str | None:
+    run = Run.objects.for_user(user).filter(pk=run_id).first()
+    if run is None:
+        return None
+    return live.render_detail(live.load(run.pk))
+
+
+class PushConsumer(AsyncWebsocketConsumer):
+    group: str | None = None
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close()
+            return
+        group, snapshot = await self.authorise(user)
+        if snapshot is None:
+            # Another team's id looks exactly like one that does not exist.
+            await self.close()
+            return
+        self.group = group
+        await self.channel_layer.group_add(group, self.channel_name)
+        await self.accept()
+        await self.send(text_data=snapshot)
+
+    async def authorise(self, user: Any) -> tuple[str, str | None]:
+        raise NotImplementedError
+
+    async def disconnect(self, code: int) -> None:
+        if self.group is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        # The page never sends anything; a client that does is not ours.
+        await self.close(code=4400)
+
+    async def push_html(self, event: dict[str, Any]) -> None:
+        await self.send(text_data=event["html"])
+
+
+class TeamRunsConsumer(PushConsumer):
+    async def authorise(self, user: Any) -> tuple[str, str | None]:
+        team_id = int(self.scope["url_route"]["kwargs"]["team_id"])
+        query = parse_qs(self.scope.get("query_string", b"").decode())
+        page = (query.get("page") or [None])[0]
+        return live.team_group(team_id), await _team_snapshot(user, team_id, page)
+
+
+class RunConsumer(PushConsumer):
+    async def authorise(self, user: Any) -> tuple[str, str | None]:
+        run_id = int(self.scope["url_route"]["kwargs"]["run_id"])
+        return live.run_group(run_id), await _run_snapshot(user, run_id)

@@ -1,0 +1,93 @@
+"""Live updates: the only module that knows group names and talks to the channel layer.
+
+Contract:
+- `team-<id>` carries the run rows of a team's shared list; `run-<id>` one run's detail.
+- A push is a snapshot of HTML fragments rendered from the database *after* the transaction
+  committed (callers use `transaction.on_commit`), never a diff: a client that missed a push
+  is made whole by the next one, and by the snapshot every consumer sends on (re)connect.
+- Every fragment root carries `data-version`; the browser drops a push older than what it
+  shows, so pushes that overtake each other cannot roll the screen back.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.template.loader import render_to_string
+
+if TYPE_CHECKING:
+    from .models import Run
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_TYPE = "push.html"
+
+
+def team_group(team_id: int) -> str:
+    return f"team-{team_id}"
+
+
+def run_group(run_id: int) -> str:
+    return f"run-{run_id}"
+
+
+def load(run_id: int) -> Run:
+    from .models import Run
+
+    return Run.objects.select_related(
+        "provider_account", "created_by", "stop_requested_by", "team"
+    ).get(pk=run_id)
+
+
+def render_row(run: Run, *, created: bool = False) -> str:
+    html = render_to_string("runs/partials.html#run-row", {"run": run})
+    if created:
+        # A new run is inserted at the top of the live list; a row that is already there is
+        # replaced by the browser (see static/js/app.js), so a replayed push cannot duplicate.
+        return f'<tbody hx-swap-oob="afterbegin:#run-rows">{html}</tbody>'
+    return html
+
+
+def render_detail(run: Run, *, oob: bool = False) -> str:
+    events = list(run.events.select_related("actor").order_by("at", "id"))
+    return render_to_string(
+        "runs/partials.html#run-live", {"run": run, "events": events, "oob": oob}
+    )
+
+
+def render_run_response(run: Run) -> str:
+    """What an htmx action on a run answers: every fragment of it, swapped where present."""
+    return render_to_string("runs/partials.html#run-row", {"run": run, "oob": True}) + (
+        render_detail(run, oob=True)
+    )
+
+
+def _send(group: str, html: str) -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(group, {"type": MESSAGE_TYPE, "html": html})
+    except Exception:
+        # The channel layer is a fast hint, not the record: a failed push is logged and the
+        # clients resync from the database on their next (re)connect.
+        logger.exception("live push to %s failed", group)
+
+
+def push_run(run_id: int, *, created: bool = False) -> None:
+    from .models import Run
+
+    try:
+        run = load(run_id)
+    except Run.DoesNotExist:
+        return
+    _send(team_group(run.team_id), render_row(run, created=created))
+    _send(run_group(run.pk), render_detail(run))
+
+
+def render_rows(runs: list[Run], rows_id: str) -> str:
+    """The whole table body of a list page: what a (re)connecting list resyncs from."""
+    return render_to_string("runs/partials.html#run-rows", {"runs": runs, "rows_id": rows_id})

@@ -1,0 +1,55 @@
+import os
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
+
+from runs.models import Membership, ProviderAccount, ProviderKind, Role, Team
+
+TEAMS = {
+    "Acme Research": [("alice", Role.ADMIN), ("bob", Role.MEMBER), ("carol", Role.VIEWER)],
+    "Globex": [("mallory", Role.ADMIN)],
+}
+
+
+class Command(BaseCommand):
+    help = "Create (or refresh) the demo teams, users and simulator accounts. Idempotent."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--base-url", help="Where the simulators are served.")
+
+    def handle(self, *args, base_url=None, **options):
+        if not settings.DEBUG:
+            raise CommandError("seed_demo creates well-known passwords: refused with DEBUG off.")
+        password = os.environ.get("DEMO_PASSWORD", "runbrake-demo")
+        base = (base_url or f"http://127.0.0.1:{os.environ.get('PORT', '8000')}").rstrip("/")
+        User = get_user_model()
+        with transaction.atomic():
+            admin, created = User.objects.get_or_create(
+                username="admin", defaults={"is_staff": True, "is_superuser": True}
+            )
+            if created:
+                admin.set_password(password)
+                admin.save()
+            for team_name, people in TEAMS.items():
+                team, _ = Team.objects.get_or_create(name=team_name)
+                for username, role in people:
+                    user, created = User.objects.get_or_create(username=username)
+                    if created:
+                        user.set_password(password)
+                        user.save()
+                    Membership.objects.update_or_create(
+                        team=team, user=user, defaults={"role": role}
+                    )
+                slug = team_name.lower().split()[0]
+                ProviderAccount.objects.update_or_create(
+                    team=team,
+                    name="Fay (simulator)",
+                    defaults={
+                        "kind": ProviderKind.FAY,
+                        "base_url": f"{base}/sim/fay/api/v1",
+                        "api_key": f"sim-{slug}-fay-demo-key",
+                    },
+                )
+        self.stdout.write(self.style.SUCCESS("Demo data ready."))

@@ -1,0 +1,705 @@
+"""The domain: teams, provider accounts, runs and the one run state machine.
+
+State machine (see docs and shared/design/architecture.md):
+
+    PENDING ──► RUNNING ──► COMPLETED
+       │           │  └───► FAILED
+       └─────┬─────┘
+             ▼ request_stop (button, API, admin, timeout)
+          STOPPING ──► STOPPED            (provider confirmed)
+             │   └───► COMPLETED / FAILED (the run finished before the stop landed)
+             └───────► STOP_UNCONFIRMED   (no confirmation by the deadline; still checked)
+
+Rules:
+- Every transition is one conditional UPDATE filtered on the allowed source states, so of two
+  writers (view, watcher, a second tab, another process) exactly one wins; the loser re-reads.
+- Every transition writes a RunEvent and pushes the run to its live groups after commit.
+- Terminal states (STOPPED, COMPLETED, FAILED) never change; late provider news is an event.
+- Only the winner of `request_stop` makes the provider stop call; retries go through
+  `claim_stop_attempt`, a lease on the next attempt, so no two processes send at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import models, transaction
+from django.db.models import F
+from django.urls import reverse
+from django.utils import timezone
+
+from . import live
+from .crypto import EncryptedTextField, mask
+from .providers import ProviderConfig, ProviderError, get_provider
+from .providers.base import Provider, StopResult
+from .providers.http import shared_client
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+
+    AnyUser = AbstractBaseUser | AnonymousUser
+
+
+class TeamQuerySet(models.QuerySet["Team"]):
+    def for_user(self, user: AnyUser) -> TeamQuerySet:
+        if not user.is_authenticated:
+            return self.none()
+        return self.filter(memberships__user=user)
+
+
+class Team(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    objects = TeamQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Role(models.TextChoices):
+    ADMIN = "admin", "Admin"
+    MEMBER = "member", "Member"
+    VIEWER = "viewer", "Viewer"
+
+
+class Membership(models.Model):
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
+    )
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["team", "user"], name="one_role_per_team")]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.team} ({self.role})"
+
+    @property
+    def can_launch(self) -> bool:
+        return self.role in (Role.ADMIN, Role.MEMBER)
+
+    def can_stop(self, run: Run) -> bool:
+        return self.team_id == run.team_id and self.role in (Role.ADMIN, Role.MEMBER)
+
+
+class ProviderKind(models.TextChoices):
+    FAY = "fay", "Fay (deep research)"
+
+
+class ProviderAccountQuerySet(models.QuerySet["ProviderAccount"]):
+    def for_user(self, user: AnyUser) -> ProviderAccountQuerySet:
+        if not user.is_authenticated:
+            return self.none()
+        return self.filter(team__memberships__user=user)
+
+
+class ProviderAccount(models.Model):
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="provider_accounts")
+    kind = models.CharField(max_length=20, choices=ProviderKind.choices)
+    name = models.CharField(max_length=100)
+    base_url = models.URLField(max_length=500)
+    api_key = EncryptedTextField(help_text="Stored encrypted; never shown again after saving.")
+    options = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    objects = ProviderAccountQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["team", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["team", "name"], name="account_name_unique_in_team")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.get_kind_display()})"
+
+    @property
+    def masked_key(self) -> str:
+        return mask(self.api_key)
+
+    def provider(self) -> Provider:
+        config = ProviderConfig(
+            base_url=self.base_url,
+            api_key=self.api_key,
+            options=self.options or {},
+            timeout=settings.RUNBRAKE_PROVIDER_TIMEOUT,
+        )
+        return get_provider(self.kind, config, client=shared_client())
+
+
+class Status(models.TextChoices):
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running"
+    STOPPING = "stopping", "Stopping…"
+    STOP_UNCONFIRMED = "stop_unconfirmed", "Stop unconfirmed"
+    STOPPED = "stopped", "Stopped"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed"
+
+
+class Channel(models.TextChoices):
+    BUTTON = "button", "Button"
+    API = "api", "API"
+    ADMIN = "admin", "Admin"
+    TIMEOUT = "timeout", "Timeout"
+    SYSTEM = "system", "System"
+    PROVIDER = "provider", "Provider"
+
+
+ACTIVE = (Status.PENDING, Status.RUNNING, Status.STOPPING, Status.STOP_UNCONFIRMED)
+STOP_IN_PROGRESS = (Status.STOPPING, Status.STOP_UNCONFIRMED)
+TERMINAL = (Status.STOPPED, Status.COMPLETED, Status.FAILED)
+FINISHED = (Status.COMPLETED, Status.FAILED)
+
+
+class RunAlreadyFinished(Exception):
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        verb = "completed" if run.status == Status.COMPLETED else "failed"
+        super().__init__(f"This run already {verb}; there is nothing left to stop.")
+
+
+@dataclass(frozen=True)
+class StopOutcome:
+    """What a stop request did: `requested` is False when a stop was already under way."""
+
+    run: Run
+    requested: bool
+
+
+class RunQuerySet(models.QuerySet["Run"]):
+    def for_user(self, user: AnyUser) -> RunQuerySet:
+        if not user.is_authenticated:
+            return self.none()
+        return self.filter(team__memberships__user=user)
+
+    def for_team(self, team: Team | int) -> RunQuerySet:
+        return self.filter(team=team)
+
+    def active(self) -> RunQuerySet:
+        return self.filter(status__in=ACTIVE)
+
+    def stop_due(self, now: dt.datetime) -> RunQuerySet:
+        """Stops whose (next) provider call is due: never sent, or a retry whose wait is over."""
+        return self.filter(
+            status__in=STOP_IN_PROGRESS, stop_next_attempt_at__lte=now
+        ).exclude(external_id="")
+
+    def stop_overdue(self, now: dt.datetime) -> RunQuerySet:
+        return self.filter(status=Status.STOPPING, stop_deadline__lt=now)
+
+    def past_timeout(self, now: dt.datetime) -> RunQuerySet:
+        return self.filter(status__in=(Status.PENDING, Status.RUNNING), deadline__lt=now)
+
+    def launch(
+        self,
+        *,
+        account: ProviderAccount,
+        user: Any,
+        prompt: str,
+        options: dict[str, Any],
+        timeout_seconds: int,
+        channel: str = "button",
+    ) -> Run:
+        now = timezone.now()
+        with transaction.atomic():
+            run = self.create(
+                team_id=account.team_id,
+                provider_account=account,
+                provider=account.kind,
+                created_by=user,
+                prompt=prompt,
+                options=options,
+                timeout_seconds=timeout_seconds,
+                deadline=now + dt.timedelta(seconds=timeout_seconds),
+                created_at=now,
+                updated_at=now,
+            )
+            RunEvent.objects.create(
+                run=run,
+                kind=RunEvent.Kind.CREATED,
+                to_status=Status.PENDING,
+                actor=user,
+                channel=channel,
+                message=f"Launched on {account.name}.",
+            )
+            transaction.on_commit(lambda: live.push_run(run.pk, created=True))
+            transaction.on_commit(_nudge_watchers)
+        return run
+
+
+def _nudge_watchers() -> None:
+    from .watcher import nudge
+
+    nudge()
+
+
+class Run(models.Model):
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="runs")
+    provider_account = models.ForeignKey(
+        ProviderAccount, on_delete=models.PROTECT, related_name="runs"
+    )
+    # Denormalised from the account: the run list filters by provider without a join.
+    provider = models.CharField(max_length=20, choices=ProviderKind.choices)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="runs",
+    )
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
+    # Bumped by every visible change; the browser drops pushes older than what it shows.
+    version = models.PositiveIntegerField(default=1)
+    external_id = models.CharField(max_length=200, blank=True, db_index=True)
+    provider_status = models.CharField(max_length=40, blank=True)
+    prompt = models.TextField()
+    options = models.JSONField(default=dict, blank=True)
+    timeout_seconds = models.PositiveIntegerField()
+    deadline = models.DateTimeField()
+
+    output = models.TextField(blank=True)
+    structured_output = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    start_attempted_at = models.DateTimeField(null=True, blank=True)
+
+    stop_requested_at = models.DateTimeField(null=True, blank=True)
+    stop_requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    stop_channel = models.CharField(max_length=10, choices=Channel.choices, blank=True)
+    stop_reason = models.CharField(max_length=500, blank=True)
+    stop_deadline = models.DateTimeField(null=True, blank=True)
+    stop_next_attempt_at = models.DateTimeField(null=True, blank=True)
+    stop_attempts = models.PositiveIntegerField(default=0)
+    stop_sent_at = models.DateTimeField(null=True, blank=True)
+    stop_answer = models.JSONField(null=True, blank=True)
+    stop_error = models.TextField(blank=True)
+    stop_confirmed_at = models.DateTimeField(null=True, blank=True)
+    stop_confirmation = models.CharField(max_length=200, blank=True)
+
+    objects = RunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["team", "-created_at", "-id"], name="run_team_recent"),
+            models.Index(fields=["status"], name="run_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Run {self.pk} ({self.status})"
+
+    def get_absolute_url(self) -> str:
+        return reverse("runs:detail", args=[self.pk])
+
+    # --- Read-only helpers for templates and the API --------------------------------------
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def can_be_stopped(self) -> bool:
+        return self.status in (Status.PENDING, Status.RUNNING)
+
+    @property
+    def finished_before_stop(self) -> bool:
+        return self.status in FINISHED and self.stop_requested_at is not None
+
+    @property
+    def stop_latency_ms(self) -> int | None:
+        if self.stop_requested_at and self.stop_confirmed_at:
+            delta = self.stop_confirmed_at - self.stop_requested_at
+            return round(delta.total_seconds() * 1000)
+        return None
+
+    @property
+    def elapsed_seconds(self) -> float:
+        end = self.finished_at or timezone.now()
+        return max(0.0, (end - (self.started_at or self.created_at)).total_seconds())
+
+    # --- The state machine -----------------------------------------------------------------
+
+    def _transition(
+        self,
+        allowed: tuple[str, ...],
+        new: str,
+        *,
+        kind: str,
+        message: str = "",
+        actor: Any = None,
+        channel: str = Channel.SYSTEM,
+        data: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> bool:
+        now = timezone.now()
+        with transaction.atomic():
+            current = (
+                Run.objects.select_for_update().filter(pk=self.pk).values_list("status", flat=True)
+            ).first()
+            won = current in allowed and bool(
+                Run.objects.filter(pk=self.pk, status__in=allowed).update(
+                    status=new, updated_at=now, version=F("version") + 1, **fields
+                )
+            )
+            if won:
+                RunEvent.objects.create(
+                    run_id=self.pk,
+                    at=now,
+                    kind=kind,
+                    from_status=current or "",
+                    to_status=new,
+                    actor=actor,
+                    channel=channel,
+                    message=message,
+                    data=data or {},
+                )
+                transaction.on_commit(lambda: live.push_run(self.pk))
+        self.refresh_from_db()
+        return won
+
+    def record_event(
+        self, kind: str, message: str, *, data: dict[str, Any] | None = None, **fields: Any
+    ) -> None:
+        """An event that changes no status (a backoff, a stop answer, late provider news)."""
+        now = timezone.now()
+        with transaction.atomic():
+            Run.objects.filter(pk=self.pk).update(
+                updated_at=now, version=F("version") + 1, **fields
+            )
+            RunEvent.objects.create(
+                run_id=self.pk,
+                at=now,
+                kind=kind,
+                from_status=self.status,
+                to_status=self.status,
+                message=message,
+                data=data or {},
+            )
+            transaction.on_commit(lambda: live.push_run(self.pk))
+        self.refresh_from_db()
+
+    def record_external_id(self, external_id: str) -> bool:
+        """Persist the provider's id the moment it is known (once)."""
+        with transaction.atomic():
+            won = bool(
+                Run.objects.filter(pk=self.pk, external_id="").update(
+                    external_id=external_id, updated_at=timezone.now(), version=F("version") + 1
+                )
+            )
+            if won:
+                RunEvent.objects.create(
+                    run_id=self.pk,
+                    kind=RunEvent.Kind.ACCEPTED,
+                    from_status=self.status,
+                    to_status=self.status,
+                    message=f"The provider accepted the run as {external_id}.",
+                    data={"external_id": external_id},
+                )
+                transaction.on_commit(lambda: live.push_run(self.pk))
+        self.refresh_from_db()
+        return won
+
+    def claim_start(self) -> bool:
+        """Only one process ever sends the start call for a run."""
+        won = Run.objects.filter(
+            pk=self.pk, start_attempted_at__isnull=True, external_id=""
+        ).update(start_attempted_at=timezone.now())
+        self.refresh_from_db()
+        return bool(won)
+
+    def mark_running(self, provider_status: str = "") -> bool:
+        return self._transition(
+            (Status.PENDING,),
+            Status.RUNNING,
+            kind=RunEvent.Kind.RUNNING,
+            message="The provider is working on it.",
+            started_at=timezone.now(),
+            provider_status=provider_status,
+            data={"provider_status": provider_status},
+        )
+
+    def request_stop(self, *, actor: Any = None, channel: str, reason: str = "") -> bool:
+        """Record the intent to stop (saved before anyone is told it happened).
+
+        Returns True when this call moved the run to STOPPING; False when a stop was already
+        under way or done (idempotent). Raises RunAlreadyFinished for COMPLETED/FAILED.
+        """
+        if self.status in FINISHED:
+            raise RunAlreadyFinished(self)
+        now = timezone.now()
+        won = self._transition(
+            (Status.PENDING, Status.RUNNING),
+            Status.STOPPING,
+            kind=RunEvent.Kind.STOP_REQUESTED,
+            actor=actor,
+            channel=channel,
+            message=reason or "Stop requested.",
+            stop_requested_at=now,
+            stop_requested_by=actor if getattr(actor, "pk", None) else None,
+            stop_channel=channel,
+            stop_reason=reason[:500],
+            stop_deadline=now + dt.timedelta(seconds=settings.RUNBRAKE_STOP_GRACE_SECONDS),
+            stop_next_attempt_at=now,
+        )
+        if not won and self.status in FINISHED:
+            raise RunAlreadyFinished(self)
+        return won
+
+    def claim_stop_attempt(self) -> bool:
+        """Lease the next stop call: no two processes send a stop for the same run at once."""
+        now = timezone.now()
+        lease = dt.timedelta(seconds=settings.RUNBRAKE_STOP_CALL_TIMEOUT + 5)
+        won = Run.objects.filter(
+            pk=self.pk, status__in=STOP_IN_PROGRESS, stop_next_attempt_at__lte=now
+        ).exclude(external_id="").update(
+            stop_next_attempt_at=now + lease,
+            stop_attempts=F("stop_attempts") + 1,
+            stop_sent_at=now,
+        )
+        self.refresh_from_db()
+        return bool(won)
+
+    def record_stop_answer(self, result: StopResult) -> None:
+        data = {"provider_status": result.provider_status, "answer": result.answer}
+        self.record_event(
+            RunEvent.Kind.STOP_ANSWER,
+            result.message,
+            data=data,
+            stop_answer=data,
+            stop_error="",
+            # The answer settled the matter (or says what the run became): no more calls.
+            stop_next_attempt_at=None,
+        )
+        if result.terminal == "stopped":
+            self.mark_stopped(confirmation="the provider's stop answer", data=data)
+
+    def record_stop_failure(self, error: ProviderError) -> None:
+        delay = error.retry_after if error.retry_after is not None else self._stop_backoff()
+        if not error.retryable:
+            # A bad key or unknown run will not fix itself quickly; keep checking, slowly.
+            delay = max(delay, 30.0)
+        self.record_event(
+            RunEvent.Kind.STOP_FAILED,
+            error.message,
+            data={**error.as_dict(), "retry_in_seconds": round(delay, 2)},
+            stop_error=error.message,
+            stop_next_attempt_at=timezone.now() + dt.timedelta(seconds=delay),
+        )
+
+    def _stop_backoff(self) -> float:
+        return float(min(60, 2 ** max(0, self.stop_attempts - 1)))
+
+    def mark_stopped(self, *, confirmation: str, data: dict[str, Any] | None = None) -> bool:
+        now = timezone.now()
+        unrequested = self.status in (Status.PENDING, Status.RUNNING)
+        return self._transition(
+            (Status.PENDING, Status.RUNNING, Status.STOPPING, Status.STOP_UNCONFIRMED),
+            Status.STOPPED,
+            kind=RunEvent.Kind.STOPPED,
+            channel=Channel.PROVIDER if unrequested else Channel.SYSTEM,
+            message=f"Stopped — confirmed by {confirmation}.",
+            data=data,
+            finished_at=now,
+            stop_confirmed_at=now,
+            stop_confirmation=confirmation,
+            stop_next_attempt_at=None,
+        )
+
+    def mark_stop_unconfirmed(self) -> bool:
+        return self._transition(
+            (Status.STOPPING,),
+            Status.STOP_UNCONFIRMED,
+            kind=RunEvent.Kind.STOP_UNCONFIRMED,
+            message=(
+                "The provider has not confirmed the stop within "
+                f"{settings.RUNBRAKE_STOP_GRACE_SECONDS:g} s. Runbrake keeps checking and "
+                "retrying; an admin can force-mark the run stopped."
+            ),
+        )
+
+    def mark_completed(
+        self, *, output: str = "", structured_output: Any = None, provider_status: str = ""
+    ) -> bool:
+        before_stop = self.status in STOP_IN_PROGRESS
+        won = self._transition(
+            (Status.PENDING, Status.RUNNING, Status.STOPPING, Status.STOP_UNCONFIRMED),
+            Status.COMPLETED,
+            kind=RunEvent.Kind.COMPLETED,
+            message=(
+                "Completed — the run finished before the stop landed."
+                if before_stop
+                else "Completed."
+            ),
+            finished_at=timezone.now(),
+            output=output or "",
+            structured_output=structured_output,
+            provider_status=provider_status,
+            stop_next_attempt_at=None,
+        )
+        if not won:
+            self._record_late("completed", provider_status)
+        return won
+
+    def mark_failed(self, *, error: str, provider_status: str = "") -> bool:
+        won = self._transition(
+            ACTIVE,
+            Status.FAILED,
+            kind=RunEvent.Kind.FAILED,
+            message=error,
+            finished_at=timezone.now(),
+            error=error,
+            provider_status=provider_status,
+            stop_next_attempt_at=None,
+        )
+        if not won:
+            self._record_late("failed", provider_status)
+        return won
+
+    def _record_late(self, news: str, provider_status: str) -> None:
+        if self.is_terminal and self.status != news:
+            self.record_event(
+                RunEvent.Kind.LATE_RESULT,
+                f"The provider later reported '{provider_status or news}'; the run stays "
+                f"{self.get_status_display().lower()}.",
+                data={"provider_status": provider_status, "reported": news},
+            )
+
+    # --- The stop path (async: the view and the watcher both use it) -----------------------
+
+    async def astop(self, *, actor: Any, channel: str, reason: str = "") -> StopOutcome:
+        requested = await sync_to_async(self.request_stop)(
+            actor=actor, channel=channel, reason=reason
+        )
+        if requested:
+            await self.asend_stop()
+        return StopOutcome(run=self, requested=requested)
+
+    async def asend_stop(self) -> None:
+        """Make one provider stop call if one is due, and record what the provider said."""
+        if not await sync_to_async(self.claim_stop_attempt)():
+            return
+        account = await ProviderAccount.objects.aget(pk=self.provider_account_id)
+        provider = account.provider()
+        try:
+            result = await provider.stop(
+                self.external_id, self.options, timeout=settings.RUNBRAKE_STOP_CALL_TIMEOUT
+            )
+        except ProviderError as exc:
+            await sync_to_async(self.record_stop_failure)(exc)
+            return
+        await sync_to_async(self.record_stop_answer)(result)
+
+
+class RunEvent(models.Model):
+    class Kind(models.TextChoices):
+        CREATED = "created", "Launched"
+        ACCEPTED = "accepted", "Accepted by provider"
+        RUNNING = "running", "Running"
+        BACKOFF = "backoff", "Provider asked to slow down"
+        STOP_REQUESTED = "stop_requested", "Stop requested"
+        STOP_ANSWER = "stop_answer", "Provider answered the stop"
+        STOP_FAILED = "stop_failed", "Stop call failed"
+        STOP_UNCONFIRMED = "stop_unconfirmed", "Stop unconfirmed"
+        STOPPED = "stopped", "Stopped"
+        COMPLETED = "completed", "Completed"
+        FAILED = "failed", "Failed"
+        LATE_RESULT = "late_result", "Late provider result"
+        PROVIDER_ERROR = "provider_error", "Provider error"
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField(default=timezone.now)
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    from_status = models.CharField(max_length=20, blank=True)
+    to_status = models.CharField(max_length=20, blank=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True
+    )
+    channel = models.CharField(max_length=10, choices=Channel.choices, default=Channel.SYSTEM)
+    message = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} at {self.at:%H:%M:%S}"
+
+
+class ApiToken(models.Model):
+    """A bearer token for the JSON API. Only its SHA-256 is stored."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
+    digest = models.CharField(max_length=64, unique=True)
+    prefix = models.CharField(max_length=12)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.user})"
+
+    @staticmethod
+    def digest_of(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    @classmethod
+    def issue(cls, user: Any) -> str:
+        token = "rb_" + secrets.token_urlsafe(32)
+        cls.objects.create(user=user, digest=cls.digest_of(token), prefix=token[:10])
+        return token
+
+    @classmethod
+    def user_for(cls, token: str) -> Any:
+        found = (
+            cls.objects.select_related("user")
+            .filter(digest=cls.digest_of(token), user__is_active=True)
+            .first()
+        )
+        if found is None:
+            return None
+        cls.objects.filter(pk=found.pk).update(last_used_at=timezone.now())
+        return found.user
+
+
+__all__ = [
+    "ACTIVE",
+    "TERMINAL",
+    "ApiToken",
+    "Channel",
+    "Membership",
+    "ProviderAccount",
+    "Role",
+    "Run",
+    "RunAlreadyFinished",
+    "RunEvent",
+    "Status",
+    "StopOutcome",
+    "Team",
+]

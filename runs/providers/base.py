@@ -1,0 +1,224 @@
+"""The small async interface every provider client implements.
+
+Contract:
+- Provider code is plain Python over httpx. It takes plain values (`ProviderConfig`, strings,
+  dicts), returns dataclasses, and never imports Django.
+- Every failure leaves a provider as a `ProviderError` carrying a stable `code`, a sentence a
+  user understands (`message`), whether trying again later may succeed (`retryable`) and, when
+  the provider said so, how long to wait (`retry_after`, seconds).
+- `run()` starts a run and yields normalised events; `follow()` re-attaches to a run whose id
+  we already know (after a restart or a lost stream) without starting anything new.
+- `stop()` calls the provider's stop endpoint and says whether the answer itself proves the
+  run stopped (`StopResult.confirmed`); when it does not, the caller confirms by other means.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import httpx
+
+COMPLETED = "completed"
+FAILED = "failed"
+STOPPED = "stopped"
+TerminalStatus = Literal["completed", "failed", "stopped"]
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    base_url: str
+    api_key: str
+    options: dict[str, Any] = field(default_factory=dict)
+    timeout: float = 30.0
+
+
+class ProviderError(Exception):
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        http_status: int | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.http_status = http_status
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "http_status": self.http_status}
+
+
+# --- Normalised events ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    """The provider accepted the run and gave it this id."""
+
+    external_id: str
+
+
+@dataclass(frozen=True)
+class Running:
+    """The provider reports the run as working (its own word in `provider_status`)."""
+
+    provider_status: str
+
+
+@dataclass(frozen=True)
+class OutputDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """The provider asked us to slow down; the client waits `seconds` and carries on."""
+
+    reason: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Finished:
+    status: TerminalStatus
+    provider_status: str
+    output: str | None = None
+    structured_output: Any = None
+    error: str | None = None
+
+
+Event = Started | Running | OutputDelta | Waiting | Finished
+
+
+@dataclass(frozen=True)
+class StopResult:
+    """What the stop call achieved. `terminal` is set only when the provider's own answer
+    proves the run's final state (Fay's synchronous STOPPED, or a status read after a 400);
+    None means the caller must wait for the stream or a status read to confirm."""
+
+    terminal: TerminalStatus | None
+    provider_status: str
+    message: str
+    answer: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StatusResult:
+    provider_status: str
+    terminal: TerminalStatus | None
+    error: str | None = None
+
+
+# --- The base class: one choke point for outbound HTTP --------------------------------------
+
+
+class Provider:
+    kind: ClassVar[str]
+    label: ClassVar[str]
+
+    def __init__(self, config: ProviderConfig, client: httpx.AsyncClient | None = None) -> None:
+        self.config = config
+        self._client = client
+        self._owns_client = client is None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.config.timeout, connect=5.0),
+                follow_redirects=False,
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the client only if this provider made it; a shared one outlives us."""
+        if self._owns_client and self._client is not None:
+            await self._client.aclose()
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.config.api_key}"}
+
+    def url(self, path: str) -> str:
+        return self.config.base_url.rstrip("/") + path
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        timeout: float | None = None,
+    ) -> httpx.Response:
+        """Send one request; transport failures become retryable ProviderErrors."""
+        headers = {"Accept": "application/json", **self.auth_headers()}
+        if method == "POST":
+            # Fay documents Content-Type as required on POST even with no body.
+            headers["Content-Type"] = "application/json"
+        content = json.dumps(json_body).encode() if json_body is not None else b""
+        try:
+            return await self.client.request(
+                method,
+                self.url(path),
+                headers=headers,
+                content=content if method != "GET" else None,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.TimeoutException:
+            raise ProviderError(
+                "PROVIDER_TIMEOUT",
+                f"{self.label} did not answer in time. It may be overloaded; try again shortly.",
+                retryable=True,
+            ) from None
+        except httpx.ConnectError:
+            raise ProviderError(
+                "PROVIDER_UNREACHABLE",
+                f"Could not connect to {self.label} at {self.config.base_url}. "
+                "Check the provider account's base URL and that the service is up.",
+                retryable=True,
+            ) from None
+        except httpx.HTTPError as exc:
+            raise ProviderError(
+                "PROVIDER_TRANSPORT_ERROR",
+                f"The connection to {self.label} failed ({type(exc).__name__}). Try again.",
+                retryable=True,
+            ) from None
+
+    # --- The interface ---------------------------------------------------------------------
+
+    def run(self, prompt: str, options: dict[str, Any]) -> AsyncIterator[Event]:
+        raise NotImplementedError
+
+    def follow(self, external_id: str) -> AsyncIterator[Event]:
+        raise NotImplementedError
+
+    async def status(self, external_id: str) -> StatusResult:
+        raise NotImplementedError
+
+    async def stop(
+        self, external_id: str, options: dict[str, Any], *, timeout: float | None = None
+    ) -> StopResult:
+        raise NotImplementedError
+
+
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    raw = response.headers.get("Retry-After")
+    if raw is None:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        return None
+
+
+def backoff_delay(attempt: int, *, base: float = 1.0, cap: float = 60.0) -> float:
+    """Exponential backoff with full jitter: spreads retries from many runs apart."""
+    return random.uniform(base / 2, min(cap, base * 2**attempt))

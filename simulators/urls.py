@@ -1,0 +1,14 @@
+from django.urls import path
+
+from . import fay, views
+
+app_name = "simulators"
+
+urlpatterns = [
+    path("requests", views.requests_log, name="requests"),
+    path("health", views.health, name="health"),
+    path("fay/api/v1/conversations", fay.create, name="fay-create"),
+    path("fay/api/v1/conversation/<str:request_id>/status", fay.status, name="fay-status"),
+    path("fay/api/v1/conversation/<str:request_id>/output", fay.output, name="fay-output"),
+    path("fay/api/v1/conversation/<str:request_id>/stop", fay.stop, name="fay-stop"),
+]

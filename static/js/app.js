@@ -1,0 +1,96 @@
+// Runbrake's small client: live timers, toasts, websocket state, push ordering, Esc to stop.
+(function () {
+  "use strict";
+
+  // --- Elapsed timers: server renders the start (and end); the browser keeps them ticking.
+  function fmt(seconds) {
+    seconds = Math.max(0, Math.floor(seconds));
+    if (seconds < 60) return seconds + "s";
+    var m = Math.floor(seconds / 60), s = seconds % 60;
+    if (m < 60) return m + "m " + String(s).padStart(2, "0") + "s";
+    var h = Math.floor(m / 60);
+    return h + "h " + String(m % 60).padStart(2, "0") + "m";
+  }
+  function tick() {
+    var now = Date.now();
+    document.querySelectorAll(".elapsed[data-since]").forEach(function (el) {
+      var since = Date.parse(el.dataset.since);
+      var until = el.dataset.until ? Date.parse(el.dataset.until) : now;
+      if (!isNaN(since)) el.textContent = fmt((until - since) / 1000);
+    });
+  }
+  setInterval(tick, 1000);
+
+  // --- Toasts: from HX-Trigger {"toast": {...}} and from Django messages on page load.
+  function toast(message, level) {
+    var box = document.getElementById("toasts");
+    if (!box) return;
+    var el = document.createElement("div");
+    el.className = "toast toast-" + (level || "info");
+    el.setAttribute("role", level === "error" ? "alert" : "status");
+    el.textContent = message;
+    var close = document.createElement("button");
+    close.className = "toast-close";
+    close.setAttribute("aria-label", "Dismiss");
+    close.textContent = "×";
+    close.onclick = function () { el.remove(); };
+    el.appendChild(close);
+    box.appendChild(el);
+    setTimeout(function () { el.remove(); }, level === "error" ? 10000 : 5000);
+  }
+  window.runbrakeToast = toast;
+  document.addEventListener("toast", function (e) {
+    toast(e.detail.message, e.detail.level);
+  });
+  document.addEventListener("htmx:responseError", function (e) {
+    var xhr = e.detail.xhr;
+    if (xhr && xhr.getResponseHeader("HX-Trigger")) return; // the server already said why
+    toast("The server answered " + xhr.status + ". Nothing was changed; try again.", "error");
+  });
+  document.addEventListener("htmx:sendError", function () {
+    toast("Runbrake could not be reached. Check your connection; nothing was changed.", "error");
+  });
+  document.addEventListener("DOMContentLoaded", function () {
+    tick();
+    document.querySelectorAll(".toast[data-autohide]").forEach(function (el) {
+      setTimeout(function () { el.remove(); }, 6000);
+    });
+  });
+
+  // --- Websocket state, visible to people (a badge) and to tests (data-ws on <body>).
+  document.addEventListener("htmx:wsOpen", function () { document.body.dataset.ws = "open"; });
+  document.addEventListener("htmx:wsClose", function () { document.body.dataset.ws = "closed"; });
+  document.addEventListener("htmx:wsError", function () { document.body.dataset.ws = "closed"; });
+
+  // --- Push ordering: pushes can overtake each other; never let an older one win.
+  function version(el) { return Number((el && el.dataset && el.dataset.version) || 0); }
+  document.addEventListener("htmx:oobBeforeSwap", function (e) {
+    var detail = e.detail, target = detail.target, fragment = detail.fragment;
+    if (!fragment || !target) return;
+    var root = fragment.firstElementChild;
+    if (root && root.id && root.id === target.id) {
+      // A replacement: skip it if what we already show is newer.
+      if (root.dataset.version && version(root) < version(target)) detail.shouldSwap = false;
+      return;
+    }
+    // An insertion (a new run at the top of the list): a row we already show is replaced by
+    // the newer of the two, so a replayed push can never duplicate a row.
+    fragment.querySelectorAll("[id][data-version]").forEach(function (el) {
+      var existing = document.getElementById(el.id);
+      if (!existing) return;
+      if (version(el) < version(existing)) el.remove(); else existing.remove();
+    });
+    target.querySelectorAll(".empty-row").forEach(function (r) { r.remove(); });
+  });
+
+  // --- Esc stops the run this page shows (with a visible hint next to the button).
+  document.addEventListener("keydown", function (e) {
+    if (e.key !== "Escape" || e.defaultPrevented) return;
+    var tag = (e.target && e.target.tagName) || "";
+    if (tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT") return;
+    var page = document.querySelector("[data-run-page]");
+    if (!page) return;
+    var button = document.querySelector('.run-status [data-stop-run="' + page.dataset.runPage + '"]');
+    if (button && !button.disabled) button.click();
+  });
+})();

@@ -1,0 +1,189 @@
+"""The cast (alice owns Acme, bob is her teammate, carol watches, mallory is in Globex) and
+real servers: provider simulators in a subprocess, reached over real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A Runbrake process (`manage.py serve`) on its own port, stopped for sure at the end."""
+
+    def __init__(self, *, watcher: bool, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "RUNBRAKE_EMBEDDED_WATCHER": "true" if watcher else "false"}
+        full_env.update(env or {})
+        self.log = open(ROOT / f".server-{self.port}.log", "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "manage.py", "serve", "--port", str(self.port)]
+            + ([] if watcher else ["--no-watcher"]),
+            cwd=ROOT,
+            env=full_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url + "/sim/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"server did not start in {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def requests(self, provider: str = "fay") -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"{self.url}/sim/requests?provider={provider}") as r:
+            return json.load(r)["requests"]
+
+    def stop_calls(self, external_id: str, provider: str = "fay") -> list[dict[str, Any]]:
+        return [
+            r
+            for r in self.requests(provider)
+            if r["method"] == "POST" and r["path"].endswith(f"/{external_id}/stop")
+        ]
+
+    def close(self) -> None:
+        # daphne sometimes ignores SIGTERM after load: escalate to SIGKILL.
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def sim() -> Iterator[Server]:
+    server = Server(watcher=False)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def fay_url(sim: Server) -> str:
+    return f"{sim.url}/sim/fay/api/v1"
+
+
+# --- The cast ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def password() -> str:
+    return "correct-horse-battery"
+
+
+@pytest.fixture
+def acme(db: Any) -> Any:
+    from runs.models import Team
+
+    return Team.objects.create(name="Acme Research")
+
+
+@pytest.fixture
+def globex(db: Any) -> Any:
+    from runs.models import Team
+
+    return Team.objects.create(name="Globex")
+
+
+def _member(team: Any, username: str, role: str, password: str) -> Any:
+    from django.contrib.auth import get_user_model
+
+    from runs.models import Membership
+
+    user = get_user_model().objects.create_user(username, password=password)
+    Membership.objects.create(team=team, user=user, role=role)
+    return user
+
+
+@pytest.fixture
+def alice(acme: Any, password: str) -> Any:
+    return _member(acme, "alice", "admin", password)
+
+
+@pytest.fixture
+def bob(acme: Any, password: str) -> Any:
+    return _member(acme, "bob", "member", password)
+
+
+@pytest.fixture
+def carol(acme: Any, password: str) -> Any:
+    return _member(acme, "carol", "viewer", password)
+
+
+@pytest.fixture
+def mallory(globex: Any, password: str) -> Any:
+    return _member(globex, "mallory", "admin", password)
+
+
+@pytest.fixture
+def fay_account(acme: Any, fay_url: str) -> Any:
+    from runs.models import ProviderAccount
+
+    return ProviderAccount.objects.create(
+        team=acme, kind="fay", name="Fay", base_url=fay_url, api_key="sim-acme-fay-key",
+        options={"poll_interval": 0.1},
+    )
+
+
+@pytest.fixture
+def globex_account(globex: Any, fay_url: str) -> Any:
+    from runs.models import ProviderAccount
+
+    return ProviderAccount.objects.create(
+        team=globex, kind="fay", name="Fay", base_url=fay_url, api_key="sim-globex-fay-key",
+        options={"poll_interval": 0.1},
+    )
+
+
+@pytest.fixture
+def launch(bob: Any, fay_account: Any) -> Any:
+    """Launch a run as bob on Acme's Fay account (nothing is sent until a watcher runs)."""
+    from runs.models import Run
+
+    def _launch(prompt: str = "Best AI book editors? sim:pending=0 sim:duration=30",
+                user: Any = None, account: Any = None, **options: Any) -> Run:
+        return Run.objects.launch(
+            account=account or fay_account,
+            user=user or bob,
+            prompt=prompt,
+            options=options,
+            timeout_seconds=600,
+        )
+
+    return _launch
