@@ -55,8 +55,16 @@ class RunEventInline(admin.TabularInline):
     model = RunEvent
     extra = 0
     can_delete = False
-    fields = ["at", "kind", "from_status", "to_status", "actor", "channel", "message", "data"]
-    readonly_fields = fields
+    fields = readonly_fields = (
+        "at",
+        "kind",
+        "from_status",
+        "to_status",
+        "actor",
+        "channel",
+        "message",
+        "data",
+    )
 
     def has_add_permission(self, request, obj=None) -> bool:
         return False
@@ -64,25 +72,32 @@ class RunEventInline(admin.TabularInline):
 
 @admin.register(Run)
 class RunAdmin(admin.ModelAdmin):
-    list_display = ["id", "status_badge", "team", "provider", "short_prompt", "created_by",
-                    "created_at", "stop_latency"]
+    list_display = [
+        "id",
+        "status_badge",
+        "team",
+        "provider",
+        "short_prompt",
+        "created_by",
+        "created_at",
+        "stop_latency",
+    ]
     list_filter = ["status", "provider", "team", "stop_channel", "created_at"]
     search_fields = ["prompt", "external_id", "created_by__username"]
     date_hierarchy = "created_at"
     list_select_related = ["team", "created_by"]
     inlines = [RunEventInline]
     # Status only changes through the state machine, never by editing a form.
-    readonly_fields = [
-        f.name for f in Run._meta.get_fields() if f.concrete and not f.many_to_many
-    ]
+    readonly_fields = [f.name for f in Run._meta.concrete_fields]
 
     def has_add_permission(self, request) -> bool:
         return False
 
     @admin.display(description="Status", ordering="status")
     def status_badge(self, obj: Run) -> str:
-        return format_html('<strong class="badge-{}">{}</strong>', obj.status,
-                           obj.get_status_display())
+        return format_html(
+            '<strong class="badge-{}">{}</strong>', obj.status, obj.get_status_display()
+        )
 
     @admin.display(description="Prompt")
     def short_prompt(self, obj: Run) -> str:

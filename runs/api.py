@@ -7,12 +7,12 @@ import base64
 import binascii
 import functools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.http import HttpRequest, JsonResponse
+from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from .forms import LaunchForm
@@ -25,12 +25,14 @@ from .models import (
     RunAlreadyFinished,
     Status,
 )
+from .views import HtmxHttpRequest
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 ALLOWED_OPTIONS = {"structured_output", "output_schema"}
 
-ApiView = Callable[..., Awaitable[JsonResponse]]
+# Async views; typed loosely because Django's path() stubs expect sync callables.
+ApiView = Callable[..., Any]
 
 
 def error(status: int, code: str, message: str, **extra: Any) -> JsonResponse:
@@ -43,7 +45,7 @@ def api_view(*methods: str) -> Callable[[ApiView], ApiView]:
     def decorate(view: ApiView) -> ApiView:
         @csrf_exempt
         @functools.wraps(view)
-        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
+        async def wrapper(request: HtmxHttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
             header = request.headers.get("Authorization", "")
             token = header[7:].strip() if header.startswith("Bearer ") else ""
             user = await sync_to_async(ApiToken.user_for)(token) if token else None
@@ -70,7 +72,7 @@ def api_view(*methods: str) -> Callable[[ApiView], ApiView]:
     return decorate
 
 
-def read_json(request: HttpRequest) -> dict[str, Any] | JsonResponse:
+def read_json(request: HtmxHttpRequest) -> dict[str, Any] | JsonResponse:
     if not request.body:
         return {}
     try:
@@ -128,7 +130,7 @@ def _runs(user: Any) -> Any:
 
 
 @api_view("GET")
-async def provider_accounts(request: HttpRequest) -> JsonResponse:
+async def provider_accounts(request: HtmxHttpRequest) -> JsonResponse:
     accounts = ProviderAccount.objects.for_user(request.user).order_by("team_id", "name")
     return JsonResponse(
         {
@@ -148,7 +150,7 @@ async def provider_accounts(request: HttpRequest) -> JsonResponse:
 
 
 @api_view("GET", "POST")
-async def runs(request: HttpRequest) -> JsonResponse:
+async def runs(request: HtmxHttpRequest) -> JsonResponse:
     if request.method == "POST":
         return await _create_run(request)
     qs = _runs(request.user).order_by("-id")
@@ -186,7 +188,7 @@ async def runs(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"results": [run_json(r) for r in page], "next_cursor": next_cursor})
 
 
-async def _create_run(request: HttpRequest) -> JsonResponse:
+async def _create_run(request: HtmxHttpRequest) -> JsonResponse:
     body = read_json(request)
     if isinstance(body, JsonResponse):
         return body
@@ -214,7 +216,9 @@ async def _create_run(request: HttpRequest) -> JsonResponse:
     membership = await Membership.objects.aget(team_id=account.team_id, user=request.user)
     if not membership.can_launch:
         return error(403, "FORBIDDEN", "Viewers can watch runs but not launch them.")
-    options = body.get("options") or {}
+    options = body.get("options")
+    if options is None:
+        options = {}
     if not isinstance(options, dict) or (unknown := set(options) - ALLOWED_OPTIONS):
         return error(
             400,
@@ -229,9 +233,7 @@ async def _create_run(request: HttpRequest) -> JsonResponse:
         "prompt": body.get("prompt") if isinstance(body.get("prompt"), str) else "",
         "structured_output": bool(options.get("structured_output")),
         "output_schema": json.dumps(schema) if schema is not None else "",
-        "timeout_seconds": body.get(
-            "timeout_seconds", settings.RUNBRAKE_DEFAULT_TIMEOUT_SECONDS
-        ),
+        "timeout_seconds": body.get("timeout_seconds", settings.RUNBRAKE_DEFAULT_TIMEOUT_SECONDS),
     }
     form = LaunchForm(data, team=account.team)
     if not await sync_to_async(form.is_valid)():
@@ -240,7 +242,7 @@ async def _create_run(request: HttpRequest) -> JsonResponse:
         return error(
             400,
             "VALIDATION_ERROR",
-            f"{name}: {' '.join(messages)}",
+            f"{name}: {' '.join(str(m) for m in messages)}",
             field=name,
             fields={k: list(v) for k, v in form.errors.items()},
         )
@@ -257,7 +259,7 @@ async def _create_run(request: HttpRequest) -> JsonResponse:
 
 
 @api_view("GET")
-async def run_detail(request: HttpRequest, pk: int) -> JsonResponse:
+async def run_detail(request: HtmxHttpRequest, pk: int) -> JsonResponse:
     run = await _runs(request.user).filter(pk=pk).afirst()
     if run is None:
         return error(404, "NOT_FOUND", f"No run {pk} in your teams.")
@@ -265,19 +267,19 @@ async def run_detail(request: HttpRequest, pk: int) -> JsonResponse:
 
 
 @api_view("POST")
-async def stop_run(request: HttpRequest, pk: int) -> JsonResponse:
-    body = read_json(request)
-    if isinstance(body, JsonResponse):
-        return body
-    reason = body.get("reason", "")
-    if not isinstance(reason, str):
-        return error(400, "VALIDATION_ERROR", "reason must be a string.", field="reason")
+async def stop_run(request: HtmxHttpRequest, pk: int) -> JsonResponse:
     run = await _runs(request.user).filter(pk=pk).afirst()
     if run is None:
         return error(404, "NOT_FOUND", f"No run {pk} in your teams.")
     membership = await Membership.objects.aget(team_id=run.team_id, user=request.user)
     if not membership.can_stop(run):
         return error(403, "FORBIDDEN", "Viewers can watch runs but not stop them.")
+    body = read_json(request)
+    if isinstance(body, JsonResponse):
+        return body
+    reason = body.get("reason", "")
+    if not isinstance(reason, str):
+        return error(400, "VALIDATION_ERROR", "reason must be a string.", field="reason")
     try:
         await run.astop(actor=request.user, channel=Channel.API, reason=reason.strip()[:500])
     except RunAlreadyFinished as exc:

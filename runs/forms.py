@@ -74,9 +74,7 @@ class LaunchForm(forms.Form):
         if data.get("structured_output") and not data.get("output_schema"):
             self.add_error("output_schema", "Structured output needs a JSON schema.")
         if data.get("output_schema") and not data.get("structured_output"):
-            self.add_error(
-                "structured_output", "Tick this to use the schema, or clear the schema."
-            )
+            self.add_error("structured_output", "Tick this to use the schema, or clear the schema.")
         return data
 
     def run_options(self) -> dict[str, Any]:

@@ -192,9 +192,9 @@ class RunQuerySet(models.QuerySet["Run"]):
 
     def stop_due(self, now: dt.datetime) -> RunQuerySet:
         """Stops whose (next) provider call is due: never sent, or a retry whose wait is over."""
-        return self.filter(
-            status__in=STOP_IN_PROGRESS, stop_next_attempt_at__lte=now
-        ).exclude(external_id="")
+        return self.filter(status__in=STOP_IN_PROGRESS, stop_next_attempt_at__lte=now).exclude(
+            external_id=""
+        )
 
     def stop_overdue(self, now: dt.datetime) -> RunQuerySet:
         return self.filter(status=Status.STOPPING, stop_deadline__lt=now)
@@ -475,17 +475,21 @@ class Run(models.Model):
         """Lease the next stop call: no two processes send a stop for the same run at once."""
         now = timezone.now()
         lease = dt.timedelta(seconds=settings.RUNBRAKE_STOP_CALL_TIMEOUT + 5)
-        won = Run.objects.filter(
-            pk=self.pk, status__in=STOP_IN_PROGRESS, stop_next_attempt_at__lte=now
-        ).exclude(external_id="").update(
-            stop_next_attempt_at=now + lease,
-            stop_attempts=F("stop_attempts") + 1,
-            stop_sent_at=now,
+        won = (
+            Run.objects.filter(
+                pk=self.pk, status__in=STOP_IN_PROGRESS, stop_next_attempt_at__lte=now
+            )
+            .exclude(external_id="")
+            .update(
+                stop_next_attempt_at=now + lease,
+                stop_attempts=F("stop_attempts") + 1,
+                stop_sent_at=now,
+            )
         )
         self.refresh_from_db()
         return bool(won)
 
-    def record_stop_answer(self, result: StopResult) -> None:
+    def record_stop_answer(self, result: StopResult, *, provider_label: str) -> None:
         data = {"provider_status": result.provider_status, "answer": result.answer}
         self.record_event(
             RunEvent.Kind.STOP_ANSWER,
@@ -497,7 +501,7 @@ class Run(models.Model):
             stop_next_attempt_at=None,
         )
         if result.terminal == "stopped":
-            self.mark_stopped(confirmation="the provider's stop answer", data=data)
+            self.mark_stopped(confirmation=f"{provider_label}'s stop answer", data=data)
 
     def record_stop_failure(self, error: ProviderError) -> None:
         delay = error.retry_after if error.retry_after is not None else self._stop_backoff()
@@ -613,7 +617,7 @@ class Run(models.Model):
         except ProviderError as exc:
             await sync_to_async(self.record_stop_failure)(exc)
             return
-        await sync_to_async(self.record_stop_answer)(result)
+        await sync_to_async(self.record_stop_answer)(result, provider_label=provider.label)
 
 
 class RunEvent(models.Model):

@@ -6,19 +6,28 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import User
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import aget_object_or_404, get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import trigger_client_event
+from django_htmx.middleware import HtmxDetails
 
 from . import live
 from .forms import LaunchForm
 from .models import Channel, Membership, Run, RunAlreadyFinished, Team
 
 
-def membership_for(request: HttpRequest, team_id: int) -> Membership:
+class HtmxHttpRequest(HttpRequest):
+    """What our views receive: login_required has run, and django-htmx's middleware."""
+
+    htmx: HtmxDetails
+    user: User
+
+
+def membership_for(request: HtmxHttpRequest, team_id: int) -> Membership:
     """The user's membership of a team; any other team is a 404."""
     return get_object_or_404(
         Membership.objects.select_related("team"), team_id=team_id, user=request.user
@@ -31,7 +40,7 @@ def toast(response: HttpResponseBase, message: str, level: str = "info") -> Http
 
 @require_GET
 @login_required
-def home(request: HttpRequest) -> HttpResponse:
+def home(request: HtmxHttpRequest) -> HttpResponse:
     membership = (
         Membership.objects.filter(user=request.user).select_related("team").order_by("team__name")
     ).first()
@@ -41,7 +50,7 @@ def home(request: HttpRequest) -> HttpResponse:
 
 
 def _list_context(
-    request: HttpRequest, membership: Membership, form: LaunchForm | None = None
+    request: HtmxHttpRequest, membership: Membership, form: LaunchForm | None = None
 ) -> dict[str, Any]:
     team = membership.team
     runs = Run.objects.for_team(team).select_related(
@@ -61,14 +70,14 @@ def _list_context(
 
 @require_GET
 @login_required
-def team_runs(request: HttpRequest, team_id: int) -> HttpResponse:
+def team_runs(request: HtmxHttpRequest, team_id: int) -> HttpResponse:
     membership = membership_for(request, team_id)
     return render(request, "runs/team_runs.html", _list_context(request, membership))
 
 
 @require_POST
 @login_required
-def launch_run(request: HttpRequest, team_id: int) -> HttpResponseBase:
+def launch_run(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
     membership = membership_for(request, team_id)
     team = membership.team
     if not membership.can_launch:
@@ -105,7 +114,7 @@ def launch_run(request: HttpRequest, team_id: int) -> HttpResponseBase:
 
 @require_GET
 @login_required
-def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
+def run_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     run = get_object_or_404(
         Run.objects.for_user(request.user).select_related(
             "team", "provider_account", "created_by", "stop_requested_by"
@@ -134,8 +143,9 @@ def _stop_message(run: Run, requested: bool) -> tuple[str, str]:
 
 @require_POST
 @login_required
-async def stop_run(request: HttpRequest, pk: int) -> HttpResponseBase:
+async def stop_run(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
     user = await request.auser()
+    assert user.is_authenticated  # login_required ran; this narrows the type
     run = await aget_object_or_404(Run.objects.for_user(user), pk=pk)
     membership = await Membership.objects.aget(team_id=run.team_id, user=user)
     if not membership.can_stop(run):
@@ -157,7 +167,7 @@ async def stop_run(request: HttpRequest, pk: int) -> HttpResponseBase:
     return toast(HttpResponse(html), message, level)
 
 
-def _refused(request: HttpRequest, message: str) -> HttpResponseBase:
+def _refused(request: HtmxHttpRequest, message: str) -> HttpResponseBase:
     if request.htmx:
         response = HttpResponse(message, status=403)
         response["HX-Reswap"] = "none"
@@ -176,4 +186,3 @@ def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
         toast(response, message, "error")
         return response
     return render(request, "runs/refused.html", {"message": message}, status=403)
-

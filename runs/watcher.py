@@ -12,6 +12,7 @@ The database is the source of truth: every tick re-reads which runs need what, s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -38,6 +39,7 @@ class Watcher:
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self.main_task: asyncio.Task[None] | None = None
 
     # --- Lifecycle ----------------------------------------------------------------------------
 
@@ -49,19 +51,33 @@ class Watcher:
                 await self.tick()
             except Exception:
                 logger.exception("watcher tick failed; retrying next tick")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self.tick_seconds)
-            except TimeoutError:
-                pass
             self._wakeup.clear()
 
     async def shutdown(self) -> None:
+        """Stop following runs at once; let stop calls already in flight finish (bounded).
+
+        Sessions need no hand-over: the next watcher re-reads every active run and follows it.
+        """
         self._stopping = True
         self._wakeup.set()
-        tasks = [*self.sessions.values(), *self.side_tasks]
-        for task in tasks:
+        sessions = list(self.sessions.values())
+        for task in sessions:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*sessions, return_exceptions=True)
+        if self.side_tasks:
+            _done, late = await asyncio.wait(
+                list(self.side_tasks), timeout=settings.RUNBRAKE_STOP_CALL_TIMEOUT + 1
+            )
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def drain(self, *, sessions: bool = True) -> None:
+        """Wait for the side tasks (stop calls) and, unless told not to, the sessions."""
+        while pending := [*(self.sessions.values() if sessions else ()), *self.side_tasks]:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def nudge(self) -> None:
         """Thread-safe: wake the loop now (a run was launched or a stop recorded)."""
@@ -208,8 +224,7 @@ def start_embedded() -> Watcher | None:
     with _current_lock:
         if _current is None:
             _current = Watcher()
-            task = asyncio.get_running_loop().create_task(_current.run_forever())
-            _current.side_tasks.add(task)
+            _current.main_task = asyncio.get_running_loop().create_task(_current.run_forever())
         return _current
 
 
@@ -224,3 +239,5 @@ async def stop_embedded() -> None:
         current, _current = _current, None
     if current is not None:
         await current.shutdown()
+        if current.main_task is not None:
+            await asyncio.gather(current.main_task, return_exceptions=True)

@@ -273,7 +273,7 @@ def structured_from_schema(schema: Any, name: str = "value") -> Any:
     """A value of the schema's shape, so structured output can be validated end to end."""
     if not isinstance(schema, dict):
         return {"summary": "Simulated structured research output.", "sources": 14}
-    if "enum" in schema and schema["enum"]:
+    if schema.get("enum"):
         return schema["enum"][0]
     kind = schema.get("type", "object")
     if isinstance(kind, list):

@@ -156,7 +156,11 @@ def fay_account(acme: Any, fay_url: str) -> Any:
     from runs.models import ProviderAccount
 
     return ProviderAccount.objects.create(
-        team=acme, kind="fay", name="Fay", base_url=fay_url, api_key="sim-acme-fay-key",
+        team=acme,
+        kind="fay",
+        name="Fay",
+        base_url=fay_url,
+        api_key="sim-acme-fay-key",
         options={"poll_interval": 0.1},
     )
 
@@ -166,7 +170,11 @@ def globex_account(globex: Any, fay_url: str) -> Any:
     from runs.models import ProviderAccount
 
     return ProviderAccount.objects.create(
-        team=globex, kind="fay", name="Fay", base_url=fay_url, api_key="sim-globex-fay-key",
+        team=globex,
+        kind="fay",
+        name="Fay",
+        base_url=fay_url,
+        api_key="sim-globex-fay-key",
         options={"poll_interval": 0.1},
     )
 
@@ -176,8 +184,12 @@ def launch(bob: Any, fay_account: Any) -> Any:
     """Launch a run as bob on Acme's Fay account (nothing is sent until a watcher runs)."""
     from runs.models import Run
 
-    def _launch(prompt: str = "Best AI book editors? sim:pending=0 sim:duration=30",
-                user: Any = None, account: Any = None, **options: Any) -> Run:
+    def _launch(
+        prompt: str = "Best AI book editors? sim:pending=0 sim:duration=30",
+        user: Any = None,
+        account: Any = None,
+        **options: Any,
+    ) -> Run:
         return Run.objects.launch(
             account=account or fay_account,
             user=user or bob,
@@ -187,3 +199,21 @@ def launch(bob: Any, fay_account: Any) -> Any:
         )
 
     return _launch
+
+
+def start_at_provider(run: Any) -> Any:
+    """Send the run's create call (as the watcher would) and record the provider's id."""
+    from asgiref.sync import async_to_sync
+
+    async def create() -> str:
+        provider = run.provider_account.provider()
+        events = provider.run(run.prompt, run.options)
+        try:
+            started = await anext(events)
+        finally:
+            await events.aclose()
+        return started.external_id
+
+    run.record_external_id(async_to_sync(create)())
+    run.mark_running("PROCESSING")
+    return run

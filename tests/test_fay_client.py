@@ -13,8 +13,9 @@ from runs.providers.fay import FayProvider
 
 
 def fay(url: str, key: str = "sim-test-key", **options: Any) -> FayProvider:
-    return FayProvider(ProviderConfig(base_url=url, api_key=key, options={"poll_interval": 0.05,
-                                                                           **options}))
+    return FayProvider(
+        ProviderConfig(base_url=url, api_key=key, options={"poll_interval": 0.05, **options})
+    )
 
 
 async def collect(provider: FayProvider, prompt: str, **options: Any) -> list[Any]:
@@ -39,11 +40,17 @@ async def test_it_runs_a_research_request_to_completion(fay_url):
 async def test_it_returns_structured_output_shaped_by_the_schema(fay_url):
     schema = {
         "type": "object",
-        "properties": {"companies": {"type": "array", "items": {"type": "string"}},
-                       "count": {"type": "integer"}},
+        "properties": {
+            "companies": {"type": "array", "items": {"type": "string"}},
+            "count": {"type": "integer"},
+        },
     }
-    events = await collect(fay(fay_url), "Companies sim:pending=0 sim:duration=0.1",
-                           structured_output=True, output_schema=schema)
+    events = await collect(
+        fay(fay_url),
+        "Companies sim:pending=0 sim:duration=0.1",
+        structured_output=True,
+        output_schema=schema,
+    )
     finished = events[-1]
     assert finished.output is None
     assert finished.structured_output == {"companies": ["Sample companies"], "count": 7}
@@ -128,17 +135,23 @@ async def test_transient_rate_limits_are_waited_out_and_the_run_completes(fay_ur
     prompt = f"{uuid.uuid4()} sim:pending=0 sim:duration=0.05 sim:fail=rate_limit"
     events = await collect(fay(fay_url), prompt)
     waits = [e for e in events if isinstance(e, Waiting)]
-    assert [w.seconds for w in waits] == [1.0, 1.0, 1.0]  # Retry-After honoured each time
+    assert [w.seconds for w in waits] == [1.0]  # Retry-After honoured; one event per episode
+    assert "rate limit" in waits[0].reason
     assert events[-1].status == "completed"
-    creates = [r for r in sim.requests() if r["path"].endswith("/conversations")
-               and isinstance(r["body"], dict) and r["body"].get("prompt") == prompt]
+    creates = [
+        r
+        for r in sim.requests()
+        if r["path"].endswith("/conversations")
+        and isinstance(r["body"], dict)
+        and r["body"].get("prompt") == prompt
+    ]
     assert len(creates) == 4
 
 
 async def test_transient_server_errors_are_retried(fay_url):
     prompt = f"{uuid.uuid4()} sim:pending=0 sim:duration=0.05 sim:fail=server_error"
     events = await collect(fay(fay_url), prompt)
-    assert sum(isinstance(e, Waiting) for e in events) == 3
+    assert sum(isinstance(e, Waiting) for e in events) == 1
     assert events[-1].status == "completed"
 
 
@@ -156,16 +169,26 @@ async def test_an_unreachable_provider_is_a_retryable_error_in_words():
     [
         (502, b"<html>Bad gateway</html>", "PROVIDER_BAD_RESPONSE", True),
         (200, b'{"unexpected": true}', "PROVIDER_BAD_RESPONSE", False),
-        (500, b'{"status": false, "error": {"code": "INTERNAL_ERROR", "message": "x"}}',
-         "INTERNAL_ERROR", True),
-        (418, b'{"status": false, "error": {"code": "TEAPOT", "message": "short"}}',
-         "TEAPOT", False),
+        (
+            500,
+            b'{"status": false, "error": {"code": "INTERNAL_ERROR", "message": "x"}}',
+            "INTERNAL_ERROR",
+            True,
+        ),
+        (
+            418,
+            b'{"status": false, "error": {"code": "TEAPOT", "message": "short"}}',
+            "TEAPOT",
+            False,
+        ),
     ],
 )
 async def test_it_maps_odd_answers_to_provider_errors(status, body, code, retryable):
     transport = httpx.MockTransport(lambda request: httpx.Response(status, content=body))
-    provider = FayProvider(ProviderConfig("http://fay.invalid/api/v1", "k"),
-                           client=httpx.AsyncClient(transport=transport))
+    provider = FayProvider(
+        ProviderConfig("http://fay.invalid/api/v1", "k"),
+        client=httpx.AsyncClient(transport=transport),
+    )
     with pytest.raises(ProviderError) as exc:
         await provider.status("abc")
     assert exc.value.code == code

@@ -207,8 +207,9 @@ if not _encryption_keys:
             "(comma-separated Fernet keys; generate one with `manage.py generate_encryption_key`)."
         )
     _encryption_keys = [
-        base64.urlsafe_b64encode(hashlib.sha256(("runbrake-dev:" + SECRET_KEY).encode()).digest())
-        .decode()
+        base64.urlsafe_b64encode(
+            hashlib.sha256(("runbrake-dev:" + SECRET_KEY).encode()).digest()
+        ).decode()
     ]
 RUNBRAKE_ENCRYPTION_KEYS = _encryption_keys
 

@@ -2,13 +2,13 @@
 
 import django.db.models.deletion
 import django.utils.timezone
-import runs.crypto
 from django.conf import settings
 from django.db import migrations, models
 
+import runs.crypto
+
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
@@ -17,129 +17,320 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='ProviderAccount',
+            name="ProviderAccount",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(choices=[('fay', 'Fay (deep research)')], max_length=20)),
-                ('name', models.CharField(max_length=100)),
-                ('base_url', models.URLField(max_length=500)),
-                ('api_key', runs.crypto.EncryptedTextField(help_text='Stored encrypted; never shown again after saving.')),
-                ('options', models.JSONField(blank=True, default=dict)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now, editable=False)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("kind", models.CharField(choices=[("fay", "Fay (deep research)")], max_length=20)),
+                ("name", models.CharField(max_length=100)),
+                ("base_url", models.URLField(max_length=500)),
+                (
+                    "api_key",
+                    runs.crypto.EncryptedTextField(
+                        help_text="Stored encrypted; never shown again after saving."
+                    ),
+                ),
+                ("options", models.JSONField(blank=True, default=dict)),
+                (
+                    "created_at",
+                    models.DateTimeField(default=django.utils.timezone.now, editable=False),
+                ),
             ],
             options={
-                'ordering': ['team', 'name'],
+                "ordering": ["team", "name"],
             },
         ),
         migrations.CreateModel(
-            name='Team',
+            name="Team",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100, unique=True)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now, editable=False)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100, unique=True)),
+                (
+                    "created_at",
+                    models.DateTimeField(default=django.utils.timezone.now, editable=False),
+                ),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='ApiToken',
+            name="ApiToken",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('digest', models.CharField(max_length=64, unique=True)),
-                ('prefix', models.CharField(max_length=12)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('last_used_at', models.DateTimeField(blank=True, null=True)),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='api_tokens', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("digest", models.CharField(max_length=64, unique=True)),
+                ("prefix", models.CharField(max_length=12)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("last_used_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="api_tokens",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='Run',
+            name="Run",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('provider', models.CharField(choices=[('fay', 'Fay (deep research)')], max_length=20)),
-                ('status', models.CharField(choices=[('pending', 'Pending'), ('running', 'Running'), ('stopping', 'Stopping…'), ('stop_unconfirmed', 'Stop unconfirmed'), ('stopped', 'Stopped'), ('completed', 'Completed'), ('failed', 'Failed')], default='pending', max_length=20)),
-                ('version', models.PositiveIntegerField(default=1)),
-                ('external_id', models.CharField(blank=True, db_index=True, max_length=200)),
-                ('provider_status', models.CharField(blank=True, max_length=40)),
-                ('prompt', models.TextField()),
-                ('options', models.JSONField(blank=True, default=dict)),
-                ('timeout_seconds', models.PositiveIntegerField()),
-                ('deadline', models.DateTimeField()),
-                ('output', models.TextField(blank=True)),
-                ('structured_output', models.JSONField(blank=True, null=True)),
-                ('error', models.TextField(blank=True)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now, editable=False)),
-                ('updated_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('start_attempted_at', models.DateTimeField(blank=True, null=True)),
-                ('stop_requested_at', models.DateTimeField(blank=True, null=True)),
-                ('stop_channel', models.CharField(blank=True, choices=[('button', 'Button'), ('api', 'API'), ('admin', 'Admin'), ('timeout', 'Timeout'), ('system', 'System'), ('provider', 'Provider')], max_length=10)),
-                ('stop_reason', models.CharField(blank=True, max_length=500)),
-                ('stop_deadline', models.DateTimeField(blank=True, null=True)),
-                ('stop_next_attempt_at', models.DateTimeField(blank=True, null=True)),
-                ('stop_attempts', models.PositiveIntegerField(default=0)),
-                ('stop_sent_at', models.DateTimeField(blank=True, null=True)),
-                ('stop_answer', models.JSONField(blank=True, null=True)),
-                ('stop_error', models.TextField(blank=True)),
-                ('stop_confirmed_at', models.DateTimeField(blank=True, null=True)),
-                ('stop_confirmation', models.CharField(blank=True, max_length=200)),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='runs', to=settings.AUTH_USER_MODEL)),
-                ('provider_account', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='runs', to='runs.provideraccount')),
-                ('stop_requested_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('team', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='runs', to='runs.team')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "provider",
+                    models.CharField(choices=[("fay", "Fay (deep research)")], max_length=20),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("running", "Running"),
+                            ("stopping", "Stopping…"),
+                            ("stop_unconfirmed", "Stop unconfirmed"),
+                            ("stopped", "Stopped"),
+                            ("completed", "Completed"),
+                            ("failed", "Failed"),
+                        ],
+                        default="pending",
+                        max_length=20,
+                    ),
+                ),
+                ("version", models.PositiveIntegerField(default=1)),
+                ("external_id", models.CharField(blank=True, db_index=True, max_length=200)),
+                ("provider_status", models.CharField(blank=True, max_length=40)),
+                ("prompt", models.TextField()),
+                ("options", models.JSONField(blank=True, default=dict)),
+                ("timeout_seconds", models.PositiveIntegerField()),
+                ("deadline", models.DateTimeField()),
+                ("output", models.TextField(blank=True)),
+                ("structured_output", models.JSONField(blank=True, null=True)),
+                ("error", models.TextField(blank=True)),
+                (
+                    "created_at",
+                    models.DateTimeField(default=django.utils.timezone.now, editable=False),
+                ),
+                ("updated_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                ("start_attempted_at", models.DateTimeField(blank=True, null=True)),
+                ("stop_requested_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "stop_channel",
+                    models.CharField(
+                        blank=True,
+                        choices=[
+                            ("button", "Button"),
+                            ("api", "API"),
+                            ("admin", "Admin"),
+                            ("timeout", "Timeout"),
+                            ("system", "System"),
+                            ("provider", "Provider"),
+                        ],
+                        max_length=10,
+                    ),
+                ),
+                ("stop_reason", models.CharField(blank=True, max_length=500)),
+                ("stop_deadline", models.DateTimeField(blank=True, null=True)),
+                ("stop_next_attempt_at", models.DateTimeField(blank=True, null=True)),
+                ("stop_attempts", models.PositiveIntegerField(default=0)),
+                ("stop_sent_at", models.DateTimeField(blank=True, null=True)),
+                ("stop_answer", models.JSONField(blank=True, null=True)),
+                ("stop_error", models.TextField(blank=True)),
+                ("stop_confirmed_at", models.DateTimeField(blank=True, null=True)),
+                ("stop_confirmation", models.CharField(blank=True, max_length=200)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="runs",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "provider_account",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="runs",
+                        to="runs.provideraccount",
+                    ),
+                ),
+                (
+                    "stop_requested_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "team",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="runs",
+                        to="runs.team",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at', '-id'],
+                "ordering": ["-created_at", "-id"],
             },
         ),
         migrations.CreateModel(
-            name='RunEvent',
+            name="RunEvent",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('kind', models.CharField(choices=[('created', 'Launched'), ('accepted', 'Accepted by provider'), ('running', 'Running'), ('backoff', 'Provider asked to slow down'), ('stop_requested', 'Stop requested'), ('stop_answer', 'Provider answered the stop'), ('stop_failed', 'Stop call failed'), ('stop_unconfirmed', 'Stop unconfirmed'), ('stopped', 'Stopped'), ('completed', 'Completed'), ('failed', 'Failed'), ('late_result', 'Late provider result'), ('provider_error', 'Provider error')], max_length=20)),
-                ('from_status', models.CharField(blank=True, max_length=20)),
-                ('to_status', models.CharField(blank=True, max_length=20)),
-                ('channel', models.CharField(choices=[('button', 'Button'), ('api', 'API'), ('admin', 'Admin'), ('timeout', 'Timeout'), ('system', 'System'), ('provider', 'Provider')], default='system', max_length=10)),
-                ('message', models.TextField(blank=True)),
-                ('data', models.JSONField(blank=True, default=dict)),
-                ('actor', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, to=settings.AUTH_USER_MODEL)),
-                ('run', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='events', to='runs.run')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[
+                            ("created", "Launched"),
+                            ("accepted", "Accepted by provider"),
+                            ("running", "Running"),
+                            ("backoff", "Provider asked to slow down"),
+                            ("stop_requested", "Stop requested"),
+                            ("stop_answer", "Provider answered the stop"),
+                            ("stop_failed", "Stop call failed"),
+                            ("stop_unconfirmed", "Stop unconfirmed"),
+                            ("stopped", "Stopped"),
+                            ("completed", "Completed"),
+                            ("failed", "Failed"),
+                            ("late_result", "Late provider result"),
+                            ("provider_error", "Provider error"),
+                        ],
+                        max_length=20,
+                    ),
+                ),
+                ("from_status", models.CharField(blank=True, max_length=20)),
+                ("to_status", models.CharField(blank=True, max_length=20)),
+                (
+                    "channel",
+                    models.CharField(
+                        choices=[
+                            ("button", "Button"),
+                            ("api", "API"),
+                            ("admin", "Admin"),
+                            ("timeout", "Timeout"),
+                            ("system", "System"),
+                            ("provider", "Provider"),
+                        ],
+                        default="system",
+                        max_length=10,
+                    ),
+                ),
+                ("message", models.TextField(blank=True)),
+                ("data", models.JSONField(blank=True, default=dict)),
+                (
+                    "actor",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "run",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="events",
+                        to="runs.run",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['at', 'id'],
+                "ordering": ["at", "id"],
             },
         ),
         migrations.AddField(
-            model_name='provideraccount',
-            name='team',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='provider_accounts', to='runs.team'),
+            model_name="provideraccount",
+            name="team",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="provider_accounts",
+                to="runs.team",
+            ),
         ),
         migrations.CreateModel(
-            name='Membership',
+            name="Membership",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('role', models.CharField(choices=[('admin', 'Admin'), ('member', 'Member'), ('viewer', 'Viewer')], default='member', max_length=10)),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='memberships', to=settings.AUTH_USER_MODEL)),
-                ('team', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='memberships', to='runs.team')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "role",
+                    models.CharField(
+                        choices=[("admin", "Admin"), ("member", "Member"), ("viewer", "Viewer")],
+                        default="member",
+                        max_length=10,
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="memberships",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "team",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="memberships",
+                        to="runs.team",
+                    ),
+                ),
             ],
         ),
         migrations.AddIndex(
-            model_name='run',
-            index=models.Index(fields=['team', '-created_at', '-id'], name='run_team_recent'),
+            model_name="run",
+            index=models.Index(fields=["team", "-created_at", "-id"], name="run_team_recent"),
         ),
         migrations.AddIndex(
-            model_name='run',
-            index=models.Index(fields=['status'], name='run_status'),
+            model_name="run",
+            index=models.Index(fields=["status"], name="run_status"),
         ),
         migrations.AddConstraint(
-            model_name='provideraccount',
-            constraint=models.UniqueConstraint(fields=('team', 'name'), name='account_name_unique_in_team'),
+            model_name="provideraccount",
+            constraint=models.UniqueConstraint(
+                fields=("team", "name"), name="account_name_unique_in_team"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='membership',
-            constraint=models.UniqueConstraint(fields=('team', 'user'), name='one_role_per_team'),
+            model_name="membership",
+            constraint=models.UniqueConstraint(fields=("team", "user"), name="one_role_per_team"),
         ),
     ]

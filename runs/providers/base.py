@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Final, Literal
 
 import httpx
 
-COMPLETED = "completed"
-FAILED = "failed"
-STOPPED = "stopped"
+COMPLETED: Final = "completed"
+FAILED: Final = "failed"
+STOPPED: Final = "stopped"
 TerminalStatus = Literal["completed", "failed", "stopped"]
 
 
@@ -194,10 +194,10 @@ class Provider:
 
     # --- The interface ---------------------------------------------------------------------
 
-    def run(self, prompt: str, options: dict[str, Any]) -> AsyncIterator[Event]:
+    def run(self, prompt: str, options: dict[str, Any]) -> AsyncGenerator[Event]:
         raise NotImplementedError
 
-    def follow(self, external_id: str) -> AsyncIterator[Event]:
+    def follow(self, external_id: str) -> AsyncGenerator[Event]:
         raise NotImplementedError
 
     async def status(self, external_id: str) -> StatusResult:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -108,7 +108,7 @@ class FayProvider(Provider):
 
     # --- Runs ------------------------------------------------------------------------------
 
-    async def run(self, prompt: str, options: dict[str, Any]) -> AsyncIterator[Event]:
+    async def run(self, prompt: str, options: dict[str, Any]) -> AsyncGenerator[Event]:
         body: dict[str, Any] = {"prompt": prompt}
         if options.get("structured_output"):
             body["structured_output"] = True
@@ -127,7 +127,9 @@ class FayProvider(Provider):
                 if attempt >= MAX_START_ATTEMPTS:
                     raise
                 delay = exc.retry_after if exc.retry_after is not None else backoff_delay(attempt)
-                yield Waiting(exc.message, delay)
+                if attempt == 1:
+                    # One event per backoff episode, not one per attempt.
+                    yield Waiting(exc.message, delay)
                 await asyncio.sleep(delay)
         request_id = data.get("request_id")
         if not isinstance(request_id, str) or not request_id:
@@ -138,7 +140,7 @@ class FayProvider(Provider):
         async for event in self.follow(request_id):
             yield event
 
-    async def follow(self, external_id: str) -> AsyncIterator[Event]:
+    async def follow(self, external_id: str) -> AsyncGenerator[Event]:
         """Poll status until terminal (docs: every 2-5 s; slower for long runs)."""
         started = time.monotonic()
         last_status = None

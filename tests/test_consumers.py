@@ -1,0 +1,104 @@
+"""Websocket consumers with a real ASGI stack (auth, origin check, channel layer)."""
+
+from __future__ import annotations
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.test import Client
+
+from runs.models import Channel
+from webapp.asgi import application
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@sync_to_async
+def session_cookie(user) -> str:
+    client = Client()
+    client.force_login(user)
+    return client.cookies[settings.SESSION_COOKIE_NAME].value
+
+
+async def connect(path: str, user=None, origin: str = "http://localhost"):
+    headers = [(b"origin", origin.encode()), (b"host", b"localhost")]
+    if user is not None:
+        headers.append((b"cookie", f"sessionid={await session_cookie(user)}".encode()))
+    communicator = WebsocketCommunicator(application, path, headers=headers)
+    connected, _ = await communicator.connect()
+    return communicator, connected
+
+
+async def test_anonymous_sockets_are_refused(acme):
+    communicator, connected = await connect(f"/ws/teams/{acme.pk}/")
+    assert not connected
+    await communicator.disconnect()
+
+
+async def test_a_foreign_origin_is_refused(bob, acme):
+    communicator, connected = await connect(
+        f"/ws/teams/{acme.pk}/", bob, origin="https://evil.example"
+    )
+    assert not connected
+    await communicator.disconnect()
+
+
+async def test_another_teams_list_and_run_are_refused(mallory, launch, acme):
+    run = await sync_to_async(launch)()
+    for path in (f"/ws/teams/{acme.pk}/", f"/ws/runs/{run.pk}/"):
+        communicator, connected = await connect(path, mallory)
+        assert not connected, path
+        await communicator.disconnect()
+
+
+async def test_the_team_socket_sends_a_snapshot_then_every_change(bob, acme, launch):
+    run = await sync_to_async(launch)("snapshot me")
+    communicator, connected = await connect(f"/ws/teams/{acme.pk}/", bob)
+    assert connected
+    snapshot = await communicator.receive_from(timeout=5)
+    assert snapshot.startswith('\n<tbody id="run-rows">') or '<tbody id="run-rows">' in snapshot
+    assert f'id="run-row-{run.pk}"' in snapshot
+
+    created = await sync_to_async(launch)("a second run")
+    insert = await communicator.receive_from(timeout=5)
+    assert insert.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')
+    assert f'id="run-row-{created.pk}"' in insert
+
+    await sync_to_async(run.mark_running)("PROCESSING")
+    row = await communicator.receive_from(timeout=5)
+    assert f'id="run-row-{run.pk}"' in row
+    assert 'data-status="running"' in row
+    await communicator.disconnect()
+
+
+async def test_the_run_socket_pushes_each_transition_with_a_rising_version(bob, launch):
+    run = await sync_to_async(launch)()
+    communicator, connected = await connect(f"/ws/runs/{run.pk}/", bob)
+    assert connected
+    snapshot = await communicator.receive_from(timeout=5)
+    assert f'id="run-status-{run.pk}"' in snapshot
+    assert 'data-status="pending"' in snapshot
+
+    seen = []
+    await sync_to_async(run.mark_running)("PROCESSING")
+    await sync_to_async(run.request_stop)(actor=bob, channel=Channel.BUTTON, reason="why not")
+    await sync_to_async(run.mark_stopped)(confirmation="a test")
+    for expected in ("running", "stopping", "stopped"):
+        message = await communicator.receive_from(timeout=5)
+        assert f'data-status="{expected}"' in message
+        assert f'id="run-events-{run.pk}"' in message
+        seen.append(int(message.split('data-version="')[1].split('"')[0]))
+    assert seen == sorted(seen)
+    assert len(set(seen)) == 3
+    await communicator.disconnect()
+
+
+async def test_a_client_that_sends_anything_is_disconnected(bob, acme):
+    communicator, connected = await connect(f"/ws/teams/{acme.pk}/", bob)
+    assert connected
+    await communicator.receive_from(timeout=5)
+    await communicator.send_to(text_data="hello")
+    closed = await communicator.receive_output(timeout=5)
+    assert closed == {"type": "websocket.close", "code": 4400}
+    await communicator.disconnect()

@@ -1,0 +1,86 @@
+"""Settings are strict on bad values, and production settings pass `check --deploy`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from cryptography.fernet import Fernet
+
+from tests.conftest import ROOT
+
+PRODUCTION = {
+    "DEBUG": "false",
+    "SECRET_KEY": "x" * 20 + "-production-secret-key-with-enough-entropy-1234567890",
+    "RUNBRAKE_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+    "ALLOWED_HOSTS": "runbrake.example.com",
+    "RUNBRAKE_SIMULATORS": "false",
+}
+
+
+def manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RUNBRAKE_", "DEBUG", "SECRET_KEY"))
+    }
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_production_settings_pass_check_deploy():
+    result = manage("check", "--deploy", "--fail-level", "WARNING", **PRODUCTION)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "no issues" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SECRET_KEY": ""}, "SECRET_KEY must be set"),
+        ({"RUNBRAKE_ENCRYPTION_KEYS": ""}, "RUNBRAKE_ENCRYPTION_KEYS must be set"),
+        ({"RUNBRAKE_ENCRYPTION_KEYS": "not-a-key"}, "not a Fernet key"),
+        ({"DEBUG": "maybe"}, "DEBUG must be a boolean"),
+        ({"RUNBRAKE_STOP_GRACE_SECONDS": "soon"}, "must be a number"),
+        ({"DATABASE_URL": "nosuch://x"}, "DATABASE_URL is not a valid database URL"),
+        ({"REDIS_URL": "http://localhost"}, "REDIS_URL must be a redis:// URL"),
+    ],
+)
+def test_bad_values_stop_start_up_with_a_clear_error(env, message):
+    result = manage("check", **{**PRODUCTION, **env})
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_keys_are_ciphertext_at_rest_and_masked(fay_account):
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT api_key FROM runs_provideraccount WHERE id = %s", [fay_account.pk])
+        stored = cursor.fetchone()[0]
+    assert "sim-acme-fay-key" not in stored
+    assert fay_account.masked_key == "sim-…-key"
+
+
+def test_rotated_keys_still_decrypt_old_rows(settings):
+    from runs import crypto
+
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    settings.RUNBRAKE_ENCRYPTION_KEYS = [old]
+    crypto._fernet.cache_clear()
+    token = crypto.encrypt("sim-secret")
+    settings.RUNBRAKE_ENCRYPTION_KEYS = [new, old]
+    crypto._fernet.cache_clear()
+    try:
+        assert crypto.decrypt(token) == "sim-secret"
+        assert crypto.decrypt(crypto.rotate(token)) == "sim-secret"
+    finally:
+        crypto._fernet.cache_clear()

@@ -1,0 +1,114 @@
+"""The run state machine: conditional transitions, events, terminal finality, racing stops."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from asgiref.sync import async_to_sync
+
+from runs.models import Channel, Run, RunAlreadyFinished, RunEvent, Status
+from tests.conftest import start_at_provider
+
+
+def kinds(run: Run) -> list[str]:
+    return list(run.events.order_by("at", "id").values_list("kind", flat=True))
+
+
+def test_it_launches_pending_with_a_created_event(launch, bob):
+    run = launch()
+    assert run.status == Status.PENDING
+    event = run.events.get()
+    assert (event.kind, event.actor, event.to_status) == ("created", bob, "pending")
+
+
+def test_each_transition_writes_one_event_with_from_and_to(launch):
+    run = launch()
+    assert run.mark_running("PROCESSING")
+    assert run.mark_completed(output="done", provider_status="COMPLETED")
+    events = list(run.events.order_by("at", "id").values_list("kind", "from_status", "to_status"))
+    assert events[1:] == [("running", "pending", "running"), ("completed", "running", "completed")]
+    run.refresh_from_db()
+    assert run.output == "done"
+    assert run.finished_at is not None
+
+
+def test_a_disallowed_transition_loses_and_changes_nothing(launch):
+    run = launch()
+    assert run.mark_stop_unconfirmed() is False
+    assert Run.objects.get(pk=run.pk).status == Status.PENDING
+    assert kinds(run) == ["created"]
+
+
+def test_terminal_states_never_change_and_late_news_is_an_event(launch, bob):
+    run = launch()
+    run.request_stop(actor=bob, channel=Channel.BUTTON, reason="wrong prompt")
+    assert run.mark_stopped(confirmation="a test")
+    assert run.mark_completed(output="late", provider_status="COMPLETED") is False
+    run.refresh_from_db()
+    assert run.status == Status.STOPPED
+    assert run.output == ""
+    late = run.events.get(kind=RunEvent.Kind.LATE_RESULT)
+    assert "stays stopped" in late.message
+
+
+def test_request_stop_records_who_how_and_why(launch, bob):
+    run = launch()
+    assert run.request_stop(actor=bob, channel=Channel.API, reason="too slow") is True
+    run.refresh_from_db()
+    assert run.status == Status.STOPPING
+    assert (run.stop_requested_by, run.stop_channel, run.stop_reason) == (bob, "api", "too slow")
+    assert run.stop_deadline > run.stop_requested_at
+    event = run.events.get(kind="stop_requested")
+    assert (event.actor, event.channel, event.message) == (bob, "api", "too slow")
+
+
+def test_request_stop_is_idempotent_while_stopping_or_stopped(launch, bob):
+    run = launch()
+    run.request_stop(actor=bob, channel=Channel.BUTTON)
+    assert run.request_stop(actor=bob, channel=Channel.BUTTON) is False
+    run.mark_stopped(confirmation="a test")
+    assert run.request_stop(actor=bob, channel=Channel.BUTTON) is False
+    assert run.events.filter(kind="stop_requested").count() == 1
+
+
+@pytest.mark.parametrize("finish", ["completed", "failed"])
+def test_stopping_a_finished_run_is_refused(launch, bob, finish):
+    run = launch()
+    if finish == "completed":
+        run.mark_completed(output="x")
+    else:
+        run.mark_failed(error="boom")
+    with pytest.raises(RunAlreadyFinished, match=f"already {finish}"):
+        run.request_stop(actor=bob, channel=Channel.BUTTON)
+
+
+def test_a_run_that_finishes_while_stopping_says_so(launch, bob):
+    run = launch()
+    run.request_stop(actor=bob, channel=Channel.BUTTON)
+    assert run.mark_completed(output="full report")
+    assert run.finished_before_stop
+    assert "before the stop landed" in run.events.get(kind="completed").message
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_stops_racing_make_exactly_one_provider_call(launch, bob, alice, sim):
+    run = start_at_provider(launch("race sim:pending=0 sim:duration=60"))
+    barrier = threading.Barrier(2)
+    outcomes: list[bool] = []
+
+    def press_stop(user):
+        mine = Run.objects.get(pk=run.pk)
+        barrier.wait()
+        outcomes.append(async_to_sync(mine.astop)(actor=user, channel=Channel.BUTTON).requested)
+
+    threads = [threading.Thread(target=press_stop, args=(u,)) for u in (alice, bob)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == [False, True]
+    run.refresh_from_db()
+    assert run.status == Status.STOPPED
+    assert len(sim.stop_calls(run.external_id)) == 1
+    assert run.events.filter(kind="stop_requested").count() == 1

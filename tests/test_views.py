@@ -1,0 +1,279 @@
+"""Pages and htmx actions: it works; GET is refused; another team's run is a 404; without
+htmx it redirects; CSRF is enforced; viewers cannot act."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.test import Client
+from django.urls import reverse
+
+from runs.models import Run, Status
+from tests.conftest import start_at_provider
+
+HTMX = {"HTTP_HX_REQUEST": "true"}
+
+
+@pytest.fixture
+def as_bob(client, bob):
+    client.force_login(bob)
+    return client
+
+
+def toast_of(response) -> dict:
+    return json.loads(response["HX-Trigger"])["toast"]
+
+
+def test_it_redirects_anonymous_users_to_login(client, acme):
+    response = client.get(reverse("runs:team", args=[acme.pk]))
+    assert response.status_code == 302
+    assert response["Location"].startswith(reverse("login"))
+
+
+def test_home_goes_to_the_users_team(as_bob, acme):
+    response = as_bob.get("/")
+    assert response.status_code == 302
+    assert response["Location"] == reverse("runs:team", args=[acme.pk])
+
+
+def test_it_lists_the_teams_runs_newest_first_with_live_wiring(as_bob, acme, launch):
+    older, newer = launch("first question"), launch("second question")
+    response = as_bob.get(reverse("runs:team", args=[acme.pk]))
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert html.index(f'id="run-row-{newer.pk}"') < html.index(f'id="run-row-{older.pk}"')
+    assert f'ws-connect="/ws/teams/{acme.pk}/"' in html
+    assert 'aria-label="Cancel run #' in html
+    assert "sim-acme" not in html  # the key is never rendered
+
+
+def test_another_teams_list_is_a_404(as_bob, globex):
+    assert as_bob.get(reverse("runs:team", args=[globex.pk])).status_code == 404
+
+
+def test_the_list_paginates(as_bob, acme, launch, settings):
+    settings.RUNBRAKE_RUNS_PER_PAGE = 2
+    runs = [launch(f"q{i}") for i in range(3)]
+    page2 = as_bob.get(reverse("runs:team", args=[acme.pk]) + "?page=2").content.decode()
+    assert f'id="run-row-{runs[0].pk}"' in page2
+    assert f'id="run-row-{runs[2].pk}"' not in page2
+    assert 'id="run-rows-p2"' in page2
+
+
+def test_it_launches_a_run_over_htmx_and_answers_with_a_fresh_form_and_the_row(
+    as_bob, acme, fay_account
+):
+    response = as_bob.post(
+        reverse("runs:launch", args=[acme.pk]),
+        {"provider_account": fay_account.pk, "prompt": "AI editors", "timeout_seconds": 120},
+        **HTMX,
+    )
+    assert response.status_code == 200
+    run = Run.objects.get()
+    html = response.content.decode()
+    assert 'id="launch-form"' in html
+    assert f'<tbody hx-swap-oob="afterbegin:#run-rows"><tr id="run-row-{run.pk}"' in html.replace(
+        "\n", ""
+    )
+    assert toast_of(response)["level"] == "success"
+    assert (run.status, run.prompt, run.timeout_seconds) == (Status.PENDING, "AI editors", 120)
+
+
+def test_launch_without_htmx_redirects_to_the_run(as_bob, acme, fay_account):
+    response = as_bob.post(
+        reverse("runs:launch", args=[acme.pk]),
+        {"provider_account": fay_account.pk, "prompt": "AI editors", "timeout_seconds": 120},
+    )
+    run = Run.objects.get()
+    assert response.status_code == 302
+    assert response["Location"] == run.get_absolute_url()
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "message"),
+    [
+        ({"prompt": ""}, "prompt", "This field is required."),
+        ({"structured_output": "on", "output_schema": "{nope"}, "output_schema", "not valid JSON"),
+        (
+            {"structured_output": "on", "output_schema": '{"type": 5}'},
+            "output_schema",
+            "not a valid JSON Schema",
+        ),
+        ({"structured_output": "on"}, "output_schema", "needs a JSON schema"),
+        ({"timeout_seconds": 1}, "timeout_seconds", "greater than or equal to 10"),
+    ],
+)
+def test_launch_errors_are_shown_in_place_and_keep_what_was_typed(
+    as_bob, acme, fay_account, data, field, message
+):
+    post = {
+        "provider_account": fay_account.pk,
+        "prompt": "kept prompt text",
+        "timeout_seconds": 60,
+        **data,
+    }
+    response = as_bob.post(reverse("runs:launch", args=[acme.pk]), post, **HTMX)
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert message in html
+    assert 'class="field invalid"' in html or "invalid" in html
+    if field != "prompt":
+        assert "kept prompt text" in html
+    assert toast_of(response)["level"] == "error"
+    assert not Run.objects.exists()
+
+
+def test_launch_with_another_teams_account_is_refused_in_place(as_bob, acme, globex_account):
+    response = as_bob.post(
+        reverse("runs:launch", args=[acme.pk]),
+        {"provider_account": globex_account.pk, "prompt": "x", "timeout_seconds": 60},
+        **HTMX,
+    )
+    assert "Select a valid choice" in response.content.decode()
+    assert not Run.objects.exists()
+
+
+def test_launch_into_another_team_is_a_404(as_bob, globex, globex_account):
+    response = as_bob.post(
+        reverse("runs:launch", args=[globex.pk]),
+        {"provider_account": globex_account.pk, "prompt": "x", "timeout_seconds": 60},
+    )
+    assert response.status_code == 404
+    assert not Run.objects.exists()
+
+
+def test_a_viewer_cannot_launch(client, carol, acme, fay_account):
+    client.force_login(carol)
+    response = client.post(
+        reverse("runs:launch", args=[acme.pk]),
+        {"provider_account": fay_account.pk, "prompt": "x", "timeout_seconds": 60},
+        **HTMX,
+    )
+    assert response.status_code == 403
+    assert "Viewers" in toast_of(response)["message"]
+    assert not Run.objects.exists()
+
+
+@pytest.mark.parametrize("name", ["runs:launch", "runs:stop"])
+def test_get_is_refused_on_actions(as_bob, acme, launch, name):
+    arg = acme.pk if name == "runs:launch" else launch().pk
+    assert as_bob.get(reverse(name, args=[arg])).status_code == 405
+
+
+def test_the_run_page_shows_status_timeline_and_live_wiring(as_bob, launch):
+    run = launch("research **this**")
+    response = as_bob.get(run.get_absolute_url())
+    html = response.content.decode()
+    assert response.status_code == 200
+    assert f'ws-connect="/ws/runs/{run.pk}/"' in html
+    assert f'id="run-status-{run.pk}"' in html
+    assert f'id="run-events-{run.pk}"' in html
+    assert "Launched" in html
+    assert "<kbd>Esc</kbd>" in html
+
+
+def test_markdown_output_is_rendered_safely(as_bob, launch):
+    run = launch()
+    run.mark_completed(output="# Title\n<script>alert(1)</script>\n[x](javascript:alert(1))")
+    html = as_bob.get(run.get_absolute_url()).content.decode()
+    assert "<h1>Title</h1>" in html
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;" in html
+    assert 'href="javascript:' not in html
+
+
+def test_another_teams_run_page_is_a_404(client, mallory, launch):
+    run = launch()
+    client.force_login(mallory)
+    assert client.get(run.get_absolute_url()).status_code == 404
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancel_over_htmx_stops_at_the_provider_and_answers_with_the_fragments(as_bob, launch, sim):
+    run = start_at_provider(launch("long sim:pending=0 sim:duration=60"))
+    response = as_bob.post(reverse("runs:stop", args=[run.pk]), {"reason": "too slow"}, **HTMX)
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert f'id="run-row-{run.pk}"' in html
+    assert 'data-status="stopped"' in html
+    assert 'hx-swap-oob="true"' in html
+    toast = toast_of(response)
+    assert toast["level"] == "success"
+    assert "confirmed by Fay's stop answer" in toast["message"]
+    run.refresh_from_db()
+    assert run.status == Status.STOPPED
+    assert run.stop_reason == "too slow"
+    assert run.stop_latency_ms is not None
+    assert len(sim.stop_calls(run.external_id)) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancel_without_htmx_redirects_to_the_run(as_bob, launch, sim):
+    run = start_at_provider(launch("long sim:pending=0 sim:duration=60"))
+    response = as_bob.post(reverse("runs:stop", args=[run.pk]))
+    assert response.status_code == 302
+    assert response["Location"] == run.get_absolute_url()
+    run.refresh_from_db()
+    assert run.status == Status.STOPPED
+
+
+def test_cancel_of_a_finished_run_says_so_and_changes_nothing(as_bob, launch):
+    run = launch()
+    run.mark_completed(output="done")
+    response = as_bob.post(reverse("runs:stop", args=[run.pk]), **HTMX)
+    assert response.status_code == 200
+    assert "already completed" in toast_of(response)["message"]
+    run.refresh_from_db()
+    assert run.status == Status.COMPLETED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rate_limited_stop_is_shown_in_words_and_retried(as_bob, launch, sim):
+    run = start_at_provider(launch("x sim:pending=0 sim:duration=60 sim:stop=error"))
+    response = as_bob.post(reverse("runs:stop", args=[run.pk]), **HTMX)
+    toast = toast_of(response)
+    assert toast["level"] == "error"
+    assert "Fay had an internal error" in toast["message"]
+    run.refresh_from_db()
+    assert run.status == Status.STOPPING
+    assert run.stop_next_attempt_at is not None
+
+
+def test_another_teams_run_cannot_be_stopped(client, mallory, launch, sim):
+    run = launch()
+    client.force_login(mallory)
+    assert client.post(reverse("runs:stop", args=[run.pk]), **HTMX).status_code == 404
+    run.refresh_from_db()
+    assert run.status == Status.PENDING
+
+
+def test_a_viewer_cannot_stop(client, carol, launch):
+    run = launch()
+    client.force_login(carol)
+    response = client.post(reverse("runs:stop", args=[run.pk]), **HTMX)
+    assert response.status_code == 403
+    run.refresh_from_db()
+    assert run.status == Status.PENDING
+
+
+def test_csrf_is_enforced_with_a_readable_message(bob, launch):
+    run = launch()
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(bob)
+    response = client.post(reverse("runs:stop", args=[run.pk]), **HTMX)
+    assert response.status_code == 403
+    assert "Reload the page" in toast_of(response)["message"]
+    run.refresh_from_db()
+    assert run.status == Status.PENDING
+
+
+def test_csrf_token_from_the_page_lets_htmx_post(bob, launch):
+    run = launch()
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(bob)
+    page = client.get(run.get_absolute_url()).content.decode()
+    token = page.split('"X-CSRFToken": "')[1].split('"')[0]
+    run.mark_completed(output="x")  # keeps the test off the network
+    response = client.post(reverse("runs:stop", args=[run.pk]), HTTP_X_CSRFTOKEN=token, **HTMX)
+    assert response.status_code == 200
