@@ -181,33 +181,39 @@ async def create(request: HttpRequest) -> JsonResponse:
     )
 
 
-@csrf_exempt
-async def status(request: HttpRequest, request_id: str) -> JsonResponse:
-    if request.method != "GET":
+def _lookup(
+    request: HttpRequest, request_id: str, endpoint: str, method: str
+) -> SimRun | JsonResponse:
+    """The checks every per-run endpoint makes, in Fay's order: method, auth, rate limit,
+    content type, the run itself, then any injected fault."""
+    if request.method != method:
         return error(405, "METHOD_NOT_ALLOWED", "Method not allowed")
-    key, refused = _guard(request, "status")
+    key, refused = _guard(request, endpoint)
     if refused:
         return refused
+    if method == "POST" and (bad := _needs_json(request)):
+        return bad
     run = _owned(key, request_id)
     if run is None:
         return error(404, "REQUEST_NOT_FOUND", "Request not found")
     if fault := _fault(run.request_id, run.directives):
         return fault
+    return run
+
+
+@csrf_exempt
+async def status(request: HttpRequest, request_id: str) -> JsonResponse:
+    run = _lookup(request, request_id, "status", "GET")
+    if isinstance(run, JsonResponse):
+        return run
     return ok(run.as_status())
 
 
 @csrf_exempt
 async def output(request: HttpRequest, request_id: str) -> JsonResponse:
-    if request.method != "GET":
-        return error(405, "METHOD_NOT_ALLOWED", "Method not allowed")
-    key, refused = _guard(request, "output")
-    if refused:
-        return refused
-    run = _owned(key, request_id)
-    if run is None:
-        return error(404, "REQUEST_NOT_FOUND", "Request not found")
-    if fault := _fault(run.request_id, run.directives):
-        return fault
+    run = _lookup(request, request_id, "output", "GET")
+    if isinstance(run, JsonResponse):
+        return run
     if run.status() != "COMPLETED":
         return error(400, "RESEARCH_NOT_COMPLETED", "Research not completed yet")
     content: Any = (
@@ -218,18 +224,9 @@ async def output(request: HttpRequest, request_id: str) -> JsonResponse:
 
 @csrf_exempt
 async def stop(request: HttpRequest, request_id: str) -> JsonResponse:
-    if request.method != "POST":
-        return error(405, "METHOD_NOT_ALLOWED", "Method not allowed")
-    key, refused = _guard(request, "stop")
-    if refused:
-        return refused
-    if bad := _needs_json(request):
-        return bad
-    run = _owned(key, request_id)
-    if run is None:
-        return error(404, "REQUEST_NOT_FOUND", "Request not found")
-    if fault := _fault(run.request_id, run.directives):
-        return fault
+    run = _lookup(request, request_id, "stop", "POST")
+    if isinstance(run, JsonResponse):
+        return run
     mode = run.directives.get("stop")
     if mode == "error":
         return error(500, "INTERNAL_ERROR", "Internal server error")
