@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import include, path
 
 from . import fay, views
 
@@ -11,4 +11,7 @@ urlpatterns = [
     path("fay/api/v1/conversation/<str:request_id>/status", fay.status, name="fay-status"),
     path("fay/api/v1/conversation/<str:request_id>/output", fay.output, name="fay-output"),
     path("fay/api/v1/conversation/<str:request_id>/stop", fay.stop, name="fay-stop"),
+    path("dify/v1/", include("simulators.dify")),
+    path("intelligencebox/", include("simulators.intelligencebox")),
+    path("xpander/", include("simulators.xpander")),
 ]

@@ -1,0 +1,5 @@
+"""Simulator for dify (being written)."""
+
+from django.urls import URLPattern
+
+urlpatterns: list[URLPattern] = []
