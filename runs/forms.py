@@ -12,10 +12,13 @@ from .models import ProviderAccount, Team
 MAX_PROMPT = 20_000
 
 
+class AccountChoiceField(forms.ModelChoiceField):
+    def label_from_instance(self, obj: ProviderAccount) -> str:
+        return obj.name
+
+
 class LaunchForm(forms.Form):
-    provider_account = forms.ModelChoiceField(
-        queryset=ProviderAccount.objects.none(), empty_label=None
-    )
+    provider_account = AccountChoiceField(queryset=ProviderAccount.objects.none(), empty_label=None)
     prompt = forms.CharField(
         max_length=MAX_PROMPT,
         widget=forms.Textarea(

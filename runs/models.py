@@ -530,6 +530,7 @@ class Run(models.Model):
             message=f"Stopped — confirmed by {confirmation}.",
             data=data,
             finished_at=now,
+            provider_status=(data or {}).get("provider_status") or self.provider_status,
             stop_confirmed_at=now,
             stop_confirmation=confirmation,
             stop_next_attempt_at=None,

@@ -108,7 +108,11 @@ def launch_run(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
         "runs/partials.html#launch-form", {"form": fresh, "team": team}, request=request
     )
     # The new row rides along out-of-band, so the launcher sees it even before the push.
-    response = HttpResponse(form_html + live.render_row(run, created=True))
+    # htmx parses this answer in one <template> whose first tag is the <form>: in that
+    # "in body" mode the HTML parser drops bare <tbody>/<tr>/<td> tags, so the row is wrapped
+    # in a <template> of its own (htmx 2 swaps the out-of-band content of templates).
+    row = live.render_row(run, created=True)
+    response = HttpResponse(f"{form_html}<template>{row}</template>")
     return toast(response, f"Run #{run.pk} launched on {run.provider_account.name}.", "success")
 
 

@@ -6,6 +6,14 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
 # Django must be set up before anything imports models (the channels tutorial's order).
 django_asgi_app = get_asgi_application()
 
+from django.conf import settings  # noqa: E402
+
+if settings.DEBUG:
+    # What runserver does: without it `manage.py serve` answers 404 for every /static/ file.
+    from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+
+    django_asgi_app = ASGIStaticFilesHandler(django_asgi_app)
+
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
