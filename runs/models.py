@@ -95,6 +95,9 @@ class Membership(models.Model):
 
 class ProviderKind(models.TextChoices):
     FAY = "fay", "Fay (deep research)"
+    DIFY = "dify", "Dify (chat app)"
+    INTELLIGENCEBOX = "intelligencebox", "IntelligenceBox"
+    XPANDER = "xpander", "xpander.ai (agent gateway)"
 
 
 class ProviderAccountQuerySet(models.QuerySet["ProviderAccount"]):
@@ -263,6 +266,8 @@ class Run(models.Model):
     # Bumped by every visible change; the browser drops pushes older than what it shows.
     version = models.PositiveIntegerField(default=1)
     external_id = models.CharField(max_length=200, blank=True, db_index=True)
+    # Other ids the provider handed out (Dify's conversation and message), for follow-ups.
+    provider_refs = models.JSONField(default=dict, blank=True)
     provider_status = models.CharField(max_length=40, blank=True)
     prompt = models.TextField()
     options = models.JSONField(default=dict, blank=True)
@@ -404,12 +409,15 @@ class Run(models.Model):
             transaction.on_commit(lambda: live.push_run(self.pk))
         self.refresh_from_db()
 
-    def record_external_id(self, external_id: str) -> bool:
+    def record_external_id(self, external_id: str, refs: dict[str, Any] | None = None) -> bool:
         """Persist the provider's id the moment it is known (once)."""
         with transaction.atomic():
             won = bool(
                 Run.objects.filter(pk=self.pk, external_id="").update(
-                    external_id=external_id, updated_at=timezone.now(), version=F("version") + 1
+                    external_id=external_id,
+                    provider_refs=refs or {},
+                    updated_at=timezone.now(),
+                    version=F("version") + 1,
                 )
             )
             if won:
@@ -424,6 +432,14 @@ class Run(models.Model):
                 transaction.on_commit(lambda: live.push_run(self.pk))
         self.refresh_from_db()
         return won
+
+    def record_output(self, text: str) -> None:
+        """Save the answer so far (batched by the watcher) and push it; no status change."""
+        Run.objects.filter(pk=self.pk, status__in=ACTIVE).update(
+            output=text, updated_at=timezone.now(), version=F("version") + 1
+        )
+        transaction.on_commit(lambda: live.push_run(self.pk))
+        self.output = text
 
     def claim_start(self) -> bool:
         """Only one process ever sends the start call for a run."""
@@ -491,14 +507,16 @@ class Run(models.Model):
 
     def record_stop_answer(self, result: StopResult, *, provider_label: str) -> None:
         data = {"provider_status": result.provider_status, "answer": result.answer}
+        recheck = timezone.now() + dt.timedelta(seconds=settings.RUNBRAKE_STOP_RECHECK_SECONDS)
         self.record_event(
             RunEvent.Kind.STOP_ANSWER,
             result.message,
             data=data,
             stop_answer=data,
             stop_error="",
-            # The answer settled the matter (or says what the run became): no more calls.
-            stop_next_attempt_at=None,
+            # An answer that proves the outcome ends the calls; an acceptance that proves
+            # nothing (Dify always says success) is sent again if nothing confirms it soon.
+            stop_next_attempt_at=None if result.terminal else recheck,
         )
         if result.terminal == "stopped":
             self.mark_stopped(confirmation=f"{provider_label}'s stop answer", data=data)
@@ -549,14 +567,20 @@ class Run(models.Model):
         )
 
     def mark_completed(
-        self, *, output: str = "", structured_output: Any = None, provider_status: str = ""
+        self,
+        *,
+        output: str = "",
+        structured_output: Any = None,
+        provider_status: str = "",
+        message: str = "",
     ) -> bool:
         before_stop = self.status in STOP_IN_PROGRESS
         won = self._transition(
             (Status.PENDING, Status.RUNNING, Status.STOPPING, Status.STOP_UNCONFIRMED),
             Status.COMPLETED,
             kind=RunEvent.Kind.COMPLETED,
-            message=(
+            message=message
+            or (
                 "Completed — the run finished before the stop landed."
                 if before_stop
                 else "Completed."
@@ -635,11 +659,13 @@ class RunEvent(models.Model):
         COMPLETED = "completed", "Completed"
         FAILED = "failed", "Failed"
         LATE_RESULT = "late_result", "Late provider result"
+        OUTPUT_AFTER_STOP = "output_after_stop", "Output after the stop"
+        STREAM_LOST = "stream_lost", "Stream lost"
         PROVIDER_ERROR = "provider_error", "Provider error"
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events")
     at = models.DateTimeField(default=timezone.now)
-    kind = models.CharField(max_length=20, choices=Kind.choices)
+    kind = models.CharField(max_length=24, choices=Kind.choices)
     from_status = models.CharField(max_length=20, blank=True)
     to_status = models.CharField(max_length=20, blank=True)
     actor = models.ForeignKey(

@@ -15,15 +15,25 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from .models import ACTIVE, Channel, Run, RunEvent, Status
+from .models import ACTIVE, STOP_IN_PROGRESS, Channel, ProviderAccount, Run, RunEvent, Status
 from .providers import ProviderError
-from .providers.base import Finished, OutputDelta, Running, Started, Waiting
+from .providers.base import (
+    Event,
+    Finished,
+    OutputDelta,
+    Provider,
+    Running,
+    Started,
+    StreamEnded,
+    Waiting,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +144,7 @@ class Watcher:
             return
         provider = run.provider_account.provider()
         if run.external_id:
-            events = provider.follow(run.external_id)
+            events = provider.follow(run.external_id, run.provider_refs)
         else:
             if not await sync_to_async(run.claim_start)():
                 # The start call was sent by a process that died before recording the id:
@@ -151,21 +161,18 @@ class Watcher:
                 )
                 return
             events = provider.run(run.prompt, run.options)
+        session = Session(run, provider)
         try:
-            async for event in events:
-                await self.apply(run, event)
-                if run.is_terminal:
-                    break
+            await session.consume(events)
         except ProviderError as exc:
+            await session.flush()
             await self._provider_failed(run, exc)
-        finally:
-            await events.aclose()
 
     async def _provider_failed(self, run: Run, exc: ProviderError) -> None:
         await run.arefresh_from_db()
         if run.is_terminal:
             return
-        if run.status in (Status.STOPPING, Status.STOP_UNCONFIRMED):
+        if run.status in STOP_IN_PROGRESS:
             # Following failed but a stop is under way: keep the stop path in charge.
             await sync_to_async(run.record_event)(
                 RunEvent.Kind.PROVIDER_ERROR, exc.message, data=exc.as_dict()
@@ -174,43 +181,202 @@ class Watcher:
         await sync_to_async(run.mark_failed)(error=exc.message)
 
     async def apply(self, run: Run, event: Any) -> None:
+        """Apply one provider event outside a session (tests; a lone Started)."""
+        account = await ProviderAccount.objects.aget(pk=run.provider_account_id)
+        await Session(run, account.provider()).apply(event)
+
+
+class Session:
+    """One run's live connection to its provider: applies events, batches output."""
+
+    def __init__(self, run: Run, provider: Provider) -> None:
+        self.run = run
+        self.provider = provider
+        self.text = run.output
+        self.dirty = False
+        self.reported_output_after_stop = False
+        self._flush_lock = asyncio.Lock()
+
+    async def consume(self, events: AsyncGenerator[Event]) -> None:
+        # Reading the stream never waits for the database: deltas land in memory and a
+        # flusher saves the latest text every RUNBRAKE_OUTPUT_FLUSH_SECONDS. When writes are
+        # slow, flushes coalesce instead of a backlog building up in the socket.
+        flusher = asyncio.create_task(self._flush_periodically())
+        try:
+            await self._consume(events)
+        finally:
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+            await self.flush()
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(settings.RUNBRAKE_OUTPUT_FLUSH_SECONDS)
+            if self.dirty:
+                await self.flush()
+                await self._check_output_after_stop()
+
+    async def _consume(self, events: AsyncGenerator[Event]) -> None:
+        source: AsyncGenerator[Event] | None = events
+        while source is not None:
+            following = None
+            try:
+                async for event in source:
+                    if await self.apply(event) == FOLLOW:
+                        following = self.provider.follow(
+                            self.run.external_id, self.run.provider_refs
+                        )
+                        break
+                    if self.run.is_terminal:
+                        break
+            finally:
+                await source.aclose()
+            source = following
+
+    async def flush(self) -> None:
+        async with self._flush_lock:
+            if not self.dirty:
+                return
+            self.dirty = False
+            await sync_to_async(self.run.record_output)(self.text)
+
+    async def apply(self, event: Any) -> str | None:
+        run = self.run
+        if not isinstance(event, OutputDelta):
+            await self.flush()
         match event:
-            case Started(external_id=external_id):
-                await sync_to_async(run.record_external_id)(external_id)
-                if run.status in (Status.STOPPING, Status.STOP_UNCONFIRMED):
+            case Started(external_id=external_id, refs=refs):
+                await sync_to_async(run.record_external_id)(external_id, refs)
+                if run.status in STOP_IN_PROGRESS:
                     # The user pressed Stop before the provider told us the id: send it now.
                     await run.asend_stop()
             case Running(provider_status=provider_status):
                 await run.arefresh_from_db()
                 if run.status == Status.PENDING:
                     await sync_to_async(run.mark_running)(provider_status)
+            case OutputDelta(text=text, replace=replace):
+                self.text = text if replace else self.text + text
+                self.dirty = True
             case Waiting(reason=reason, seconds=seconds):
                 await sync_to_async(run.record_event)(
                     RunEvent.Kind.BACKOFF,
                     f"{reason} Waiting {seconds:.1f} s.",
                     data={"seconds": seconds},
                 )
-            case OutputDelta():
-                pass
-            case Finished(status="completed") as finished:
-                await run.arefresh_from_db()
-                await sync_to_async(run.mark_completed)(
-                    output=finished.output or "",
-                    structured_output=finished.structured_output,
-                    provider_status=finished.provider_status,
-                )
-            case Finished(status="failed") as finished:
-                await run.arefresh_from_db()
-                await sync_to_async(run.mark_failed)(
-                    error=finished.error or "The provider reported the run as failed.",
-                    provider_status=finished.provider_status,
-                )
-            case Finished(status="stopped") as finished:
-                await run.arefresh_from_db()
+            case Finished() as finished:
+                await self._finished(finished)
+            case StreamEnded():
+                return await self._stream_ended()
+        return None
+
+    async def _check_output_after_stop(self) -> None:
+        """A provider that accepted the stop but keeps producing output is reported (and the
+        stop is re-sent when its recheck time comes), never taken as stopped."""
+        run = self.run
+        await run.arefresh_from_db(fields=["status", "stop_sent_at", "stop_answer"])
+        if (
+            self.reported_output_after_stop
+            or run.status not in STOP_IN_PROGRESS
+            or not run.stop_answer
+            or run.stop_sent_at is None
+        ):
+            return
+        seconds = (timezone.now() - run.stop_sent_at).total_seconds()
+        if seconds < LATE_OUTPUT_GRACE:
+            return
+        self.reported_output_after_stop = True
+        await sync_to_async(run.record_event)(
+            RunEvent.Kind.OUTPUT_AFTER_STOP,
+            f"{self.provider.label} is still producing output {seconds:.1f} s after it accepted "
+            "the stop. Runbrake sends the stop again and does not count the run as stopped.",
+        )
+
+    async def _finished(self, finished: Finished) -> None:
+        run = self.run
+        await run.arefresh_from_db()
+        output = finished.output if finished.output is not None else self.text
+        label = self.provider.label
+        if finished.status == "stopped":
+            await self._save_partial(output)
+            await sync_to_async(run.mark_stopped)(
+                confirmation=f"{label}'s stream reporting the run stopped",
+                data={"provider_status": finished.provider_status},
+            )
+        elif finished.status == "failed":
+            await self._save_partial(output)
+            await sync_to_async(run.mark_failed)(
+                error=finished.error or f"{label} reported the run as failed.",
+                provider_status=finished.provider_status,
+            )
+        elif (
+            self.provider.normal_end_confirms_stop
+            and run.stop_sent_at
+            and (run.status == Status.STOPPING)
+        ):
+            # Dify ends a stopped stream exactly like a finished one.
+            await self._save_partial(output)
+            await sync_to_async(run.mark_stopped)(
+                confirmation=f"{label}'s stream ending after the stop",
+                data={"provider_status": finished.provider_status},
+            )
+        else:
+            message = ""
+            if run.status == Status.STOP_UNCONFIRMED:
+                message = f"Completed — {label} ran the run to its end despite the stop."
+            await sync_to_async(run.mark_completed)(
+                output=output or "",
+                structured_output=finished.structured_output,
+                provider_status=finished.provider_status,
+                message=message,
+            )
+
+    async def _save_partial(self, output: str | None) -> None:
+        if output and output != self.run.output:
+            self.text, self.dirty = output, True
+            await self.flush()
+
+    async def _stream_ended(self) -> str | None:
+        """The stream closed with no terminal event: after a stop that is the stop landing;
+        otherwise the connection was lost and the run is followed through its status."""
+        run = self.run
+        await run.arefresh_from_db()
+        if run.is_terminal:
+            return None
+        label = self.provider.label
+        stopping = run.status in STOP_IN_PROGRESS and run.stop_sent_at is not None
+        if stopping and self.provider.normal_end_confirms_stop:
+            await sync_to_async(run.mark_stopped)(
+                confirmation=f"{label}'s stream ending after the stop"
+            )
+            return None
+        if stopping:
+            try:
+                result = await self.provider.status(run.external_id)
+            except ProviderError:
+                result = None
+            if result is not None and result.terminal == "stopped":
                 await sync_to_async(run.mark_stopped)(
-                    confirmation="the provider's status",
-                    data={"provider_status": finished.provider_status},
+                    confirmation=f"{label}'s status ({result.provider_status}) after the "
+                    "stream ended",
+                    data={"provider_status": result.provider_status},
                 )
+                return None
+            if result is not None and result.terminal is not None:
+                await self._finished(
+                    Finished(result.terminal, result.provider_status, error=result.error)
+                )
+                return None
+        await sync_to_async(run.record_event)(
+            RunEvent.Kind.STREAM_LOST,
+            f"The connection to {label}'s stream ended early; following the run through "
+            f"{label}'s status instead.",
+        )
+        return FOLLOW
+
+
+FOLLOW = "follow"
+# How long after a stop was accepted output may still trickle in before it is reported.
+LATE_OUTPUT_GRACE = 2.0
 
 
 # --- The embedded watcher (one per web process in the default setup) --------------------------

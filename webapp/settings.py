@@ -220,6 +220,10 @@ RUNBRAKE_SIMULATORS = env_bool("RUNBRAKE_SIMULATORS", DEBUG)
 RUNBRAKE_EMBEDDED_WATCHER = env_bool("RUNBRAKE_EMBEDDED_WATCHER", True)
 RUNBRAKE_STOP_GRACE_SECONDS = env_float("RUNBRAKE_STOP_GRACE_SECONDS", 15.0, minimum=0.1)
 RUNBRAKE_STOP_CALL_TIMEOUT = env_float("RUNBRAKE_STOP_CALL_TIMEOUT", 5.0, minimum=0.1)
+# A stop the provider accepted without proof is sent again this long after, if unconfirmed.
+RUNBRAKE_STOP_RECHECK_SECONDS = env_float("RUNBRAKE_STOP_RECHECK_SECONDS", 5.0, minimum=0.1)
+# Streamed output is saved and pushed at most this often per run (≤ 10 pushes a second).
+RUNBRAKE_OUTPUT_FLUSH_SECONDS = env_float("RUNBRAKE_OUTPUT_FLUSH_SECONDS", 0.1, minimum=0.01)
 RUNBRAKE_PROVIDER_TIMEOUT = env_float("RUNBRAKE_PROVIDER_TIMEOUT", 30.0, minimum=0.1)
 RUNBRAKE_POLL_INTERVAL = env_float("RUNBRAKE_POLL_INTERVAL", 2.0, minimum=0.05)
 RUNBRAKE_WATCHER_TICK = env_float("RUNBRAKE_WATCHER_TICK", 1.0, minimum=0.05)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import httpx
 
 from .base import Provider, ProviderConfig, ProviderError
+from .dify import DifyProvider
 from .fay import FayProvider
+from .intelligencebox import IntelligenceBoxProvider
+from .xpander import XpanderProvider
 
 PROVIDERS: dict[str, type[Provider]] = {
-    FayProvider.kind: FayProvider,
+    cls.kind: cls for cls in (FayProvider, DifyProvider, IntelligenceBoxProvider, XpanderProvider)
 }
 
 

@@ -14,6 +14,7 @@ Contract:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import AsyncGenerator
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal
 
 import httpx
+from httpx_sse import ServerSentEvent, aconnect_sse
 
 COMPLETED: Final = "completed"
 FAILED: Final = "failed"
@@ -62,9 +64,10 @@ class ProviderError(Exception):
 
 @dataclass(frozen=True)
 class Started:
-    """The provider accepted the run and gave it this id."""
+    """The provider accepted the run and gave it this id (plus ids it needs later)."""
 
     external_id: str
+    refs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,10 @@ class Running:
 
 @dataclass(frozen=True)
 class OutputDelta:
+    """More answer text; with `replace`, the whole answer so far (moderation, history)."""
+
     text: str
+    replace: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,13 @@ class Finished:
     error: str | None = None
 
 
-Event = Started | Running | OutputDelta | Waiting | Finished
+@dataclass(frozen=True)
+class StreamEnded:
+    """The stream closed without a terminal event: what that means depends on whether a stop
+    was requested, so the watcher decides (usually by reading the provider's status)."""
+
+
+Event = Started | Running | OutputDelta | Waiting | Finished | StreamEnded
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,9 @@ class StatusResult:
 class Provider:
     kind: ClassVar[str]
     label: ClassVar[str]
+    # Dify ends a stopped stream with the same `message_end` as a finished one: for it, a
+    # normal end after a stop request is the stop's confirmation.
+    normal_end_confirms_stop: ClassVar[bool] = False
 
     def __init__(self, config: ProviderConfig, client: httpx.AsyncClient | None = None) -> None:
         self.config = config
@@ -149,6 +164,54 @@ class Provider:
 
     def url(self, path: str) -> str:
         return self.config.base_url.rstrip("/") + path
+
+    def error_from(self, response: httpx.Response) -> ProviderError:
+        """Map a non-success answer to a ProviderError (each provider words its own)."""
+        return ProviderError(
+            f"HTTP_{response.status_code}",
+            f"{self.label} answered HTTP {response.status_code}.",
+            retryable=response.status_code == 429 or response.status_code >= 500,
+            retry_after=retry_after_seconds(response),
+            http_status=response.status_code,
+        )
+
+    async def sse(
+        self, path: str, json_body: Any, *, read_timeout: float = 120.0
+    ) -> AsyncGenerator[ServerSentEvent]:
+        """POST and yield the server-sent events; a refused start raises its ProviderError."""
+        headers = {"Accept": "text/event-stream", **self.auth_headers()}
+        try:
+            async with aconnect_sse(
+                self.client,
+                "POST",
+                self.url(path),
+                json=json_body,
+                headers=headers,
+                timeout=httpx.Timeout(self.config.timeout, read=read_timeout),
+            ) as source:
+                response = source.response
+                content_type = response.headers.get("content-type", "")
+                if not response.is_success or "text/event-stream" not in content_type:
+                    await response.aread()
+                    raise self.error_from(response)
+                async for event in source.aiter_sse():
+                    yield event
+        except httpx.TimeoutException:
+            raise ProviderError(
+                "PROVIDER_TIMEOUT",
+                f"{self.label}'s stream went silent for too long.",
+                retryable=True,
+            ) from None
+        except httpx.ConnectError:
+            raise ProviderError(
+                "PROVIDER_UNREACHABLE",
+                f"Could not connect to {self.label} at {self.config.base_url}. "
+                "Check the provider account's base URL and that the service is up.",
+                retryable=True,
+            ) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            # The connection dropped mid-stream: the same as a stream that just ended.
+            return
 
     async def request(
         self,
@@ -197,7 +260,7 @@ class Provider:
     def run(self, prompt: str, options: dict[str, Any]) -> AsyncGenerator[Event]:
         raise NotImplementedError
 
-    def follow(self, external_id: str) -> AsyncGenerator[Event]:
+    def follow(self, external_id: str, refs: dict[str, Any]) -> AsyncGenerator[Event]:
         raise NotImplementedError
 
     async def status(self, external_id: str) -> StatusResult:
@@ -222,3 +285,40 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
 def backoff_delay(attempt: int, *, base: float = 1.0, cap: float = 60.0) -> float:
     """Exponential backoff with full jitter: spreads retries from many runs apart."""
     return random.uniform(base / 2, min(cap, base * 2**attempt))
+
+
+def parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+MAX_START_ATTEMPTS = 5
+
+
+async def start_stream(
+    provider: Provider, path: str, body: Any
+) -> AsyncGenerator[ServerSentEvent | Waiting]:
+    """Open a run's stream, retrying only refusals that prove nothing started (429, 5xx,
+    refused connections), with one Waiting event per backoff episode."""
+    attempt = 0
+    while True:
+        stream = provider.sse(path, body)
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            return
+        except ProviderError as exc:
+            attempt += 1
+            if not exc.retryable or exc.code == "PROVIDER_TIMEOUT" or attempt >= MAX_START_ATTEMPTS:
+                raise
+            delay = exc.retry_after if exc.retry_after is not None else backoff_delay(attempt)
+            if attempt == 1:
+                yield Waiting(exc.message, delay)
+            await asyncio.sleep(delay)
+            continue
+        yield first
+        async for event in stream:
+            yield event
+        return

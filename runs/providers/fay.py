@@ -90,9 +90,9 @@ class FayProvider(Provider):
         if payload["status"] and response.is_success:
             data = payload.get("data")
             return data if isinstance(data, dict) else {}
-        raise self.error_from(response, payload)
+        raise self.envelope_error(response, payload)
 
-    def error_from(self, response: httpx.Response, payload: dict[str, Any]) -> ProviderError:
+    def envelope_error(self, response: httpx.Response, payload: dict[str, Any]) -> ProviderError:
         error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
         assert isinstance(error, dict)
         code = str(error.get("code") or f"HTTP_{response.status_code}")
@@ -137,10 +137,12 @@ class FayProvider(Provider):
                 "PROVIDER_BAD_RESPONSE", "Fay accepted the research but returned no request id."
             )
         yield Started(request_id)
-        async for event in self.follow(request_id):
+        async for event in self.follow(request_id, {}):
             yield event
 
-    async def follow(self, external_id: str) -> AsyncGenerator[Event]:
+    async def follow(
+        self, external_id: str, refs: dict[str, Any] | None = None
+    ) -> AsyncGenerator[Event]:
         """Poll status until terminal (docs: every 2-5 s; slower for long runs)."""
         started = time.monotonic()
         last_status = None

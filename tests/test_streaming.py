@@ -1,0 +1,217 @@
+"""The streaming providers (Dify, IntelligenceBox, xpander) end to end through the watcher,
+against their simulators over real HTTP: live output, verified stops, lost streams."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.utils import timezone
+
+from runs.models import Channel, ProviderAccount, Run, Status
+from runs.watcher import Watcher
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PROVIDERS = ["dify", "intelligencebox", "xpander"]
+BASE = {
+    "dify": "/sim/dify/v1",
+    "intelligencebox": "/sim/intelligencebox",
+    "xpander": "/sim/xpander",
+}
+STOP_PATH = {
+    "dify": lambda ext: f"/chat-messages/{ext}/stop",
+    "intelligencebox": lambda ext: f"/api/ai/chat/{ext}/stop",
+    "xpander": lambda ext: f"/conversations/{ext}/stop",
+}
+
+
+@pytest.fixture
+def account(acme, sim, request) -> Callable[[str], ProviderAccount]:
+    def make(kind: str) -> ProviderAccount:
+        return ProviderAccount.objects.create(
+            team=acme,
+            kind=kind,
+            name=kind,
+            base_url=sim.url + BASE[kind],
+            api_key=f"sim-acme-{kind}",
+            options={"agent_id": "agent-demo"} if kind == "xpander" else {},
+        )
+
+    return make
+
+
+async def launch_on(kind: str, account, bob, prompt: str, **options: Any) -> Run:
+    acct = await sync_to_async(account)(kind)
+    return await sync_to_async(Run.objects.launch)(
+        account=acct,
+        user=bob,
+        prompt=f"{uuid.uuid4().hex[:6]} {prompt}",
+        options=options,
+        timeout_seconds=600,
+    )
+
+
+async def wait_for(run: Run, check: Callable[[Run], bool], timeout: float = 15.0) -> Run:
+    """Wait for a real condition on the stored run (never a bare sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await run.arefresh_from_db()
+        if check(run):
+            return run
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run {run.pk} never got there: {run.status} {run.output[:80]!r}")
+
+
+def stop_calls(sim, kind: str, run: Run) -> list[dict]:
+    suffix = STOP_PATH[kind](run.external_id)
+    return [r for r in sim.requests(kind) if r["method"] == "POST" and r["path"].endswith(suffix)]
+
+
+@pytest.mark.parametrize("kind", PROVIDERS)
+async def test_it_streams_a_run_to_completion_with_batched_output(kind, account, bob, sim):
+    run = await launch_on(kind, account, bob, "quantum computing sim:duration=0.6 sim:chunks=12")
+    await Watcher().watch(run.pk)
+    await run.arefresh_from_db()
+    assert run.status == Status.COMPLETED
+    assert run.external_id
+    assert len(run.output) > 40
+    kinds = [k async for k in run.events.values_list("kind", flat=True)]
+    assert kinds[:3] == ["created", "accepted", "running"]
+    assert kinds[-1] == "completed"
+    # Output is saved in batches: far fewer writes than the 12 chunks streamed.
+    assert run.version < 12
+
+
+@pytest.mark.parametrize("kind", PROVIDERS)
+async def test_a_stop_mid_stream_is_confirmed_and_keeps_the_partial_output(kind, account, bob, sim):
+    run = await launch_on(kind, account, bob, "long answer sim:duration=20")
+    session = asyncio.create_task(Watcher().watch(run.pk))
+    await wait_for(run, lambda r: r.status == Status.RUNNING and len(r.output) > 10)
+    outcome = await run.astop(actor=bob, channel=Channel.BUTTON, reason="have what I need")
+    assert outcome.requested
+    await asyncio.wait_for(session, 10)
+    await run.arefresh_from_db()
+    assert run.status == Status.STOPPED
+    assert run.output, "the partial output is kept"
+    assert run.stop_confirmation
+    assert "stop answer" not in run.stop_confirmation  # a stream or status confirmed it
+    assert run.stop_latency_ms is not None
+    assert len(stop_calls(sim, kind, run)) == 1
+
+
+@pytest.mark.parametrize("kind", ["dify", "xpander"])
+async def test_a_stop_before_the_id_is_known_is_sent_when_it_arrives(kind, account, bob, sim):
+    run = await launch_on(kind, account, bob, "slow start sim:delay=1 sim:duration=20")
+    session = asyncio.create_task(Watcher().watch(run.pk))
+    await wait_for(run, lambda r: r.start_attempted_at is not None)
+    await run.astop(actor=bob, channel=Channel.BUTTON)
+    assert not run.external_id
+    await asyncio.wait_for(session, 10)
+    await run.arefresh_from_db()
+    assert run.status == Status.STOPPED
+    assert len(stop_calls(sim, kind, run)) == 1
+
+
+@pytest.mark.parametrize("kind", PROVIDERS)
+async def test_a_stop_after_completion_is_refused_and_nothing_flips(kind, account, bob, sim):
+    run = await launch_on(kind, account, bob, "short sim:duration=0.2")
+    await Watcher().watch(run.pk)
+    from runs.models import RunAlreadyFinished
+
+    with pytest.raises(RunAlreadyFinished):
+        await run.astop(actor=bob, channel=Channel.BUTTON)
+    await run.arefresh_from_db()
+    assert run.status == Status.COMPLETED
+    assert stop_calls(sim, kind, run) == []
+
+
+@pytest.mark.parametrize("kind", PROVIDERS)
+async def test_a_provider_failure_mid_stream_fails_the_run_in_words(kind, account, bob):
+    run = await launch_on(kind, account, bob, "doomed sim:duration=0.4 sim:fail=error")
+    await Watcher().watch(run.pk)
+    await run.arefresh_from_db()
+    assert run.status == Status.FAILED
+    assert run.error
+
+
+@pytest.mark.parametrize("kind", PROVIDERS)
+async def test_a_bad_key_fails_the_run_with_what_to_do(kind, account, bob):
+    run = await launch_on(kind, account, bob, "x")
+    await ProviderAccount.objects.filter(pk=run.provider_account_id).aupdate(api_key="bad")
+    await Watcher().watch(run.pk)
+    await run.arefresh_from_db()
+    assert run.status == Status.FAILED
+    assert "key" in run.error
+
+
+@pytest.mark.parametrize("kind", PROVIDERS)
+async def test_transient_rate_limits_are_waited_out(kind, account, bob):
+    run = await launch_on(kind, account, bob, "busy sim:duration=0.2 sim:fail=rate_limit")
+    await Watcher().watch(run.pk)
+    await run.arefresh_from_db()
+    assert run.status == Status.COMPLETED
+    kinds = [k async for k in run.events.values_list("kind", flat=True)]
+    assert kinds.count("backoff") == 1
+
+
+@pytest.mark.parametrize("kind", PROVIDERS)
+async def test_a_dropped_stream_is_reconciled_and_the_run_completes(kind, account, bob, sim):
+    run = await launch_on(kind, account, bob, "flaky sim:duration=1.5 sim:drop_stream")
+    await asyncio.wait_for(Watcher().watch(run.pk), 20)
+    await run.arefresh_from_db()
+    assert run.status == Status.COMPLETED
+    kinds = [k async for k in run.events.values_list("kind", flat=True)]
+    assert "stream_lost" in kinds
+
+
+@pytest.mark.parametrize("kind", PROVIDERS)
+async def test_an_ignored_stop_ends_unconfirmed_never_stopped(kind, account, bob, sim, settings):
+    settings.RUNBRAKE_STOP_GRACE_SECONDS = 1.0
+    run = await launch_on(kind, account, bob, "stubborn sim:duration=4 sim:stop=ignore")
+    watcher = Watcher()
+    session = asyncio.create_task(watcher.watch(run.pk))
+    await wait_for(run, lambda r: r.status == Status.RUNNING and r.output)
+    await run.astop(actor=bob, channel=Channel.BUTTON)
+    await Run.objects.filter(pk=run.pk).aupdate(stop_deadline=timezone.now())
+    await watcher.tick()  # past the deadline: unconfirmed
+    await run.arefresh_from_db()
+    assert run.status == Status.STOP_UNCONFIRMED
+    await asyncio.wait_for(session, 15)
+    await watcher.shutdown()
+    await run.arefresh_from_db()
+    # The provider ran to its end despite the stop: never shown as stopped.
+    assert run.status == Status.COMPLETED
+    assert "despite the stop" in (await run.events.alast()).message
+
+
+async def test_fifty_streaming_runs_stopped_at_once_each_get_one_confirmed_stop(account, bob, sim):
+    accounts = {kind: await sync_to_async(account)(kind) for kind in PROVIDERS}
+    runs = []
+    for i in range(50):
+        kind = PROVIDERS[i % 3]
+        runs.append(
+            await sync_to_async(Run.objects.launch)(
+                account=accounts[kind],
+                user=bob,
+                prompt=f"fleet {i} {uuid.uuid4().hex[:6]} sim:duration=30",
+                options={},
+                timeout_seconds=600,
+            )
+        )
+    watcher = Watcher()
+    sessions = [asyncio.create_task(watcher.watch(r.pk)) for r in runs]
+    for run in runs:
+        await wait_for(run, lambda r: r.status == Status.RUNNING and r.output, timeout=30)
+    await asyncio.gather(*(r.astop(actor=bob, channel=Channel.BUTTON) for r in runs))
+    _done, pending = await asyncio.wait(sessions, timeout=30)
+    assert not pending, f"{len(pending)} sessions still following their runs after the stop"
+    for run in runs:
+        await run.arefresh_from_db()
+        assert run.status == Status.STOPPED, (run.provider, run.status)
+        assert len(stop_calls(sim, run.provider, run)) == 1
