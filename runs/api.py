@@ -15,7 +15,7 @@ from django.conf import settings
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from .forms import LaunchForm
+from .forms import JSON_FIELDS, OPTIONS_BY_KIND, LaunchForm
 from .models import (
     ApiToken,
     Channel,
@@ -29,7 +29,6 @@ from .views import HtmxHttpRequest
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
-ALLOWED_OPTIONS = {"structured_output", "output_schema"}
 
 # Async views; typed loosely because Django's path() stubs expect sync callables.
 ApiView = Callable[..., Any]
@@ -219,26 +218,30 @@ async def _create_run(request: HtmxHttpRequest) -> JsonResponse:
     options = body.get("options")
     if options is None:
         options = {}
-    if not isinstance(options, dict) or (unknown := set(options) - ALLOWED_OPTIONS):
+    allowed = OPTIONS_BY_KIND.get(account.kind, ())
+    if not isinstance(options, dict) or (unknown := set(options) - set(allowed)):
         return error(
             400,
             "VALIDATION_ERROR",
-            f"options must be an object with only {', '.join(sorted(ALLOWED_OPTIONS))}"
+            f"options for a {account.kind} account may only hold {', '.join(allowed) or 'nothing'}"
             + (f"; unknown: {', '.join(sorted(unknown))}." if isinstance(options, dict) else "."),
             field="options",
         )
-    schema = options.get("output_schema")
-    data = {
+    data: dict[str, Any] = {
         "provider_account": account.pk,
         "prompt": body.get("prompt") if isinstance(body.get("prompt"), str) else "",
-        "structured_output": bool(options.get("structured_output")),
-        "output_schema": json.dumps(schema) if schema is not None else "",
         "timeout_seconds": body.get("timeout_seconds", settings.RUNBRAKE_DEFAULT_TIMEOUT_SECONDS),
+        "clear_queue": options.get("clear_queue", True),
     }
-    form = LaunchForm(data, team=account.team)
-    if not await sync_to_async(form.is_valid)():
+    for name, value in options.items():
+        if name in JSON_FIELDS:
+            data[name] = json.dumps(value)
+        elif name != "clear_queue":
+            data[name] = value
+    form = await sync_to_async(_validated_form)(data, account, request.user.get_username())
+    if form.errors:
         field, messages = next(iter(form.errors.items()))
-        name = "options" if field in ("structured_output", "output_schema") else field
+        name = "options" if field in {o for k in OPTIONS_BY_KIND.values() for o in k} else field
         return error(
             400,
             "VALIDATION_ERROR",
@@ -256,6 +259,12 @@ async def _create_run(request: HtmxHttpRequest) -> JsonResponse:
     )
     run = await _runs(request.user).aget(pk=run.pk)
     return JsonResponse(run_json(run), status=201)
+
+
+def _validated_form(data: dict[str, Any], account: ProviderAccount, username: str) -> LaunchForm:
+    form = LaunchForm(data, team=account.team, username=username)
+    form.is_valid()
+    return form
 
 
 @api_view("GET")

@@ -7,14 +7,27 @@ import jsonschema
 from django import forms
 from django.conf import settings
 
-from .models import ProviderAccount, Team
+from .models import ProviderAccount, ProviderKind, Team
 
 MAX_PROMPT = 20_000
+
+# Which launch options each provider takes; the form shows only the selected provider's.
+OPTIONS_BY_KIND: dict[str, tuple[str, ...]] = {
+    ProviderKind.FAY: ("structured_output", "output_schema"),
+    ProviderKind.DIFY: ("user", "inputs"),
+    ProviderKind.INTELLIGENCEBOX: ("messages",),
+    ProviderKind.XPANDER: ("agent_id", "clear_queue"),
+}
+JSON_FIELDS = ("output_schema", "inputs", "messages")
 
 
 class AccountChoiceField(forms.ModelChoiceField):
     def label_from_instance(self, obj: ProviderAccount) -> str:
         return obj.name
+
+
+def _json_text(placeholder: str) -> forms.Textarea:
+    return forms.Textarea(attrs={"rows": 3, "placeholder": placeholder, "spellcheck": "false"})
 
 
 class LaunchForm(forms.Form):
@@ -25,65 +38,165 @@ class LaunchForm(forms.Form):
             attrs={"rows": 4, "placeholder": "What should the provider research or answer?"}
         ),
     )
-    structured_output = forms.BooleanField(
-        required=False,
-        label="Structured output (Fay)",
-        help_text="Ask Fay for a JSON object shaped by the schema below instead of Markdown.",
-    )
-    output_schema = forms.CharField(
-        required=False,
-        label="Output JSON schema",
-        widget=forms.Textarea(
-            attrs={"rows": 4, "placeholder": '{"type": "object", "properties": {…}}'}
-        ),
-    )
     timeout_seconds = forms.IntegerField(
         min_value=10,
         max_value=24 * 3600,
         label="Timeout (seconds)",
         help_text="Runbrake stops the run for you after this long.",
     )
+    # Fay
+    structured_output = forms.BooleanField(
+        required=False,
+        label="Structured output",
+        help_text="Ask Fay for a JSON object shaped by the schema below instead of Markdown.",
+    )
+    output_schema = forms.CharField(
+        required=False,
+        label="Output JSON schema",
+        widget=_json_text('{"type": "object", "properties": {…}}'),
+    )
+    # Dify
+    user = forms.CharField(
+        required=False,
+        max_length=200,
+        label="Dify end-user id",
+        help_text="Scopes the conversation and the stop; defaults to your username.",
+    )
+    inputs = forms.CharField(
+        required=False,
+        label="Dify inputs (JSON object)",
+        widget=_json_text('{"language": "en"}'),
+    )
+    # IntelligenceBox
+    messages = forms.CharField(
+        required=False,
+        label="Earlier messages (JSON list)",
+        help_text="Conversation so far, oldest first; the prompt is sent as the next user message.",
+        widget=_json_text(
+            '[{"role": "user", "content": "…"}, {"role": "assistant", "content": "…"}]'
+        ),
+    )
+    # xpander
+    agent_id = forms.CharField(required=False, max_length=200, label="xpander agent id")
+    clear_queue = forms.BooleanField(
+        required=False,
+        initial=True,
+        label="Clear the queue on stop",
+        help_text="Cancelling also drops queued follow-up messages, so no surprise turn starts.",
+    )
 
-    def __init__(self, *args: Any, team: Team, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, team: Team, username: str = "", **kwargs: Any) -> None:
         kwargs.setdefault("initial", {}).setdefault(
             "timeout_seconds", settings.RUNBRAKE_DEFAULT_TIMEOUT_SECONDS
         )
         super().__init__(*args, **kwargs)
+        self.username = username
         field = self.fields["provider_account"]
         assert isinstance(field, forms.ModelChoiceField)
         field.queryset = ProviderAccount.objects.filter(team=team)
-        if not self.is_bound and (first := field.queryset.first()):
-            self.initial.setdefault("provider_account", first.pk)
+        self.accounts = {a.pk: a for a in field.queryset}
+        if not self.is_bound and self.accounts:
+            self.initial.setdefault("provider_account", next(iter(self.accounts)))
+        self.fields["user"].widget.attrs["placeholder"] = username or "runbrake"
+        xpander = next((a for a in self.accounts.values() if a.kind == ProviderKind.XPANDER), None)
+        if xpander and not self.is_bound:
+            self.initial.setdefault("agent_id", (xpander.options or {}).get("agent_id", ""))
 
-    def clean_output_schema(self) -> dict[str, Any] | None:
-        raw = self.cleaned_data.get("output_schema")
+    # --- What the template needs to show one provider's options at a time -----------------
+
+    @property
+    def account_kinds_json(self) -> str:
+        return json.dumps({str(pk): a.kind for pk, a in self.accounts.items()})
+
+    @property
+    def selected_kind(self) -> str:
+        raw = self["provider_account"].value()
+        try:
+            account = self.accounts.get(int(raw))
+        except (TypeError, ValueError):
+            account = None
+        return account.kind if account else ""
+
+    # --- Validation -------------------------------------------------------------------------
+
+    def _json(self, name: str, kind: type) -> Any:
+        raw = self.cleaned_data.get(name)
         if raw in (None, ""):
             return None
-        if isinstance(raw, str):
-            try:
-                raw = json.loads(raw)
-            except ValueError as exc:
-                raise forms.ValidationError(f"This is not valid JSON: {exc}.") from None
-        if not isinstance(raw, dict):
-            raise forms.ValidationError("The schema must be a JSON object.")
         try:
-            jsonschema.validators.validator_for(raw).check_schema(raw)
-        except jsonschema.SchemaError as exc:
-            raise forms.ValidationError(f"This is not a valid JSON Schema: {exc.message}") from None
-        return raw
+            value = json.loads(raw)
+        except ValueError as exc:
+            raise forms.ValidationError(f"This is not valid JSON: {exc}.") from None
+        if not isinstance(value, kind):
+            raise forms.ValidationError(
+                f"This must be a JSON {'object' if kind is dict else 'list'}."
+            )
+        return value
+
+    def clean_output_schema(self) -> dict[str, Any] | None:
+        schema = self._json("output_schema", dict)
+        if schema is not None:
+            try:
+                jsonschema.validators.validator_for(schema).check_schema(schema)
+            except jsonschema.SchemaError as exc:
+                raise forms.ValidationError(
+                    f"This is not a valid JSON Schema: {exc.message}"
+                ) from None
+        return schema
+
+    def clean_inputs(self) -> dict[str, Any] | None:
+        return self._json("inputs", dict)
+
+    def clean_messages(self) -> list[dict[str, str]] | None:
+        messages = self._json("messages", list)
+        for i, message in enumerate(messages or [], start=1):
+            if (
+                not isinstance(message, dict)
+                or message.get("role") not in ("user", "assistant", "system")
+                or not isinstance(message.get("content"), str)
+            ):
+                raise forms.ValidationError(
+                    f"Message {i} needs a role (user, assistant or system) and a text content."
+                )
+        return messages
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
-        if data.get("structured_output") and not data.get("output_schema"):
-            self.add_error("output_schema", "Structured output needs a JSON schema.")
-        if data.get("output_schema") and not data.get("structured_output"):
-            self.add_error("structured_output", "Tick this to use the schema, or clear the schema.")
+        account = data.get("provider_account")
+        kind = account.kind if account else ""
+        if kind == ProviderKind.FAY:
+            if data.get("structured_output") and not data.get("output_schema"):
+                self.add_error("output_schema", "Structured output needs a JSON schema.")
+            if data.get("output_schema") and not data.get("structured_output"):
+                self.add_error(
+                    "structured_output", "Tick this to use the schema, or clear the schema."
+                )
+        if (
+            account is not None
+            and kind == ProviderKind.XPANDER
+            and not (data.get("agent_id") or (account.options or {}).get("agent_id"))
+        ):
+            self.add_error("agent_id", "An xpander run needs the id of the agent to run.")
         return data
 
     def run_options(self) -> dict[str, Any]:
-        if self.cleaned_data.get("structured_output"):
+        data = self.cleaned_data
+        kind = data["provider_account"].kind
+        if kind == ProviderKind.FAY:
+            if data.get("structured_output"):
+                return {"structured_output": True, "output_schema": data["output_schema"]}
+            return {}
+        if kind == ProviderKind.DIFY:
             return {
-                "structured_output": True,
-                "output_schema": self.cleaned_data["output_schema"],
+                "user": data.get("user") or self.username or "runbrake",
+                "inputs": data.get("inputs") or {},
+            }
+        if kind == ProviderKind.INTELLIGENCEBOX:
+            return {"messages": data.get("messages") or []} if data.get("messages") else {}
+        if kind == ProviderKind.XPANDER:
+            account = data["provider_account"]
+            return {
+                "agent_id": data.get("agent_id") or (account.options or {}).get("agent_id"),
+                "clear_queue": bool(data.get("clear_queue")),
             }
         return {}

@@ -64,7 +64,7 @@ def _list_context(
         "page": page,
         "runs": page.object_list,
         "rows_id": "run-rows" if page.number == 1 else f"run-rows-p{page.number}",
-        "form": form or LaunchForm(team=team),
+        "form": form or LaunchForm(team=team, username=request.user.get_username()),
     }
 
 
@@ -82,7 +82,7 @@ def launch_run(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
     team = membership.team
     if not membership.can_launch:
         return _refused(request, "Viewers can watch runs but not launch them.")
-    form = LaunchForm(request.POST, team=team)
+    form = LaunchForm(request.POST, team=team, username=request.user.get_username())
     if not form.is_valid():
         if request.htmx:
             response = render(
@@ -103,7 +103,11 @@ def launch_run(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
     )
     if not request.htmx:
         return redirect(run)
-    fresh = LaunchForm(team=team, initial={"provider_account": run.provider_account_id})
+    fresh = LaunchForm(
+        team=team,
+        username=request.user.get_username(),
+        initial={"provider_account": run.provider_account_id},
+    )
     form_html = render_to_string(
         "runs/partials.html#launch-form", {"form": fresh, "team": team}, request=request
     )

@@ -196,3 +196,25 @@ def test_a_viewer_token_cannot_stop(client, carol, launch):
     assert response.status_code == 403
     run.refresh_from_db()
     assert run.status == Status.PENDING
+
+
+def test_options_are_checked_against_the_accounts_provider(api, acme, fay_account):
+    from runs.models import ProviderAccount
+
+    dify = ProviderAccount.objects.create(
+        team=acme, kind="dify", name="Dify", base_url="http://127.0.0.1:9/v1", api_key="sim-x"
+    )
+    ok = api(
+        "post",
+        reverse("runs:api-runs"),
+        {"provider_account": dify.pk, "prompt": "x", "options": {"inputs": {"a": 1}}},
+    )
+    assert ok.status_code == 201
+    assert ok.json()["options"] == {"user": "bob", "inputs": {"a": 1}}
+    wrong = api(
+        "post",
+        reverse("runs:api-runs"),
+        {"provider_account": fay_account.pk, "prompt": "x", "options": {"inputs": {}}},
+    )
+    assert wrong.status_code == 400
+    assert "unknown: inputs" in wrong.json()["error"]["message"]

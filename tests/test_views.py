@@ -278,3 +278,111 @@ def test_csrf_token_from_the_page_lets_htmx_post(bob, launch):
     run.mark_completed(output="x")  # keeps the test off the network
     response = client.post(reverse("runs:stop", args=[run.pk]), HTTP_X_CSRFTOKEN=token, **HTMX)
     assert response.status_code == 200
+
+
+@pytest.fixture
+def streaming_accounts(acme, sim):
+    from runs.models import ProviderAccount
+
+    def make(kind, path, **options):
+        return ProviderAccount.objects.create(
+            team=acme,
+            kind=kind,
+            name=kind,
+            base_url=sim.url + path,
+            api_key=f"sim-{kind}",
+            options=options,
+        )
+
+    return {
+        "dify": make("dify", "/sim/dify/v1"),
+        "intelligencebox": make("intelligencebox", "/sim/intelligencebox"),
+        "xpander": make("xpander", "/sim/xpander", agent_id="researcher"),
+    }
+
+
+def test_the_launch_form_offers_each_providers_own_options(as_bob, acme, streaming_accounts):
+    html = as_bob.get(reverse("runs:team", args=[acme.pk])).content.decode()
+    for kind in ("dify", "intelligencebox", "xpander"):
+        assert f'data-kind="{kind}"' in html
+    assert 'value="researcher"' in html  # the account's agent id is the default
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra", "options"),
+    [
+        (
+            "dify",
+            {"user": "", "inputs": '{"lang": "en"}'},
+            {"user": "bob", "inputs": {"lang": "en"}},
+        ),
+        (
+            "intelligencebox",
+            {"messages": '[{"role": "user", "content": "hi"}]'},
+            {"messages": [{"role": "user", "content": "hi"}]},
+        ),
+        (
+            "xpander",
+            {"agent_id": "", "clear_queue": "on"},
+            {"agent_id": "researcher", "clear_queue": True},
+        ),
+        ("xpander", {"agent_id": "other"}, {"agent_id": "other", "clear_queue": False}),
+    ],
+)
+def test_it_launches_with_the_providers_options(
+    as_bob, acme, streaming_accounts, kind, extra, options
+):
+    response = as_bob.post(
+        reverse("runs:launch", args=[acme.pk]),
+        {
+            "provider_account": streaming_accounts[kind].pk,
+            "prompt": "hello",
+            "timeout_seconds": 60,
+            **extra,
+        },
+        **HTMX,
+    )
+    assert toast_of(response)["level"] == "success"
+    assert Run.objects.get().options == options
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra", "message"),
+    [
+        ("dify", {"inputs": "[1]"}, "must be a JSON object"),
+        (
+            "intelligencebox",
+            {"messages": '[{"role": "robot", "content": "x"}]'},
+            "needs a role (user, assistant or system)",
+        ),
+        ("intelligencebox", {"messages": "{oops"}, "not valid JSON"),
+    ],
+)
+def test_provider_options_are_validated_in_place(
+    as_bob, acme, streaming_accounts, kind, extra, message
+):
+    response = as_bob.post(
+        reverse("runs:launch", args=[acme.pk]),
+        {
+            "provider_account": streaming_accounts[kind].pk,
+            "prompt": "hello",
+            "timeout_seconds": 60,
+            **extra,
+        },
+        **HTMX,
+    )
+    assert message in response.content.decode()
+    assert not Run.objects.exists()
+
+
+def test_an_xpander_run_needs_an_agent(as_bob, acme, streaming_accounts):
+    account = streaming_accounts["xpander"]
+    account.options = {}
+    account.save()
+    response = as_bob.post(
+        reverse("runs:launch", args=[acme.pk]),
+        {"provider_account": account.pk, "prompt": "hello", "timeout_seconds": 60},
+        **HTMX,
+    )
+    assert "needs the id of the agent" in response.content.decode()
+    assert not Run.objects.exists()

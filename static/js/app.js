@@ -94,3 +94,24 @@
     if (button && !button.disabled) button.click();
   });
 })();
+
+// --- The launch form shows only the selected provider's options.
+(function () {
+  "use strict";
+  function sync(form) {
+    var select = form.querySelector("select[name=provider_account]");
+    if (!select) return;
+    var kinds = JSON.parse(form.dataset.accountKinds || "{}");
+    var kind = kinds[select.value] || "";
+    form.querySelectorAll("fieldset.provider-options").forEach(function (set) {
+      set.hidden = set.dataset.kind !== kind;
+    });
+  }
+  document.addEventListener("change", function (e) {
+    if (e.target && e.target.name === "provider_account" && e.target.form) sync(e.target.form);
+  });
+  document.addEventListener("htmx:load", function (e) {
+    var form = e.detail.elt.id === "launch-form" ? e.detail.elt : e.detail.elt.querySelector && e.detail.elt.querySelector("#launch-form");
+    if (form) sync(form);
+  });
+})();

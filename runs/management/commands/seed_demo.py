@@ -13,6 +13,20 @@ TEAMS = {
 }
 
 
+# One simulator account per provider, in every demo team.
+ACCOUNTS = [
+    ("Fay (simulator)", ProviderKind.FAY, "/sim/fay/api/v1", {}),
+    ("Dify (simulator)", ProviderKind.DIFY, "/sim/dify/v1", {}),
+    ("IntelligenceBox (simulator)", ProviderKind.INTELLIGENCEBOX, "/sim/intelligencebox", {}),
+    (
+        "xpander.ai (simulator)",
+        ProviderKind.XPANDER,
+        "/sim/xpander",
+        {"agent_id": "research-agent"},
+    ),
+]
+
+
 class Command(BaseCommand):
     help = "Create (or refresh) the demo teams, users and simulator accounts. Idempotent."
 
@@ -43,13 +57,15 @@ class Command(BaseCommand):
                         team=team, user=user, defaults={"role": role}
                     )
                 slug = team_name.lower().split()[0]
-                ProviderAccount.objects.update_or_create(
-                    team=team,
-                    name="Fay (simulator)",
-                    defaults={
-                        "kind": ProviderKind.FAY,
-                        "base_url": f"{base}/sim/fay/api/v1",
-                        "api_key": f"sim-{slug}-fay-demo-key",
-                    },
-                )
+                for name, kind, path, options in ACCOUNTS:
+                    ProviderAccount.objects.update_or_create(
+                        team=team,
+                        name=name,
+                        defaults={
+                            "kind": kind,
+                            "base_url": f"{base}{path}",
+                            "api_key": f"sim-{slug}-{kind}-demo-key",
+                            "options": options,
+                        },
+                    )
         self.stdout.write(self.style.SUCCESS("Demo data ready."))
