@@ -188,6 +188,8 @@ async def test_an_ignored_stop_ends_unconfirmed_never_stopped(kind, account, bob
     # The provider ran to its end despite the stop: never shown as stopped.
     assert run.status == Status.COMPLETED
     assert "despite the stop" in (await run.events.alast()).message
+    kinds = [k async for k in run.events.values_list("kind", flat=True)]
+    assert "output_after_stop" in kinds  # the stream kept going and we said so
 
 
 async def test_fifty_streaming_runs_stopped_at_once_each_get_one_confirmed_stop(account, bob, sim):
