@@ -21,6 +21,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import secrets
@@ -55,6 +56,10 @@ class TeamQuerySet(models.QuerySet["Team"]):
 
 class Team(models.Model):
     name = models.CharField(max_length=100, unique=True)
+    members_can_stop_others = models.BooleanField(
+        default=True,
+        help_text="Members may stop their teammates' runs, not only their own.",
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     objects = TeamQuerySet.as_manager()
@@ -89,8 +94,20 @@ class Membership(models.Model):
     def can_launch(self) -> bool:
         return self.role in (Role.ADMIN, Role.MEMBER)
 
+    @property
+    def is_admin(self) -> bool:
+        return self.role == Role.ADMIN
+
     def can_stop(self, run: Run) -> bool:
-        return self.team_id == run.team_id and self.role in (Role.ADMIN, Role.MEMBER)
+        """Admins stop anything in their team; members their own runs, and teammates' unless
+        the team turned that off; viewers nothing."""
+        if self.team_id != run.team_id:
+            return False
+        if self.role == Role.ADMIN:
+            return True
+        if self.role == Role.MEMBER:
+            return run.created_by_id == self.user_id or self.team.members_can_stop_others
+        return False
 
 
 class ProviderKind(models.TextChoices):
@@ -179,6 +196,55 @@ class StopOutcome:
 
     run: Run
     requested: bool
+
+
+@dataclass(frozen=True)
+class BulkStopResult:
+    id: int
+    outcome: str  # stopped, stopping, unconfirmed, already_finished, not_allowed, not_found, failed
+    status: str | None
+    message: str
+
+
+async def astop_each(
+    ids: list[int], *, user: Any, channel: str, reason: str = ""
+) -> list[BulkStopResult]:
+    """Stop many runs through the same verified path, one outcome per requested id."""
+    runs = {r.pk: r async for r in Run.objects.for_user(user).filter(pk__in=ids)}
+    memberships = {
+        m.team_id: m async for m in Membership.objects.filter(user=user).select_related("team")
+    }
+
+    async def one(pk: int) -> BulkStopResult:
+        run = runs.get(pk)
+        if run is None:
+            return BulkStopResult(pk, "not_found", None, f"No run {pk} in your teams.")
+        if not memberships[run.team_id].can_stop(run):
+            return BulkStopResult(
+                pk, "not_allowed", run.status, "Your role does not allow stopping this run."
+            )
+        try:
+            await run.astop(actor=user, channel=channel, reason=reason)
+        except RunAlreadyFinished as exc:
+            return BulkStopResult(pk, "already_finished", run.status, str(exc))
+        await run.arefresh_from_db()
+        if run.status == Status.STOPPED:
+            return BulkStopResult(
+                pk, "stopped", run.status, f"Confirmed by {run.stop_confirmation}."
+            )
+        if run.status in FINISHED:
+            return BulkStopResult(
+                pk, "already_finished", run.status, "It finished before the stop landed."
+            )
+        if run.status == Status.STOP_UNCONFIRMED:
+            return BulkStopResult(pk, "unconfirmed", run.status, run.stop_error or "Not confirmed.")
+        if run.stop_error:
+            return BulkStopResult(pk, "failed", run.status, run.stop_error)
+        return BulkStopResult(
+            pk, "stopping", run.status, "Stop sent; waiting for the provider to confirm."
+        )
+
+    return list(await asyncio.gather(*(one(pk) for pk in ids)))
 
 
 class RunQuerySet(models.QuerySet["Run"]):
@@ -554,6 +620,22 @@ class Run(models.Model):
             stop_next_attempt_at=None,
         )
 
+    def force_mark_stopped(self, *, actor: Any, reason: str) -> bool:
+        """An admin's last resort for a stop the provider never confirmed; says so plainly."""
+        now = timezone.now()
+        return self._transition(
+            STOP_IN_PROGRESS,
+            Status.STOPPED,
+            kind=RunEvent.Kind.FORCED_STOP,
+            actor=actor,
+            channel=Channel.ADMIN,
+            message=f"Force-marked stopped by an admin without provider confirmation: {reason}",
+            finished_at=now,
+            stop_confirmed_at=now,
+            stop_confirmation=f"an admin's force-mark, not the provider ({reason})",
+            stop_next_attempt_at=None,
+        )
+
     def mark_stop_unconfirmed(self) -> bool:
         return self._transition(
             (Status.STOPPING,),
@@ -621,6 +703,16 @@ class Run(models.Model):
 
     # --- The stop path (async: the view and the watcher both use it) -----------------------
 
+    def launch_again(self, *, user: Any) -> Run:
+        """Run again: the same prompt and options on the same account, as a new run."""
+        return Run.objects.launch(
+            account=self.provider_account,
+            user=user,
+            prompt=self.prompt,
+            options=self.options,
+            timeout_seconds=self.timeout_seconds,
+        )
+
     async def astop(self, *, actor: Any, channel: str, reason: str = "") -> StopOutcome:
         requested = await sync_to_async(self.request_stop)(
             actor=actor, channel=channel, reason=reason
@@ -660,6 +752,7 @@ class RunEvent(models.Model):
         FAILED = "failed", "Failed"
         LATE_RESULT = "late_result", "Late provider result"
         OUTPUT_AFTER_STOP = "output_after_stop", "Output after the stop"
+        FORCED_STOP = "forced_stop", "Force-marked stopped"
         STREAM_LOST = "stream_lost", "Stream lost"
         PROVIDER_ERROR = "provider_error", "Provider error"
 

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import api, views
+from . import api, dashboard, teams, views
 
 app_name = "runs"
 
@@ -8,6 +8,10 @@ urlpatterns = [
     path("", views.home, name="home"),
     path("teams/<int:team_id>/runs/", views.team_runs, name="team"),
     path("teams/<int:team_id>/runs/launch", views.launch_run, name="launch"),
+    path("teams/<int:team_id>/dashboard/", dashboard.team_dashboard, name="dashboard"),
+    path("teams/<int:team_id>/members/", teams.members, name="members"),
+    path("teams/<int:team_id>/accounts/", teams.accounts, name="accounts"),
+    path("teams/<int:team_id>/accounts/<int:pk>/test", teams.test_account, name="account-test"),
     path("runs/<int:pk>/", views.run_detail, name="detail"),
     path("runs/<int:pk>/stop", views.stop_run, name="stop"),
     path("api/provider-accounts", api.provider_accounts, name="api-provider-accounts"),
