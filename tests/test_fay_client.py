@@ -194,3 +194,22 @@ async def test_it_maps_odd_answers_to_provider_errors(status, body, code, retrya
     assert exc.value.code == code
     assert exc.value.retryable is retryable
     assert exc.value.message
+
+
+@pytest.mark.parametrize(
+    ("kind", "path"),
+    [("fay", "/sim/fay/api/v1"), ("dify", "/sim/dify/v1"),
+     ("intelligencebox", "/sim/intelligencebox"), ("xpander", "/sim/xpander")],
+)
+async def test_check_proves_the_url_and_key_for_every_provider(sim, kind, path):
+    from runs.providers import get_provider
+
+    options = {"agent_id": "researcher"} if kind == "xpander" else {}
+    good = get_provider(kind, ProviderConfig(sim.url + path, "sim-check-key", options))
+    assert "answered" in await good.check()
+    bad = get_provider(kind, ProviderConfig(sim.url + path, "wrong-key", options))
+    with pytest.raises(ProviderError) as exc:
+        await bad.check()
+    assert "key" in exc.value.message
+    await good.aclose()
+    await bad.aclose()

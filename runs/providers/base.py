@@ -271,6 +271,11 @@ class Provider:
     ) -> StopResult:
         raise NotImplementedError
 
+    async def check(self) -> str:
+        """Prove the base URL answers and the key is accepted, without starting a run (the
+        Test connection button). Returns a sentence; raises ProviderError otherwise."""
+        raise NotImplementedError
+
 
 def retry_after_seconds(response: httpx.Response) -> float | None:
     raw = response.headers.get("Retry-After")

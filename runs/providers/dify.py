@@ -182,6 +182,12 @@ class DifyProvider(Provider):
                 return message
         return None
 
+    async def check(self) -> str:
+        info = await self.call("GET", "/info")
+        info = info if isinstance(info, dict) else {}
+        name, mode = info.get("name") or "(unnamed)", info.get("mode") or "unknown mode"
+        return f"Dify answered: app {name} ({mode})."
+
     async def status(self, external_id: str) -> StatusResult:
         raise ProviderError("NO_STATUS", "Dify has no status endpoint for chat tasks.")
 

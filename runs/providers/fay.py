@@ -198,6 +198,15 @@ class FayProvider(Provider):
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
+    async def check(self) -> str:
+        # An unknown id is answered 404 only after the key was accepted (401 otherwise).
+        try:
+            await self.status("00000000-0000-4000-8000-000000000000")
+        except ProviderError as exc:
+            if exc.code != "REQUEST_NOT_FOUND":
+                raise
+        return "Fay answered and accepted the key."
+
     async def status(self, external_id: str) -> StatusResult:
         data = await self.call("GET", f"/conversation/{external_id}/status")
         native = str(data.get("status") or "UNKNOWN")

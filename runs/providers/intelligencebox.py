@@ -133,6 +133,11 @@ class IntelligenceBoxProvider(Provider):
             yield Running(result.provider_status)
             await asyncio.sleep(STATUS_POLL)
 
+    async def check(self) -> str:
+        # /health needs no key; stream-status does, so it proves the key too.
+        result = await self.status("runbrake-connection-check")
+        return f"The IntelligenceBox answered and accepted the key ({result.provider_status})."
+
     async def status(self, external_id: str) -> StatusResult:
         response = await self.request("GET", f"/api/ai/chat/{external_id}/stream-status")
         if not response.is_success:

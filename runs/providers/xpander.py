@@ -158,6 +158,15 @@ class XpanderProvider(Provider):
             yield Running(result.provider_status)
             await asyncio.sleep(STATUS_POLL)
 
+    async def check(self) -> str:
+        # An unknown conversation is a 404 only once the key was accepted (401 otherwise).
+        try:
+            await self.status("00000000-0000-4000-8000-000000000000")
+        except ProviderError as exc:
+            if exc.code != "NOT_FOUND":
+                raise
+        return "xpander.ai answered and accepted the key."
+
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
         response = await self.request(method, path, **kwargs)
         if not response.is_success:
