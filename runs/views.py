@@ -64,6 +64,7 @@ def _list_context(
         "page": page,
         "runs": page.object_list,
         "rows_id": "run-rows" if page.number == 1 else f"run-rows-p{page.number}",
+        "section": "runs",
         "form": form or LaunchForm(team=team, username=request.user.get_username()),
     }
 
