@@ -24,6 +24,7 @@ from .models import (
     Run,
     RunAlreadyFinished,
     Status,
+    astop_each,
 )
 from .views import HtmxHttpRequest
 
@@ -212,7 +213,9 @@ async def _create_run(request: HtmxHttpRequest) -> JsonResponse:
             f"No provider account {account_id} in your teams.",
             field="provider_account",
         )
-    membership = await Membership.objects.aget(team_id=account.team_id, user=request.user)
+    membership = await Membership.objects.select_related("team").aget(
+        team_id=account.team_id, user=request.user
+    )
     if not membership.can_launch:
         return error(403, "FORBIDDEN", "Viewers can watch runs but not launch them.")
     options = body.get("options")
@@ -276,11 +279,52 @@ async def run_detail(request: HtmxHttpRequest, pk: int) -> JsonResponse:
 
 
 @api_view("POST")
+async def stop_many(request: HtmxHttpRequest) -> JsonResponse:
+    """`{"ids": [...]}` or `{"filter": {"status", "team", "provider", "mine"}}` → one outcome
+    per run: stopped, stopping, unconfirmed, already_finished, not_allowed, not_found, failed."""
+    body = read_json(request)
+    if isinstance(body, JsonResponse):
+        return body
+    reason = body.get("reason", "")
+    if not isinstance(reason, str):
+        return error(400, "VALIDATION_ERROR", "reason must be a string.", field="reason")
+    if "ids" in body:
+        ids = body["ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids) or not ids:
+            return error(400, "VALIDATION_ERROR", "ids must be a list of run ids.", field="ids")
+        if len(ids) > 1000:
+            return error(400, "VALIDATION_ERROR", "At most 1000 ids at a time.", field="ids")
+    elif isinstance(body.get("filter"), dict):
+        chosen = body["filter"]
+        runs = _runs(request.user).filter(status__in=(Status.PENDING, Status.RUNNING))
+        if chosen.get("team") is not None:
+            runs = runs.filter(team_id=chosen["team"])
+        if chosen.get("provider"):
+            runs = runs.filter(provider=chosen["provider"])
+        if chosen.get("mine"):
+            runs = runs.filter(created_by=request.user)
+        ids = [pk async for pk in runs.values_list("pk", flat=True)[:1000]]
+    else:
+        return error(400, "VALIDATION_ERROR", "Send ids or a filter object.", field="ids")
+    results = await astop_each(ids, user=request.user, channel=Channel.API, reason=reason[:500])
+    return JsonResponse(
+        {
+            "results": [
+                {"id": r.id, "outcome": r.outcome, "status": r.status, "message": r.message}
+                for r in results
+            ]
+        }
+    )
+
+
+@api_view("POST")
 async def stop_run(request: HtmxHttpRequest, pk: int) -> JsonResponse:
     run = await _runs(request.user).filter(pk=pk).afirst()
     if run is None:
         return error(404, "NOT_FOUND", f"No run {pk} in your teams.")
-    membership = await Membership.objects.aget(team_id=run.team_id, user=request.user)
+    membership = await Membership.objects.select_related("team").aget(
+        team_id=run.team_id, user=request.user
+    )
     if not membership.can_stop(run):
         return error(403, "FORBIDDEN", "Viewers can watch runs but not stop them.")
     body = read_json(request)

@@ -4,27 +4,29 @@ send a snapshot, then forward pushes. Nothing else happens here."""
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.conf import settings
-from django.core.paginator import Paginator
+from django.http import QueryDict
 
 from . import live
+from .forms import RunFilterForm
 from .models import Membership, Run
+from .views import list_page
 
 
 @database_sync_to_async
-def _team_snapshot(user: Any, team_id: int, page_number: str | None) -> str | None:
-    if not Membership.objects.filter(user=user, team_id=team_id).exists():
+def _team_snapshot(
+    user: Any, team_id: int, query: dict[str, list[str]]
+) -> tuple[RunFilterForm, str] | None:
+    membership = Membership.objects.select_related("team").filter(user=user, team_id=team_id)
+    found = membership.first()
+    if found is None:
         return None
-    runs = Run.objects.for_team(team_id).select_related(
-        "provider_account", "created_by", "stop_requested_by"
-    )
-    page = Paginator(runs, settings.RUNBRAKE_RUNS_PER_PAGE).get_page(page_number)
-    rows_id = "run-rows" if page.number == 1 else f"run-rows-p{page.number}"
-    return live.render_rows(list(page.object_list), rows_id)
+    filters = RunFilterForm(QueryDict(urlencode(query, doseq=True)), team=found.team, user=user)
+    page = list_page(found.team, filters, (query.get("before") or [""])[0])
+    return filters, live.render_rows(page["runs"], page["rows_id"])
 
 
 @database_sync_to_async
@@ -69,11 +71,25 @@ class PushConsumer(AsyncWebsocketConsumer):
 
 
 class TeamRunsConsumer(PushConsumer):
+    filters: RunFilterForm | None = None
+
     async def authorise(self, user: Any) -> tuple[str, str | None]:
         team_id = int(self.scope["url_route"]["kwargs"]["team_id"])
         query = parse_qs(self.scope.get("query_string", b"").decode())
-        page = (query.get("page") or [None])[0]
-        return live.team_group(team_id), await _team_snapshot(user, team_id, page)
+        found = await _team_snapshot(user, team_id, query)
+        if found is None:
+            return live.team_group(team_id), None
+        self.filters, snapshot = found
+        return live.team_group(team_id), snapshot
+
+    async def push_html(self, event: dict[str, Any]) -> None:
+        meta = event.get("meta")
+        if meta and self.filters is not None and not self.filters.matches(meta):
+            # It left this viewer's filter (or never matched): take it off the list.
+            if not meta["created"]:
+                await self.send(text_data=live.render_removal(meta["id"]))
+            return
+        await self.send(text_data=event["html"])
 
 
 class RunConsumer(PushConsumer):

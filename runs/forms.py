@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlencode
 
 import jsonschema
 from django import forms
 from django.conf import settings
 
-from .models import ProviderAccount, ProviderKind, Team
+from .models import ProviderAccount, ProviderKind, Status, Team
 
 MAX_PROMPT = 20_000
 
@@ -200,3 +201,83 @@ class LaunchForm(forms.Form):
                 "clear_queue": bool(data.get("clear_queue")),
             }
         return {}
+
+
+class RunFilterForm(forms.Form):
+    """The shared run list's filters. They live in the URL, so a link shows a teammate the
+    same list, and the websocket applies the same test to every push."""
+
+    status = forms.MultipleChoiceField(choices=Status.choices, required=False)
+    provider = forms.ChoiceField(
+        choices=[("", "Any provider"), *ProviderKind.choices], required=False
+    )
+    owner = forms.CharField(required=False, max_length=150, label="Owner")
+    q = forms.CharField(required=False, max_length=200, label="Prompt contains")
+    reason = forms.CharField(required=False, max_length=200, label="Stop reason contains")
+
+    def __init__(self, data: Any, *, team: Team, user: Any) -> None:
+        super().__init__(data)
+        self.team = team
+        self.user = user
+        self.owner_id: int | None = None
+        self.is_valid()
+
+    def clean_owner(self) -> str:
+        owner = (self.cleaned_data.get("owner") or "").strip()
+        if not owner:
+            return ""
+        if owner == "me":
+            self.owner_id = self.user.pk
+            return owner
+        member = self.team.memberships.filter(user__username=owner).values_list(
+            "user_id", flat=True
+        )
+        self.owner_id = member.first()
+        if self.owner_id is None:
+            raise forms.ValidationError(f"No member named {owner!r} in this team.")
+        return owner
+
+    def value(self, name: str) -> Any:
+        return self.cleaned_data.get(name) if hasattr(self, "cleaned_data") else None
+
+    @property
+    def active(self) -> bool:
+        return any(self.value(name) for name in self.fields)
+
+    def apply(self, runs: Any, *, with_status: bool = True) -> Any:
+        if with_status and (statuses := self.value("status")):
+            runs = runs.filter(status__in=statuses)
+        if provider := self.value("provider"):
+            runs = runs.filter(provider=provider)
+        if self.value("owner"):
+            runs = runs.filter(created_by_id=self.owner_id or 0)
+        elif self.errors.get("owner"):
+            runs = runs.none()
+        if q := self.value("q"):
+            runs = runs.filter(prompt__icontains=q)
+        if reason := self.value("reason"):
+            runs = runs.filter(stop_reason__icontains=reason)
+        return runs
+
+    def matches(self, meta: dict[str, Any]) -> bool:
+        """The same test as `apply`, on a pushed run's facts (no database round trip)."""
+        if (statuses := self.value("status")) and meta["status"] not in statuses:
+            return False
+        if (provider := self.value("provider")) and meta["provider"] != provider:
+            return False
+        if self.value("owner") and meta["created_by_id"] != self.owner_id:
+            return False
+        if (q := self.value("q")) and q.lower() not in meta["prompt"].lower():
+            return False
+        return not (
+            (reason := self.value("reason")) and reason.lower() not in meta["stop_reason"].lower()
+        )
+
+    def querystring(self) -> str:
+        pairs = [
+            (name, v)
+            for name in self.fields
+            for v in (self.value(name) if name == "status" else [self.value(name)]) or []
+            if v
+        ]
+        return urlencode(pairs)

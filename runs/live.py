@@ -12,7 +12,7 @@ Contract:
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -65,16 +65,29 @@ def render_run_response(run: Run) -> str:
     )
 
 
-def _send(group: str, html: str) -> None:
+def _send(group: str, html: str, meta: dict[str, Any] | None = None) -> None:
     layer = get_channel_layer()
     if layer is None:
         return
     try:
-        async_to_sync(layer.group_send)(group, {"type": MESSAGE_TYPE, "html": html})
+        async_to_sync(layer.group_send)(group, {"type": MESSAGE_TYPE, "html": html, "meta": meta})
     except Exception:
         # The channel layer is a fast hint, not the record: a failed push is logged and the
         # clients resync from the database on their next (re)connect.
         logger.exception("live push to %s failed", group)
+
+
+def facts(run: Run) -> dict[str, Any]:
+    """What a filtered list needs to know to decide whether a pushed row belongs on it."""
+    return {
+        "id": run.pk,
+        "status": run.status,
+        "provider": run.provider,
+        "created_by_id": run.created_by_id,
+        "prompt": run.prompt,
+        "stop_reason": run.stop_reason,
+        "created": False,
+    }
 
 
 def push_run(run_id: int, *, created: bool = False) -> None:
@@ -84,8 +97,17 @@ def push_run(run_id: int, *, created: bool = False) -> None:
         run = load(run_id)
     except Run.DoesNotExist:
         return
-    _send(team_group(run.team_id), render_row(run, created=created))
+    _send(
+        team_group(run.team_id),
+        render_row(run, created=created),
+        meta={**facts(run), "created": created},
+    )
     _send(run_group(run.pk), render_detail(run))
+
+
+def render_removal(run_id: int) -> str:
+    """A row that no longer matches a viewer's filter leaves that viewer's list."""
+    return f'<tr id="run-row-{run_id}" hx-swap-oob="delete"></tr>'
 
 
 def render_rows(runs: list[Run], rows_id: str) -> str:

@@ -205,6 +205,20 @@ class BulkStopResult:
     status: str | None
     message: str
 
+    LABELS = {
+        "stopped": "Stopped",
+        "stopping": "Stopping (awaiting confirmation)",
+        "unconfirmed": "Unconfirmed",
+        "already_finished": "Already finished",
+        "not_allowed": "Not allowed",
+        "not_found": "Not found",
+        "failed": "Failed",
+    }
+
+    @property
+    def label(self) -> str:
+        return self.LABELS.get(self.outcome, self.outcome)
+
 
 async def astop_each(
     ids: list[int], *, user: Any, channel: str, reason: str = ""

@@ -14,8 +14,11 @@ urlpatterns = [
     path("teams/<int:team_id>/accounts/<int:pk>/test", teams.test_account, name="account-test"),
     path("runs/<int:pk>/", views.run_detail, name="detail"),
     path("runs/<int:pk>/stop", views.stop_run, name="stop"),
+    path("runs/<int:pk>/again", views.run_again, name="again"),
+    path("teams/<int:team_id>/runs/stop", views.bulk_stop, name="bulk-stop"),
     path("api/provider-accounts", api.provider_accounts, name="api-provider-accounts"),
     path("api/runs", api.runs, name="api-runs"),
+    path("api/runs/stop", api.stop_many, name="api-stop-many"),
     path("api/runs/<int:pk>", api.run_detail, name="api-run"),
     path("api/runs/<int:pk>/stop", api.stop_run, name="api-stop"),
 ]

@@ -7,7 +7,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
-from django.core.paginator import Paginator
+from django.db.models import Count
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import aget_object_or_404, get_object_or_404, redirect, render
 from django.template.loader import render_to_string
@@ -16,8 +16,8 @@ from django_htmx.http import trigger_client_event
 from django_htmx.middleware import HtmxDetails
 
 from . import live
-from .forms import LaunchForm
-from .models import Channel, Membership, Run, RunAlreadyFinished, Team
+from .forms import LaunchForm, RunFilterForm
+from .models import Channel, Membership, Run, RunAlreadyFinished, Status, Team, astop_each
 
 
 class HtmxHttpRequest(HttpRequest):
@@ -49,23 +49,60 @@ def home(request: HtmxHttpRequest) -> HttpResponse:
     return redirect("runs:team", team_id=membership.team_id)
 
 
+def list_page(team: Team, filters: RunFilterForm, before: str | None) -> dict[str, Any]:
+    """One page of the team's runs, newest first, with a cursor to the next (older) page.
+
+    A cursor instead of page numbers: a live list keeps gaining rows at the top, which would
+    shift every numbered page under the reader's feet."""
+    runs = filters.apply(Run.objects.for_team(team)).select_related(
+        "provider_account", "created_by", "stop_requested_by"
+    )
+    cursor = int(before) if before and before.isdigit() else None
+    if cursor is not None:
+        runs = runs.filter(pk__lt=cursor)
+    size = settings.RUNBRAKE_RUNS_PER_PAGE
+    rows = list(runs.order_by("-id")[: size + 1])
+    return {
+        "runs": rows[:size],
+        "next_cursor": rows[size - 1].pk if len(rows) > size else None,
+        # Only the newest page takes live insertions of new runs.
+        "rows_id": "run-rows" if cursor is None else "run-rows-older",
+        "cursor": cursor,
+    }
+
+
 def _list_context(
     request: HtmxHttpRequest, membership: Membership, form: LaunchForm | None = None
 ) -> dict[str, Any]:
     team = membership.team
-    runs = Run.objects.for_team(team).select_related(
-        "provider_account", "created_by", "stop_requested_by"
+    filters = RunFilterForm(request.GET, team=team, user=request.user)
+    counts = dict(
+        filters.apply(Run.objects.for_team(team), with_status=False)
+        .values_list("status")
+        .annotate(n=Count("id"))
+        .values_list("status", "n")
     )
-    page = Paginator(runs, settings.RUNBRAKE_RUNS_PER_PAGE).get_page(request.GET.get("page"))
+    query = filters.querystring()
     return {
         "team": team,
         "membership": membership,
-        "teams": Team.objects.for_user(request.user),
-        "page": page,
-        "runs": page.object_list,
-        "rows_id": "run-rows" if page.number == 1 else f"run-rows-p{page.number}",
         "section": "runs",
+        "filters": filters,
+        "filter_query": query,
+        "status_counts": [(value, label, counts.get(value, 0)) for value, label in Status.choices],
+        "total": sum(counts.values()),
+        "ws_query": "&".join(
+            p
+            for p in (
+                query,
+                f"before={request.GET['before']}"
+                if request.GET.get("before", "").isdigit()
+                else "",
+            )
+            if p
+        ),
         "form": form or LaunchForm(team=team, username=request.user.get_username()),
+        **list_page(team, filters, request.GET.get("before")),
     }
 
 
@@ -156,10 +193,13 @@ async def stop_run(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
     user = await request.auser()
     assert user.is_authenticated  # login_required ran; this narrows the type
     run = await aget_object_or_404(Run.objects.for_user(user), pk=pk)
-    membership = await Membership.objects.aget(team_id=run.team_id, user=user)
+    membership = await Membership.objects.select_related("team").aget(
+        team_id=run.team_id, user=user
+    )
     if not membership.can_stop(run):
         return _refused(request, "Viewers can watch runs but not stop them.")
-    reason = request.POST.get("reason", "").strip()[:500]
+    # A one-click reason button and the free-text box share the name: the first said wins.
+    reason = next((r.strip() for r in request.POST.getlist("reason") if r.strip()), "")[:500]
     try:
         outcome = await run.astop(actor=user, channel=Channel.BUTTON, reason=reason)
     except RunAlreadyFinished as exc:
@@ -174,6 +214,76 @@ async def stop_run(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
         return redirect("runs:detail", pk=run.pk)
     html = await sync_to_async(live.render_run_response)(run)
     return toast(HttpResponse(html), message, level)
+
+
+@require_POST
+@login_required
+async def bulk_stop(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
+    """Stop many runs: a preview of what will be stopped, then a per-run outcome report."""
+    user = await request.auser()
+    assert user.is_authenticated  # login_required ran; this narrows the type
+    membership = await aget_object_or_404(
+        Membership.objects.select_related("team"), team_id=team_id, user=user
+    )
+    team = membership.team
+    if not membership.can_launch:
+        return _refused(request, "Viewers can watch runs but not stop them.")
+    if request.POST.get("scope") == "all":
+        # Admins stop the whole team's running work; members only their own.
+        scope = Run.objects.for_team(team).filter(status__in=(Status.PENDING, Status.RUNNING))
+        if not membership.is_admin:
+            scope = scope.filter(created_by=user)
+        ids = [pk async for pk in scope.values_list("pk", flat=True)]
+    else:
+        ids = [int(x) for x in request.POST.getlist("ids") if x.isdigit()]
+    if not ids:
+        message = "Select at least one running run first (the boxes at the left of the list)."
+        if request.htmx:
+            response = HttpResponse(status=204)
+            return toast(response, message, "error")
+        await sync_to_async(messages.error)(request, message)
+        return redirect("runs:team", team_id=team.pk)
+    if request.POST.get("action") == "confirm":
+        results = await astop_each(
+            ids, user=user, channel=Channel.BUTTON, reason=request.POST.get("reason", "")[:500]
+        )
+        html = render_to_string("runs/partials.html#bulk-report", {"results": results})
+        stopped = sum(r.outcome == "stopped" for r in results)
+        return toast(HttpResponse(html), f"{stopped} of {len(results)} stopped.", "info")
+    runs = [
+        run
+        async for run in Run.objects.for_team(team)
+        .filter(pk__in=ids)
+        .select_related("provider_account", "created_by")
+        .order_by("-id")
+    ]
+    stoppable = [r for r in runs if r.can_be_stopped and membership.can_stop(r)]
+    skipped = [
+        (r, "not allowed" if r.can_be_stopped else r.get_status_display().lower())
+        for r in runs
+        if r not in stoppable
+    ]
+    context = {"team": team, "stoppable": stoppable, "skipped": skipped}
+    html = await sync_to_async(render_to_string)(
+        "runs/partials.html#bulk-preview", context, request=request
+    )
+    return HttpResponse(html)
+
+
+@require_POST
+@login_required
+def run_again(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
+    run = get_object_or_404(
+        Run.objects.for_user(request.user).select_related("provider_account"), pk=pk
+    )
+    if not membership_for(request, run.team_id).can_launch:
+        return _refused(request, "Viewers can watch runs but not launch them.")
+    again = run.launch_again(user=request.user)
+    if request.htmx:
+        response = HttpResponse(status=204)
+        response["HX-Redirect"] = again.get_absolute_url()
+        return response
+    return redirect(again)
 
 
 def _refused(request: HtmxHttpRequest, message: str) -> HttpResponseBase:

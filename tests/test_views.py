@@ -52,13 +52,40 @@ def test_another_teams_list_is_a_404(as_bob, globex):
     assert as_bob.get(reverse("runs:team", args=[globex.pk])).status_code == 404
 
 
-def test_the_list_paginates(as_bob, acme, launch, settings):
+def test_the_list_pages_with_a_cursor(as_bob, acme, launch, settings):
     settings.RUNBRAKE_RUNS_PER_PAGE = 2
     runs = [launch(f"q{i}") for i in range(3)]
-    page2 = as_bob.get(reverse("runs:team", args=[acme.pk]) + "?page=2").content.decode()
-    assert f'id="run-row-{runs[0].pk}"' in page2
-    assert f'id="run-row-{runs[2].pk}"' not in page2
-    assert 'id="run-rows-p2"' in page2
+    first = as_bob.get(reverse("runs:team", args=[acme.pk])).content.decode()
+    assert f'href="?before={runs[1].pk}"' in first
+    older = as_bob.get(reverse("runs:team", args=[acme.pk]) + f"?before={runs[1].pk}")
+    html = older.content.decode()
+    assert f'id="run-row-{runs[0].pk}"' in html
+    assert f'id="run-row-{runs[2].pk}"' not in html
+    assert 'id="run-rows-older"' in html  # no live insertions on an older page
+
+
+def test_the_list_filters_by_status_provider_owner_and_text(as_bob, acme, launch, alice):
+    mine = launch("mine about penguins")
+    theirs = launch("alices question", user=alice)
+    theirs.mark_completed(output="x")
+    url = reverse("runs:team", args=[acme.pk])
+    rows = lambda q: {  # noqa: E731
+        r
+        for r in (mine.pk, theirs.pk)
+        if f'id="run-row-{r}"' in as_bob.get(url + q).content.decode()
+    }
+    assert rows("") == {mine.pk, theirs.pk}
+    assert rows("?status=completed") == {theirs.pk}
+    assert rows("?owner=me") == {mine.pk}
+    assert rows("?owner=alice") == {theirs.pk}
+    assert rows("?q=PENGUIN") == {mine.pk}
+    assert rows("?provider=dify") == set()
+    page = as_bob.get(url + "?owner=nobody").content.decode()
+    assert "No member named" in page
+    counts = as_bob.get(url + "?owner=me").content.decode()
+    assert "Pending <strong>1</strong>" in counts
+    assert "Completed <strong>0</strong>" in counts
+    assert f'ws-connect="/ws/teams/{acme.pk}/?owner=me"' in counts
 
 
 def test_it_launches_a_run_over_htmx_and_answers_with_a_fresh_form_and_the_row(

@@ -139,7 +139,7 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": 20,
     }
     # A file, not memory: browser tests run the ASGI server in a subprocess that must see it.
-    _db["TEST"] = {"NAME": str(BASE_DIR / ".test-db.sqlite3")}
+    _db["TEST"] = {"NAME": env_str("TEST_DATABASE_NAME", str(BASE_DIR / ".test-db.sqlite3"))}
 else:
     _db["TEST"] = {"NAME": env_str("TEST_DATABASE_NAME", f"test_{_db.get('NAME') or 'runbrake'}")}
 DATABASES = {"default": _db}

@@ -71,6 +71,10 @@
     if (root && root.id && root.id === target.id) {
       // A replacement: skip it if what we already show is newer.
       if (root.dataset.version && version(root) < version(target)) detail.shouldSwap = false;
+      // Keep a row's bulk-stop tick across the swap.
+      var ticked = target.querySelector && target.querySelector("input[name=ids]:checked");
+      var box = root.querySelector && root.querySelector("input[name=ids]");
+      if (ticked && box) box.checked = true;
       return;
     }
     // An insertion (a new run at the top of the list): a row we already show is replaced by
