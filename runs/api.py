@@ -19,6 +19,7 @@ from .forms import JSON_FIELDS, OPTIONS_BY_KIND, LaunchForm
 from .models import (
     ApiToken,
     Channel,
+    IdempotencyConflict,
     Membership,
     ProviderAccount,
     Run,
@@ -189,6 +190,14 @@ async def runs(request: HtmxHttpRequest) -> JsonResponse:
 
 
 async def _create_run(request: HtmxHttpRequest) -> JsonResponse:
+    key = request.headers.get("Idempotency-Key", "").strip()
+    if len(key) > 200:
+        return error(
+            400,
+            "VALIDATION_ERROR",
+            "Idempotency-Key is at most 200 characters.",
+            field="Idempotency-Key",
+        )
     body = read_json(request)
     if isinstance(body, JsonResponse):
         return body
@@ -252,16 +261,24 @@ async def _create_run(request: HtmxHttpRequest) -> JsonResponse:
             field=name,
             fields={k: list(v) for k, v in form.errors.items()},
         )
-    run = await sync_to_async(Run.objects.launch)(
-        account=account,
-        user=request.user,
-        prompt=form.cleaned_data["prompt"],
-        options=form.run_options(),
-        timeout_seconds=form.cleaned_data["timeout_seconds"],
-        channel=Channel.API,
-    )
+    try:
+        run = await sync_to_async(Run.objects.launch)(
+            account=account,
+            user=request.user,
+            prompt=form.cleaned_data["prompt"],
+            options=form.run_options(),
+            timeout_seconds=form.cleaned_data["timeout_seconds"],
+            channel=Channel.API,
+            idempotency_key=key,
+        )
+    except IdempotencyConflict as exc:
+        return error(422, "IDEMPOTENCY_KEY_REUSED", str(exc), run_id=exc.run.pk)
+    replayed = run.was_replayed
     run = await _runs(request.user).aget(pk=run.pk)
-    return JsonResponse(run_json(run), status=201)
+    response = JsonResponse(run_json(run), status=201)
+    if replayed:
+        response["Idempotent-Replayed"] = "true"
+    return response
 
 
 def _validated_form(data: dict[str, Any], account: ProviderAccount, username: str) -> LaunchForm:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 from urllib.parse import urlencode
 
@@ -86,10 +87,13 @@ class LaunchForm(forms.Form):
         help_text="Cancelling also drops queued follow-up messages, so no surprise turn starts.",
     )
 
+    # A fresh key per rendered form: a double-clicked or retried submit launches one run.
+    idempotency_key = forms.CharField(required=False, max_length=200, widget=forms.HiddenInput)
+
     def __init__(self, *args: Any, team: Team, username: str = "", **kwargs: Any) -> None:
-        kwargs.setdefault("initial", {}).setdefault(
-            "timeout_seconds", settings.RUNBRAKE_DEFAULT_TIMEOUT_SECONDS
-        )
+        initial = kwargs.setdefault("initial", {})
+        initial.setdefault("timeout_seconds", settings.RUNBRAKE_DEFAULT_TIMEOUT_SECONDS)
+        initial.setdefault("idempotency_key", str(uuid.uuid4()))
         super().__init__(*args, **kwargs)
         self.username = username
         field = self.fields["provider_account"]

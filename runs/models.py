@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import json
 import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import models, transaction
+from django.db import IntegrityError, models, transaction
 from django.db.models import F
 from django.urls import reverse
 from django.utils import timezone
@@ -294,32 +295,87 @@ class RunQuerySet(models.QuerySet["Run"]):
         options: dict[str, Any],
         timeout_seconds: int,
         channel: str = "button",
+        idempotency_key: str = "",
     ) -> Run:
+        """Create a PENDING run (the watcher starts it). With an idempotency key, a retried
+        launch returns the first run; the same key with a different request raises
+        IdempotencyConflict. The unique constraint settles two retries racing each other."""
         now = timezone.now()
-        with transaction.atomic():
-            run = self.create(
-                team_id=account.team_id,
-                provider_account=account,
-                provider=account.kind,
-                created_by=user,
-                prompt=prompt,
-                options=options,
-                timeout_seconds=timeout_seconds,
-                deadline=now + dt.timedelta(seconds=timeout_seconds),
-                created_at=now,
-                updated_at=now,
-            )
-            RunEvent.objects.create(
-                run=run,
-                kind=RunEvent.Kind.CREATED,
-                to_status=Status.PENDING,
-                actor=user,
-                channel=channel,
-                message=f"Launched on {account.name}.",
-            )
-            transaction.on_commit(lambda: live.push_run(run.pk, created=True))
-            transaction.on_commit(_nudge_watchers)
+        fingerprint = ""
+        if idempotency_key:
+            fingerprint = hashlib.sha256(
+                json.dumps(
+                    [account.pk, prompt, options, timeout_seconds], sort_keys=True, default=str
+                ).encode()
+            ).hexdigest()
+            first = self.filter(created_by=user, idempotency_key=idempotency_key).first()
+            if first is not None:
+                return first.replayed(fingerprint)
+        try:
+            with transaction.atomic():
+                return self._create_launched(
+                    account,
+                    user,
+                    prompt,
+                    options,
+                    timeout_seconds,
+                    channel,
+                    now,
+                    idempotency_key,
+                    fingerprint,
+                )
+        except IntegrityError:
+            if not idempotency_key:
+                raise
+            first = self.get(created_by=user, idempotency_key=idempotency_key)
+            return first.replayed(fingerprint)
+
+    def _create_launched(
+        self,
+        account: ProviderAccount,
+        user: Any,
+        prompt: str,
+        options: dict[str, Any],
+        timeout_seconds: int,
+        channel: str,
+        now: dt.datetime,
+        idempotency_key: str,
+        fingerprint: str,
+    ) -> Run:
+        run = self.create(
+            idempotency_key=idempotency_key,
+            request_fingerprint=fingerprint,
+            team_id=account.team_id,
+            provider_account=account,
+            provider=account.kind,
+            created_by=user,
+            prompt=prompt,
+            options=options,
+            timeout_seconds=timeout_seconds,
+            deadline=now + dt.timedelta(seconds=timeout_seconds),
+            created_at=now,
+            updated_at=now,
+        )
+        RunEvent.objects.create(
+            run=run,
+            kind=RunEvent.Kind.CREATED,
+            to_status=Status.PENDING,
+            actor=user,
+            channel=channel,
+            message=f"Launched on {account.name}.",
+        )
+        transaction.on_commit(lambda: live.push_run(run.pk, created=True))
+        transaction.on_commit(_nudge_watchers)
         return run
+
+
+class IdempotencyConflict(Exception):
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        super().__init__(
+            f"This Idempotency-Key was already used for run {run.pk} with a different "
+            "request. Use a new key for a new run."
+        )
 
 
 def _nudge_watchers() -> None:
@@ -383,10 +439,22 @@ class Run(models.Model):
     stop_confirmed_at = models.DateTimeField(null=True, blank=True)
     stop_confirmation = models.CharField(max_length=200, blank=True)
 
+    # A launch retried with the same key returns this run instead of starting a second one.
+    idempotency_key = models.CharField(max_length=200, blank=True)
+    request_fingerprint = models.CharField(max_length=64, blank=True)
+
     objects = RunQuerySet.as_manager()
+    was_replayed = False
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["created_by", "idempotency_key"],
+                condition=~models.Q(idempotency_key=""),
+                name="one_run_per_idempotency_key",
+            )
+        ]
         indexes = [
             models.Index(fields=["team", "-created_at", "-id"], name="run_team_recent"),
             models.Index(fields=["status"], name="run_status"),
@@ -397,6 +465,13 @@ class Run(models.Model):
 
     def get_absolute_url(self) -> str:
         return reverse("runs:detail", args=[self.pk])
+
+    def replayed(self, fingerprint: str) -> Run:
+        """This run, as the answer to a retried launch with its idempotency key."""
+        if fingerprint != self.request_fingerprint:
+            raise IdempotencyConflict(self)
+        self.was_replayed = True
+        return self
 
     # --- Read-only helpers for templates and the API --------------------------------------
 

@@ -138,6 +138,7 @@ def launch_run(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
         options=form.run_options(),
         timeout_seconds=form.cleaned_data["timeout_seconds"],
         channel=Channel.BUTTON,
+        idempotency_key=form.cleaned_data.get("idempotency_key") or "",
     )
     if not request.htmx:
         return redirect(run)

@@ -218,3 +218,38 @@ def test_options_are_checked_against_the_accounts_provider(api, acme, fay_accoun
     )
     assert wrong.status_code == 400
     assert "unknown: inputs" in wrong.json()["error"]["message"]
+
+
+def test_a_retried_start_with_the_same_idempotency_key_returns_the_first_run(api, fay_account):
+    body = {"provider_account": fay_account.pk, "prompt": "once only"}
+    first = api("post", reverse("runs:api-runs"), body, HTTP_IDEMPOTENCY_KEY="k-1")
+    again = api("post", reverse("runs:api-runs"), body, HTTP_IDEMPOTENCY_KEY="k-1")
+    assert first.status_code == again.status_code == 201
+    assert again.json()["id"] == first.json()["id"]
+    assert again["Idempotent-Replayed"] == "true"
+    assert Run.objects.count() == 1
+
+
+def test_the_same_idempotency_key_with_a_different_body_is_a_422(api, fay_account):
+    api(
+        "post",
+        reverse("runs:api-runs"),
+        {"provider_account": fay_account.pk, "prompt": "first"},
+        HTTP_IDEMPOTENCY_KEY="k-2",
+    )
+    response = api(
+        "post",
+        reverse("runs:api-runs"),
+        {"provider_account": fay_account.pk, "prompt": "second"},
+        HTTP_IDEMPOTENCY_KEY="k-2",
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "IDEMPOTENCY_KEY_REUSED"
+    assert Run.objects.count() == 1
+
+
+def test_without_a_key_each_start_is_a_new_run(api, fay_account):
+    body = {"provider_account": fay_account.pk, "prompt": "twice"}
+    api("post", reverse("runs:api-runs"), body)
+    api("post", reverse("runs:api-runs"), body)
+    assert Run.objects.count() == 2

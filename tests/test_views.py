@@ -413,3 +413,20 @@ def test_an_xpander_run_needs_an_agent(as_bob, acme, streaming_accounts):
     )
     assert "needs the id of the agent" in response.content.decode()
     assert not Run.objects.exists()
+
+
+def test_a_double_submitted_launch_form_starts_one_run(as_bob, acme, fay_account):
+    page = as_bob.get(reverse("runs:team", args=[acme.pk])).content.decode()
+    key = page.split('name="idempotency_key" value="')[1].split('"')[0]
+    post = {
+        "provider_account": fay_account.pk,
+        "prompt": "once",
+        "timeout_seconds": 60,
+        "idempotency_key": key,
+    }
+    as_bob.post(reverse("runs:launch", args=[acme.pk]), post, **HTMX)
+    second = as_bob.post(reverse("runs:launch", args=[acme.pk]), post, **HTMX)
+    assert second.status_code == 200
+    assert Run.objects.count() == 1
+    fresh = second.content.decode().split('name="idempotency_key" value="')[1].split('"')[0]
+    assert fresh != key  # the next launch from the fresh form is a new run
