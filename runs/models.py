@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, models, transaction
 from django.db.models import F
 from django.urls import reverse
@@ -40,6 +41,7 @@ from . import live
 from .crypto import EncryptedTextField, mask
 from .providers import ProviderConfig, ProviderError, get_provider
 from .providers.base import Provider, StopResult
+from .providers.destinations import check_url
 from .providers.http import shared_client
 
 if TYPE_CHECKING:
@@ -149,12 +151,20 @@ class ProviderAccount(models.Model):
     def masked_key(self) -> str:
         return mask(self.api_key)
 
+    def clean(self) -> None:
+        if self.base_url and not settings.RUNBRAKE_ALLOW_PRIVATE_PROVIDER_URLS:
+            try:
+                check_url(self.base_url)
+            except ProviderError as exc:
+                raise ValidationError({"base_url": exc.message}) from None
+
     def provider(self) -> Provider:
         config = ProviderConfig(
             base_url=self.base_url,
             api_key=self.api_key,
             options=self.options or {},
             timeout=settings.RUNBRAKE_PROVIDER_TIMEOUT,
+            allow_private=settings.RUNBRAKE_ALLOW_PRIVATE_PROVIDER_URLS,
         )
         return get_provider(self.kind, config, client=shared_client())
 

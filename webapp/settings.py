@@ -217,6 +217,9 @@ RUNBRAKE_ENCRYPTION_KEYS = _encryption_keys
 # The provider simulators are mounted under /sim/ and loopback provider URLs are accepted;
 # both only make sense on a developer's machine, so they follow DEBUG unless set.
 RUNBRAKE_SIMULATORS = env_bool("RUNBRAKE_SIMULATORS", DEBUG)
+RUNBRAKE_ALLOW_PRIVATE_PROVIDER_URLS = env_bool(
+    "RUNBRAKE_ALLOW_PRIVATE_PROVIDER_URLS", RUNBRAKE_SIMULATORS
+)
 RUNBRAKE_EMBEDDED_WATCHER = env_bool("RUNBRAKE_EMBEDDED_WATCHER", True)
 RUNBRAKE_STOP_GRACE_SECONDS = env_float("RUNBRAKE_STOP_GRACE_SECONDS", 15.0, minimum=0.1)
 RUNBRAKE_STOP_CALL_TIMEOUT = env_float("RUNBRAKE_STOP_CALL_TIMEOUT", 5.0, minimum=0.1)

@@ -36,6 +36,8 @@ class ProviderConfig:
     api_key: str
     options: dict[str, Any] = field(default_factory=dict)
     timeout: float = 30.0
+    # Only development and the demo may call loopback/private addresses (the simulators).
+    allow_private: bool = False
 
 
 class ProviderError(Exception):
@@ -165,6 +167,12 @@ class Provider:
     def url(self, path: str) -> str:
         return self.config.base_url.rstrip("/") + path
 
+    async def check_destination(self) -> None:
+        if not self.config.allow_private:
+            from .destinations import acheck_url
+
+            await acheck_url(self.config.base_url)
+
     def error_from(self, response: httpx.Response) -> ProviderError:
         """Map a non-success answer to a ProviderError (each provider words its own)."""
         return ProviderError(
@@ -180,6 +188,7 @@ class Provider:
     ) -> AsyncGenerator[ServerSentEvent]:
         """POST and yield the server-sent events; a refused start raises its ProviderError."""
         headers = {"Accept": "text/event-stream", **self.auth_headers()}
+        await self.check_destination()
         try:
             async with aconnect_sse(
                 self.client,
@@ -227,6 +236,7 @@ class Provider:
             # Fay documents Content-Type as required on POST even with no body.
             headers["Content-Type"] = "application/json"
         content = json.dumps(json_body).encode() if json_body is not None else b""
+        await self.check_destination()
         try:
             return await self.client.request(
                 method,
