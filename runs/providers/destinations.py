@@ -18,10 +18,10 @@ _checked: dict[tuple[str, int], float] = {}
 
 def refused_reason(address: str) -> str | None:
     ip = ipaddress.ip_address(address)
-    if ip.is_multicast or ip.is_reserved or ip.is_unspecified:
-        return "a reserved address"
     if ip.is_loopback:
         return "a loopback address"
+    if ip.is_multicast or ip.is_reserved or ip.is_unspecified:
+        return "a reserved address"
     if ip.is_link_local:
         return "a link-local address"
     if ip.is_private:
