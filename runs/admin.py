@@ -1,28 +1,120 @@
+"""The operator's console: every run of every team, stoppable from here.
+
+Runs are never edited by hand: their status only moves through the state machine, so the run
+pages are read-only and the two verbs an operator needs are admin actions (on the list and on
+a run's own page): *Stop*, through the same verified stop path as the Cancel button, and
+*Force mark stopped*, the last resort for a stop the provider never confirmed.
+"""
+
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from asgiref.sync import async_to_sync
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.contrib.admin import ActionLocation, helpers
+from django.db.models import Count, QuerySet
+from django.http import HttpRequest
+from django.template.response import TemplateResponse
+from django.utils import timezone
 from django.utils.html import format_html
 
-from .models import ApiToken, Membership, ProviderAccount, Run, RunEvent, Team
+from .models import (
+    FINISHED,
+    STOP_IN_PROGRESS,
+    ApiToken,
+    Channel,
+    Membership,
+    ProviderAccount,
+    Run,
+    RunAlreadyFinished,
+    RunEvent,
+    Status,
+    Team,
+)
+
+logger = logging.getLogger(__name__)
+
+admin.site.site_header = "Runbrake operations"
+admin.site.site_title = "Runbrake admin"
+admin.site.index_title = "Teams, provider accounts and runs"
+
+BOTH_PLACES = [ActionLocation.CHANGE_LIST, ActionLocation.CHANGE_FORM]
+
+# force_mark_stopped writes "an admin's force-mark, not the provider (<reason>)" into
+# Run.stop_confirmation (200 characters): a longer reason would not fit on PostgreSQL.
+FORCE_REASON_MAX = 150
+STOP_CONCURRENCY = 16
+
+
+def _moment(value: dt.datetime | None, *, seconds: bool = False) -> str:
+    if value is None:
+        return "—"
+    local = timezone.localtime(value)
+    if seconds:
+        return local.strftime("%Y-%m-%d %H:%M:%S.") + f"{local.microsecond // 1000:03d}"
+    return local.strftime("%Y-%m-%d %H:%M")
+
+
+def _runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
+# --- Teams ------------------------------------------------------------------------------------
 
 
 class MembershipInline(admin.TabularInline):
     model = Membership
-    extra = 1
     autocomplete_fields = ["user"]
+
+    def get_extra(self, request: HttpRequest, obj: Any = None, **kwargs: Any) -> int:
+        # A new team needs its first member; an existing one has an "Add another" link.
+        return 1 if obj is None else 0
 
 
 @admin.register(Team)
 class TeamAdmin(admin.ModelAdmin):
-    list_display = ["name", "created_at"]
+    list_display = ["name", "member_count", "run_count", "members_can_stop_others", "created_at"]
     search_fields = ["name"]
+    readonly_fields = ["created_at"]
     inlines = [MembershipInline]
+
+    class Media:
+        css = {"all": ["css/admin.css"]}
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Team]:
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                member_total=Count("memberships", distinct=True),
+                run_total=Count("runs", distinct=True),
+            )
+        )
+
+    @admin.display(description="Members", ordering="member_total")
+    def member_count(self, obj: Any) -> int:
+        return obj.member_total
+
+    @admin.display(description="Runs", ordering="run_total")
+    def run_count(self, obj: Any) -> int:
+        return obj.run_total
+
+
+# --- Provider accounts --------------------------------------------------------------------------
 
 
 class ProviderAccountForm(forms.ModelForm):
     # The key is write-only: blank keeps the stored one, and the stored one is never sent back.
     api_key = forms.CharField(
+        label="New API key",
         required=False,
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
         help_text="Stored encrypted. Leave blank to keep the current key.",
@@ -31,6 +123,12 @@ class ProviderAccountForm(forms.ModelForm):
     class Meta:
         model = ProviderAccount
         fields = ["team", "kind", "name", "base_url", "api_key", "options"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Keep the decrypted key out of the form altogether: not rendered, and a blank field
+        # is then "unchanged" rather than logged in the history as "Changed API key".
+        self.initial["api_key"] = ""
 
     def clean_api_key(self) -> str:
         key = self.cleaned_data.get("api_key") or ""
@@ -42,21 +140,32 @@ class ProviderAccountForm(forms.ModelForm):
 @admin.register(ProviderAccount)
 class ProviderAccountAdmin(admin.ModelAdmin):
     form = ProviderAccountForm
-    list_display = ["name", "team", "kind", "base_url", "masked_key"]
+    list_display = ["name", "team", "kind", "base_url", "masked_key", "created_at"]
     list_filter = ["kind", "team"]
-    search_fields = ["name", "base_url"]
+    list_select_related = ["team"]
+    search_fields = ["name", "base_url", "team__name"]
+    readonly_fields = ["masked_key", "created_at"]
+    fieldsets = [
+        (None, {"fields": ["team", "kind", "name", "base_url", "options"]}),
+        ("API key", {"fields": ["masked_key", "api_key"]}),
+        ("Record", {"fields": ["created_at"]}),
+    ]
 
-    @admin.display(description="API key")
+    @admin.display(description="Current key")
     def masked_key(self, obj: ProviderAccount) -> str:
-        return obj.masked_key
+        return obj.masked_key if obj.pk else "—"
+
+
+# --- Runs -------------------------------------------------------------------------------------
 
 
 class RunEventInline(admin.TabularInline):
     model = RunEvent
     extra = 0
     can_delete = False
+    show_change_link = False
     fields = readonly_fields = (
-        "at",
+        "when",
         "kind",
         "from_status",
         "to_status",
@@ -66,8 +175,108 @@ class RunEventInline(admin.TabularInline):
         "data",
     )
 
-    def has_add_permission(self, request, obj=None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="At")
+    def when(self, obj: RunEvent) -> str:
+        # To the millisecond: the gap between "stop requested" and "stopped" is the point.
+        return _moment(obj.at, seconds=True)
+
+
+class StoppedByFilter(admin.RelatedOnlyFieldListFilter):
+    """Who pressed stop: only people who ever stopped a run are offered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.title = "stopped by"
+
+
+class RunActionForm(helpers.ActionForm):
+    # Beside the action menu, so a stop from the admin can say why, like the Cancel dialog.
+    reason = forms.CharField(
+        label="Reason:",
+        required=False,
+        max_length=500,
+        widget=forms.TextInput(attrs={"placeholder": "optional", "size": 24}),
+    )
+
+
+class ForceMarkForm(forms.Form):
+    reason = forms.CharField(
+        label="Reason",
+        max_length=FORCE_REASON_MAX,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text=(
+            "Required, and recorded on each run's timeline: why you are sure the provider "
+            "is no longer working on it."
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class StopReport:
+    run: Run
+    outcome: str  # stopped, stopping, unconfirmed, already_finished, failed
+    detail: str
+
+
+# Outcome → (message level, how the group of runs is introduced), in the order shown.
+OUTCOMES = {
+    "stopped": (messages.SUCCESS, "Stopped {n}, confirmed by the provider"),
+    "stopping": (messages.INFO, "Stopping {n}, awaiting provider confirmation"),
+    "unconfirmed": (messages.WARNING, "Stop unconfirmed for {n} (Runbrake keeps checking)"),
+    "already_finished": (messages.INFO, "Already finished, nothing to stop for {n}"),
+    "failed": (messages.ERROR, "The stop call failed for {n} (Runbrake retries it)"),
+}
+
+
+async def _astop_all(runs: list[Run], *, actor: Any, reason: str) -> list[StopReport]:
+    """Stop each run as its admin actor, concurrently: one slow provider holds up no other.
+
+    Not `astop_each`: that scopes to the actor's own teams, and an operator (a superuser)
+    is usually in none of them.
+    """
+
+    # "Select all 2,000 runs" must not open 2,000 provider connections at once.
+    slots = asyncio.Semaphore(STOP_CONCURRENCY)
+
+    async def one(run: Run) -> StopReport:
+        try:
+            async with slots:
+                await run.astop(actor=actor, channel=Channel.ADMIN, reason=reason)
+        except RunAlreadyFinished as exc:
+            return StopReport(run, "already_finished", exc.run.get_status_display().lower())
+        except Exception as exc:
+            # One broken account must not hide the outcome of every other run selected.
+            logger.exception("Admin stop of run %s failed", run.pk)
+            return StopReport(run, "failed", str(exc) or exc.__class__.__name__)
+        await run.arefresh_from_db()
+        return _classify(run)
+
+    return list(await asyncio.gather(*(one(run) for run in runs)))
+
+
+def _classify(run: Run) -> StopReport:
+    # The same reading of the run as the team pages' bulk stop (runs.models.astop_each).
+    if run.status == Status.STOPPED:
+        return StopReport(run, "stopped", f"confirmed by {run.stop_confirmation}")
+    if run.status in FINISHED:
+        return StopReport(
+            run, "already_finished", f"{run.get_status_display().lower()} before the stop landed"
+        )
+    if run.status == Status.STOP_UNCONFIRMED:
+        return StopReport(run, "unconfirmed", run.stop_error or "not confirmed yet")
+    if run.stop_error:
+        return StopReport(run, "failed", run.stop_error)
+    if not run.external_id:
+        return StopReport(
+            run, "stopping", "not named by the provider yet; the stop goes out when it is"
+        )
+    return StopReport(run, "stopping", "stop sent")
 
 
 @admin.register(Run)
@@ -75,37 +284,264 @@ class RunAdmin(admin.ModelAdmin):
     list_display = [
         "id",
         "status_badge",
-        "team",
-        "provider",
+        "team_and_provider",
         "short_prompt",
-        "created_by",
+        "launched",
+        "stop_summary",
+    ]
+    list_filter = [
+        "status",
+        "provider",
+        "team",
+        ("stop_requested_by", StoppedByFilter),
+        "stop_channel",
         "created_at",
+    ]
+    search_fields = ["prompt", "external_id", "created_by__username", "created_by__email"]
+    search_help_text = "Prompt, the provider's run id, or the owner's username or email."
+    date_hierarchy = "created_at"
+    list_select_related = ["team", "created_by", "stop_requested_by"]
+    list_display_links = ["id", "status_badge"]
+    list_per_page = 50
+    inlines = [RunEventInline]
+    action_form = RunActionForm
+    actions = ["stop_selected", "force_mark_stopped"]
+    fieldsets = [
+        (
+            None,
+            {
+                "fields": [
+                    ("status_badge", "team", "created_by"),
+                    ("provider_account", "provider", "timeout_seconds"),
+                    "prompt",
+                    "options",
+                ]
+            },
+        ),
+        (
+            "At the provider",
+            {
+                "fields": [
+                    ("external_id", "provider_status"),
+                    "provider_refs",
+                    "output",
+                    "structured_output",
+                    "error",
+                ]
+            },
+        ),
+        (
+            "Timestamps",
+            {
+                "fields": [
+                    ("created_at", "start_attempted_at", "started_at"),
+                    ("deadline", "finished_at", "updated_at", "version"),
+                ]
+            },
+        ),
+        (
+            "Stop",
+            {
+                "fields": [
+                    ("stop_requested_at", "stop_requested_by", "stop_channel"),
+                    "stop_reason",
+                    ("stop_deadline", "stop_attempts", "stop_sent_at", "stop_next_attempt_at"),
+                    "stop_answer",
+                    "stop_error",
+                    ("stop_confirmed_at", "stop_confirmation", "stop_latency"),
+                ]
+            },
+        ),
+    ]
+    # Status only changes through the state machine, never by editing a form.
+    readonly_fields = [
+        *(f.name for f in Run._meta.concrete_fields),
+        "status_badge",
         "stop_latency",
     ]
-    list_filter = ["status", "provider", "team", "stop_channel", "created_at"]
-    search_fields = ["prompt", "external_id", "created_by__username"]
-    date_hierarchy = "created_at"
-    list_select_related = ["team", "created_by"]
-    inlines = [RunEventInline]
-    # Status only changes through the state machine, never by editing a form.
-    readonly_fields = [f.name for f in Run._meta.concrete_fields]
 
-    def has_add_permission(self, request) -> bool:
+    class Media:
+        css = {"all": ["css/admin.css"]}
+
+    # --- Permissions: read-only runs; stopping is its own permission ----------------------
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Read-only: the change page renders as a view page, with no Save buttons.
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Deleting a run erases its audit trail (the events go with it): superusers only.
+        return request.user.is_superuser
+
+    def has_stop_permission(self, request: HttpRequest) -> bool:
+        # The model's "change" permission, which no form uses here, means "may act on runs".
+        return request.user.has_perm("runs.change_run")
+
+    # --- Columns ------------------------------------------------------------------------
 
     @admin.display(description="Status", ordering="status")
     def status_badge(self, obj: Run) -> str:
         return format_html(
-            '<strong class="badge-{}">{}</strong>', obj.status, obj.get_status_display()
+            '<span class="rb-badge rb-badge-{}">{}</span>', obj.status, obj.get_status_display()
+        )
+
+    # Two facts per cell (two lines), so the list fits beside the filters on a laptop.
+    @admin.display(description="Team / provider", ordering="team__name")
+    def team_and_provider(self, obj: Run) -> str:
+        return format_html(
+            '{}<br><span class="rb-muted">{}</span>',
+            obj.team,
+            obj.get_provider_display().split(" (")[0],  # "Fay", not "Fay (deep research)"
         )
 
     @admin.display(description="Prompt")
     def short_prompt(self, obj: Run) -> str:
-        return obj.prompt[:80]
+        return obj.prompt if len(obj.prompt) <= 60 else obj.prompt[:59] + "…"
+
+    @admin.display(description="Launched", ordering="created_at")
+    def launched(self, obj: Run) -> str:
+        return format_html(
+            '{}<br><span class="rb-muted rb-nowrap">{}</span>',
+            obj.created_by or "—",
+            _moment(obj.created_at),
+        )
+
+    @admin.display(description="Stop", ordering="stop_requested_at")
+    def stop_summary(self, obj: Run) -> str:
+        if not obj.stop_channel:
+            return "—"
+        return format_html(
+            '{}<br><span class="rb-muted">{} · {}</span>',
+            obj.stop_requested_by or "—",
+            obj.get_stop_channel_display().lower(),
+            _stop_state(obj),
+        )
 
     @admin.display(description="Stop latency")
     def stop_latency(self, obj: Run) -> str:
         return f"{obj.stop_latency_ms} ms" if obj.stop_latency_ms is not None else "—"
+
+    # --- Actions ------------------------------------------------------------------------
+
+    @admin.action(description="Stop this run", permissions=["stop"], location=BOTH_PLACES)
+    def stop_selected(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
+        runs = list(queryset.select_related("provider_account"))
+        reports = async_to_sync(_astop_all)(
+            runs, actor=request.user, reason=_posted_reason(request)
+        )
+        grouped: dict[str, list[StopReport]] = defaultdict(list)
+        for report in sorted(reports, key=lambda r: r.run.pk):
+            grouped[report.outcome].append(report)
+        for outcome, (level, intro) in OUTCOMES.items():
+            if group := grouped.get(outcome):
+                # Provider messages are sentences; inside the list they lose their last stop.
+                listed = "; ".join(f"#{r.run.pk} ({r.detail.rstrip('.')})" for r in group)
+                self.message_user(request, f"{intro.format(n=_runs(len(group)))}: {listed}.", level)
+
+    stop_selected.plural_description = "Stop selected runs"  # type: ignore[attr-defined]
+
+    @admin.action(description="Force mark stopped", permissions=["stop"], location=BOTH_PLACES)
+    def force_mark_stopped(
+        self, request: HttpRequest, queryset: QuerySet[Run]
+    ) -> TemplateResponse | None:
+        runs = list(queryset.select_related("team", "stop_requested_by"))
+        stuck = [run for run in runs if run.status in STOP_IN_PROGRESS]
+        others = [run for run in runs if run.status not in STOP_IN_PROGRESS]
+        if not stuck:
+            self.message_user(
+                request,
+                "Nothing to force-mark: none of the selected runs is stuck in Stopping… or "
+                "Stop unconfirmed. Use Stop for a run that is still going.",
+                messages.WARNING,
+            )
+            return None
+        # Posted back under the same names as the action form that opened the page.
+        prefix = _action_prefix(request)
+        form_prefix = prefix.removesuffix("-") or None
+        if "apply" in request.POST:
+            form = ForceMarkForm(request.POST, prefix=form_prefix)
+            if form.is_valid():
+                self._apply_force_mark(request, stuck, others, form.cleaned_data["reason"])
+                return None
+        else:
+            # The reason typed beside the action menu, if any, starts the confirmation.
+            form = ForceMarkForm(
+                initial={"reason": _posted_reason(request)[:FORCE_REASON_MAX]},
+                prefix=form_prefix,
+            )
+        return TemplateResponse(
+            request,
+            "admin/runs/run/force_mark_stopped.html",
+            {
+                **self.admin_site.each_context(request),
+                "title": "Force mark stopped without the provider's confirmation",
+                "opts": self.opts,
+                "stuck": stuck,
+                "others": others,
+                "form": form,
+                "prefix": prefix,
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+                "selected": [run.pk for run in runs],
+                "media": self.media,
+            },
+        )
+
+    force_mark_stopped.plural_description = (  # type: ignore[attr-defined]
+        "Force mark selected runs stopped"
+    )
+
+    def _apply_force_mark(
+        self, request: HttpRequest, stuck: list[Run], others: list[Run], reason: str
+    ) -> None:
+        marked, raced = [], []
+        for run in stuck:
+            if run.force_mark_stopped(actor=request.user, reason=reason):
+                marked.append(run)
+            else:
+                # The provider's confirmation (or its completion) landed since the page loaded.
+                raced.append(run)
+        if marked:
+            self.message_user(
+                request,
+                f"Force-marked {_runs(len(marked))} stopped without provider confirmation: "
+                f"{_ids(marked)}.",
+                messages.SUCCESS,
+            )
+        skipped = [f"#{run.pk} ({run.get_status_display().lower()})" for run in [*raced, *others]]
+        if skipped:
+            self.message_user(
+                request,
+                f"Skipped {_runs(len(skipped))} not stuck in a stop: {', '.join(skipped)}.",
+                messages.WARNING,
+            )
+
+
+def _stop_state(run: Run) -> str:
+    if run.status in STOP_IN_PROGRESS:
+        return "awaiting the provider"
+    if run.status in FINISHED:
+        return f"{run.get_status_display().lower()} first"
+    if "force-mark" in run.stop_confirmation:  # force_mark_stopped's own wording
+        return "force-marked"
+    return f"confirmed in {run.stop_latency_ms} ms"
+
+
+def _ids(runs: Iterable[Run]) -> str:
+    return ", ".join(f"#{run.pk}" for run in runs)
+
+
+def _action_prefix(request: HttpRequest) -> str:
+    """Field-name prefix of the action form that was posted: a run's own page prefixes its
+    action form's fields so they cannot clash with the model form's."""
+    form_prefix = f"{ActionLocation.CHANGE_FORM.value}-"
+    return form_prefix if f"{form_prefix}action" in request.POST else ""
+
+
+def _posted_reason(request: HttpRequest) -> str:
+    return request.POST.get(f"{_action_prefix(request)}reason", "").strip()[:500]
 
 
 @admin.register(ApiToken)

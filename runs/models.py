@@ -731,7 +731,7 @@ class Run(models.Model):
             message=f"Force-marked stopped by an admin without provider confirmation: {reason}",
             finished_at=now,
             stop_confirmed_at=now,
-            stop_confirmation=f"an admin's force-mark, not the provider ({reason})",
+            stop_confirmation=f"an admin's force-mark, not the provider ({reason[:150]})",
             stop_next_attempt_at=None,
         )
 

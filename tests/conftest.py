@@ -102,6 +102,12 @@ def fay_url(sim: Server) -> str:
 # --- The cast ---------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _fast_passwords(settings: Any) -> None:
+    # Real hashing costs ~0.3 s a user on a busy 2-core machine; tests need no strength.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def password() -> str:
     return "correct-horse-battery"
