@@ -198,7 +198,7 @@ async def stop_run(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
         team_id=run.team_id, user=user
     )
     if not membership.can_stop(run):
-        return _refused(request, "Viewers can watch runs but not stop them.")
+        return await sync_to_async(_refused)(request, "Viewers can watch runs but not stop them.")
     # A one-click reason button and the free-text box share the name: the first said wins.
     reason = next((r.strip() for r in request.POST.getlist("reason") if r.strip()), "")[:500]
     try:
@@ -228,7 +228,7 @@ async def bulk_stop(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
     )
     team = membership.team
     if not membership.can_launch:
-        return _refused(request, "Viewers can watch runs but not stop them.")
+        return await sync_to_async(_refused)(request, "Viewers can watch runs but not stop them.")
     if request.POST.get("scope") == "all":
         # Admins stop the whole team's running work; members only their own.
         scope = Run.objects.for_team(team).filter(status__in=(Status.PENDING, Status.RUNNING))

@@ -430,3 +430,21 @@ def test_a_double_submitted_launch_form_starts_one_run(as_bob, acme, fay_account
     assert Run.objects.count() == 1
     fresh = second.content.decode().split('name="idempotency_key" value="')[1].split('"')[0]
     assert fresh != key  # the next launch from the fresh form is a new run
+
+
+def test_a_viewer_pressing_cancel_without_htmx_gets_a_readable_403(client, carol, launch):
+    run = launch()
+    client.force_login(carol)
+    response = client.post(reverse("runs:stop", args=[run.pk]))
+    assert response.status_code == 403
+    assert "Viewers can watch runs but not stop them." in response.content.decode()
+
+
+def test_a_viewer_bulk_stopping_without_htmx_gets_a_readable_403(client, carol, acme, launch):
+    run = launch()
+    client.force_login(carol)
+    response = client.post(
+        reverse("runs:bulk-stop", args=[acme.pk]), {"action": "confirm", "ids": [run.pk]}
+    )
+    assert response.status_code == 403
+    assert "Viewers" in response.content.decode()
