@@ -198,8 +198,12 @@ async def test_it_maps_odd_answers_to_provider_errors(status, body, code, retrya
 
 @pytest.mark.parametrize(
     ("kind", "path"),
-    [("fay", "/sim/fay/api/v1"), ("dify", "/sim/dify/v1"),
-     ("intelligencebox", "/sim/intelligencebox"), ("xpander", "/sim/xpander")],
+    [
+        ("fay", "/sim/fay/api/v1"),
+        ("dify", "/sim/dify/v1"),
+        ("intelligencebox", "/sim/intelligencebox"),
+        ("xpander", "/sim/xpander"),
+    ],
 )
 async def test_check_proves_the_url_and_key_for_every_provider(sim, kind, path):
     from runs.providers import get_provider
