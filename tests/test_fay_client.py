@@ -14,7 +14,12 @@ from runs.providers.fay import FayProvider
 
 def fay(url: str, key: str = "sim-test-key", **options: Any) -> FayProvider:
     return FayProvider(
-        ProviderConfig(base_url=url, api_key=key, options={"poll_interval": 0.05, **options})
+        ProviderConfig(
+            base_url=url,
+            api_key=key,
+            allow_private=True,
+            options={"poll_interval": 0.05, **options},
+        )
     )
 
 
@@ -186,7 +191,7 @@ async def test_an_unreachable_provider_is_a_retryable_error_in_words():
 async def test_it_maps_odd_answers_to_provider_errors(status, body, code, retryable):
     transport = httpx.MockTransport(lambda request: httpx.Response(status, content=body))
     provider = FayProvider(
-        ProviderConfig("http://fay.invalid/api/v1", "k"),
+        ProviderConfig("http://fay.invalid/api/v1", "k", allow_private=True),
         client=httpx.AsyncClient(transport=transport),
     )
     with pytest.raises(ProviderError) as exc:
@@ -209,9 +214,13 @@ async def test_check_proves_the_url_and_key_for_every_provider(sim, kind, path):
     from runs.providers import get_provider
 
     options = {"agent_id": "researcher"} if kind == "xpander" else {}
-    good = get_provider(kind, ProviderConfig(sim.url + path, "sim-check-key", options))
+    good = get_provider(
+        kind, ProviderConfig(sim.url + path, "sim-check-key", options, allow_private=True)
+    )
     assert "answered" in await good.check()
-    bad = get_provider(kind, ProviderConfig(sim.url + path, "wrong-key", options))
+    bad = get_provider(
+        kind, ProviderConfig(sim.url + path, "wrong-key", options, allow_private=True)
+    )
     with pytest.raises(ProviderError) as exc:
         await bad.check()
     assert "key" in exc.value.message
