@@ -19,14 +19,16 @@ from .views import list_page
 @database_sync_to_async
 def _team_snapshot(
     user: Any, team_id: int, query: dict[str, list[str]]
-) -> tuple[RunFilterForm, str] | None:
+) -> tuple[RunFilterForm, set[int], bool, str] | None:
     membership = Membership.objects.select_related("team").filter(user=user, team_id=team_id)
     found = membership.first()
     if found is None:
         return None
     filters = RunFilterForm(QueryDict(urlencode(query, doseq=True)), team=found.team, user=user)
     page = list_page(found.team, filters, (query.get("before") or [""])[0])
-    return filters, live.render_rows(page["runs"], page["rows_id"])
+    shown = {run.pk for run in page["runs"]}
+    html = live.render_rows(page["runs"], page["rows_id"])
+    return filters, shown, page["rows_id"] == "run-rows", html
 
 
 @database_sync_to_async
@@ -71,7 +73,12 @@ class PushConsumer(AsyncWebsocketConsumer):
 
 
 class TeamRunsConsumer(PushConsumer):
+    """A team's list. It knows which rows its viewer has, so a run that enters the viewer's
+    filter is inserted, one that leaves it is removed, and others are not sent at all."""
+
     filters: RunFilterForm | None = None
+    shown: set[int]
+    takes_new_rows = False
 
     async def authorise(self, user: Any) -> tuple[str, str | None]:
         team_id = int(self.scope["url_route"]["kwargs"]["team_id"])
@@ -79,17 +86,22 @@ class TeamRunsConsumer(PushConsumer):
         found = await _team_snapshot(user, team_id, query)
         if found is None:
             return live.team_group(team_id), None
-        self.filters, snapshot = found
+        self.filters, self.shown, self.takes_new_rows, snapshot = found
         return live.team_group(team_id), snapshot
 
     async def push_html(self, event: dict[str, Any]) -> None:
-        meta = event.get("meta")
-        if meta and self.filters is not None and not self.filters.matches(meta):
-            # It left this viewer's filter (or never matched): take it off the list.
-            if not meta["created"]:
-                await self.send(text_data=live.render_removal(meta["id"]))
-            return
-        await self.send(text_data=event["html"])
+        meta = event["meta"]
+        run_id = meta["id"]
+        wanted = self.filters is None or self.filters.matches(meta)
+        if run_id in self.shown:
+            if wanted:
+                await self.send(text_data=event["html"])
+            else:
+                self.shown.discard(run_id)
+                await self.send(text_data=live.render_removal(run_id))
+        elif wanted and self.takes_new_rows:
+            self.shown.add(run_id)
+            await self.send(text_data=live.as_insertion(event["html"]))
 
 
 class RunConsumer(PushConsumer):

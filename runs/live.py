@@ -44,11 +44,15 @@ def load(run_id: int) -> Run:
 
 def render_row(run: Run, *, created: bool = False) -> str:
     html = render_to_string("runs/partials.html#run-row", {"run": run})
-    if created:
-        # A new run is inserted at the top of the live list; a row that is already there is
-        # replaced by the browser (see static/js/app.js), so a replayed push cannot duplicate.
-        return f'<tbody hx-swap-oob="afterbegin:#run-rows">{html}</tbody>'
-    return html
+    return as_insertion(html) if created else html
+
+
+def as_insertion(row_html: str) -> str:
+    """A row to insert at the top of the live list; a row that is already there is replaced
+    by the browser (see static/js/app.js), so a replayed push cannot duplicate it."""
+    if row_html.startswith("<tbody"):
+        return row_html
+    return f'<tbody hx-swap-oob="afterbegin:#run-rows">{row_html}</tbody>'
 
 
 def render_detail(run: Run, *, oob: bool = False) -> str:

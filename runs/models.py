@@ -634,6 +634,16 @@ class Run(models.Model):
         if self.status in FINISHED:
             raise RunAlreadyFinished(self)
         now = timezone.now()
+        # With a provider id the requester takes the first stop call's lease in the same
+        # update, so the watcher's pass cannot send it first and leave the requester's answer
+        # behind. Without an id there is nothing to send yet: due now, for whoever gets it.
+        first_call: dict[str, Any] = {"stop_next_attempt_at": now}
+        if Run.objects.filter(pk=self.pk).exclude(external_id="").exists():
+            first_call = {
+                "stop_next_attempt_at": now + self._stop_lease(),
+                "stop_attempts": F("stop_attempts") + 1,
+                "stop_sent_at": now,
+            }
         won = self._transition(
             (Status.PENDING, Status.RUNNING),
             Status.STOPPING,
@@ -646,16 +656,20 @@ class Run(models.Model):
             stop_channel=channel,
             stop_reason=reason[:500],
             stop_deadline=now + dt.timedelta(seconds=settings.RUNBRAKE_STOP_GRACE_SECONDS),
-            stop_next_attempt_at=now,
+            **first_call,
         )
         if not won and self.status in FINISHED:
             raise RunAlreadyFinished(self)
         return won
 
+    @staticmethod
+    def _stop_lease() -> dt.timedelta:
+        return dt.timedelta(seconds=settings.RUNBRAKE_STOP_CALL_TIMEOUT + 5)
+
     def claim_stop_attempt(self) -> bool:
         """Lease the next stop call: no two processes send a stop for the same run at once."""
         now = timezone.now()
-        lease = dt.timedelta(seconds=settings.RUNBRAKE_STOP_CALL_TIMEOUT + 5)
+        lease = self._stop_lease()
         won = (
             Run.objects.filter(
                 pk=self.pk, status__in=STOP_IN_PROGRESS, stop_next_attempt_at__lte=now
@@ -817,12 +831,14 @@ class Run(models.Model):
             actor=actor, channel=channel, reason=reason
         )
         if requested:
-            await self.asend_stop()
+            # request_stop took the first call's lease when the provider id was known.
+            await self.asend_stop(claimed=self.stop_sent_at is not None)
         return StopOutcome(run=self, requested=requested)
 
-    async def asend_stop(self) -> None:
-        """Make one provider stop call if one is due, and record what the provider said."""
-        if not await sync_to_async(self.claim_stop_attempt)():
+    async def asend_stop(self, *, claimed: bool = False) -> None:
+        """Make one provider stop call if one is due (or already leased to us), and record
+        what the provider said."""
+        if not claimed and not await sync_to_async(self.claim_stop_attempt)():
             return
         account = await ProviderAccount.objects.aget(pk=self.provider_account_id)
         provider = account.provider()

@@ -262,3 +262,17 @@ async def test_a_filtered_socket_gets_matching_runs_and_loses_rows_that_leave(bo
     removal = await communicator.receive_from(timeout=5)
     assert removal == f'<tr id="run-row-{running.pk}" hx-swap-oob="delete"></tr>'
     await communicator.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_run_that_enters_the_filter_later_is_inserted(bob, acme, launch):
+    communicator, connected = await connect(f"/ws/teams/{acme.pk}/?status=running", bob)
+    assert connected
+    await communicator.receive_from(timeout=5)  # the (empty) snapshot
+    run = await sync_to_async(launch)("pending first")
+    assert await communicator.receive_nothing(timeout=0.3)  # pending: not on this list
+    await sync_to_async(run.mark_running)("PROCESSING")
+    inserted = await communicator.receive_from(timeout=5)
+    assert inserted.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')
+    assert f'id="run-row-{run.pk}"' in inserted
+    await communicator.disconnect()

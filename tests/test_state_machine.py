@@ -112,3 +112,17 @@ def test_two_stops_racing_make_exactly_one_provider_call(launch, bob, alice, sim
     assert run.status == Status.STOPPED
     assert len(sim.stop_calls(run.external_id)) == 1
     assert run.events.filter(kind="stop_requested").count() == 1
+
+
+def test_the_stopper_holds_the_first_stop_call_so_the_watcher_cannot_send_it_first(launch, bob):
+    from django.utils import timezone
+
+    with_id = launch()
+    with_id.record_external_id("abc")
+    with_id.request_stop(actor=bob, channel=Channel.BUTTON)
+    without_id = launch()
+    without_id.request_stop(actor=bob, channel=Channel.BUTTON)
+    due = set(Run.objects.stop_due(timezone.now()).values_list("pk", flat=True))
+    assert with_id.pk not in due  # leased to the requester, who sends it now
+    assert with_id.stop_attempts == 1
+    assert without_id.stop_attempts == 0  # nothing to send until the provider names it
