@@ -25,7 +25,12 @@
   function toast(message, level) {
     var box = document.getElementById("toasts");
     if (!box) return;
+    // The same message again (a form resubmitted with the same mistake) replaces the old one.
+    box.querySelectorAll(".toast").forEach(function (old) {
+      if (old.dataset.message === message) old.remove();
+    });
     var el = document.createElement("div");
+    el.dataset.message = message;
     el.className = "toast toast-" + (level || "info");
     el.setAttribute("role", level === "error" ? "alert" : "status");
     el.textContent = message;

@@ -86,6 +86,14 @@ def _allow_orm_beside_playwright_loop() -> Iterator[None]:
         os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
 
 
+@pytest.fixture(autouse=True)
+def _fast_passwords() -> None:
+    """Keep Django's real password hashers in browser tests. tests/conftest.py's autouse
+    fixture of this name switches the test process to MD5 only, which the `manage.py serve`
+    subprocess does not have: it could not verify the hashes and every browser login would
+    fail."""
+
+
 @pytest.fixture(scope="session", autouse=True)
 def chromium_executable(_allow_orm_beside_playwright_loop: None, playwright: Any) -> str:
     """Skip (or, on CI, fail) before any database or server is set up."""
