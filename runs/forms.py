@@ -126,7 +126,10 @@ class LaunchForm(forms.Form):
 
     def _json(self, name: str, kind: type) -> Any:
         raw = self.cleaned_data.get(name)
-        if raw in (None, ""):
+        account = self.cleaned_data.get("provider_account")
+        # Only the chosen provider's options count: a leftover in a hidden section of another
+        # provider must not block the launch with an error the user cannot see.
+        if raw in (None, "") or account is None or name not in OPTIONS_BY_KIND[account.kind]:
             return None
         try:
             value = json.loads(raw)
@@ -170,7 +173,11 @@ class LaunchForm(forms.Form):
         account = data.get("provider_account")
         kind = account.kind if account else ""
         if kind == ProviderKind.FAY:
-            if data.get("structured_output") and not data.get("output_schema"):
+            if (
+                data.get("structured_output")
+                and not data.get("output_schema")
+                and "output_schema" not in self.errors
+            ):
                 self.add_error("output_schema", "Structured output needs a JSON schema.")
             if data.get("output_schema") and not data.get("structured_output"):
                 self.add_error(

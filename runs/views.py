@@ -173,7 +173,13 @@ def run_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     return render(
         request,
         "runs/run_detail.html",
-        {"run": run, "events": events, "membership": membership, "team": run.team},
+        {
+            "run": run,
+            "events": events,
+            "membership": membership,
+            "team": run.team,
+            "section": "runs",
+        },
     )
 
 

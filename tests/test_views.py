@@ -448,3 +448,38 @@ def test_a_viewer_bulk_stopping_without_htmx_gets_a_readable_403(client, carol, 
     )
     assert response.status_code == 403
     assert "Viewers" in response.content.decode()
+
+
+def test_a_leftover_in_another_providers_options_does_not_block_a_launch(
+    as_bob, acme, fay_account, streaming_accounts
+):
+    response = as_bob.post(
+        reverse("runs:launch", args=[acme.pk]),
+        {
+            "provider_account": streaming_accounts["intelligencebox"].pk,
+            "prompt": "hello",
+            "timeout_seconds": 60,
+            "inputs": "{oops",
+            "output_schema": "[not a schema",
+        },
+        **HTMX,
+    )
+    assert toast_of(response)["level"] == "success"
+    assert Run.objects.get().options == {}
+
+
+def test_an_invalid_schema_is_one_error_not_two(as_bob, acme, fay_account):
+    response = as_bob.post(
+        reverse("runs:launch", args=[acme.pk]),
+        {
+            "provider_account": fay_account.pk,
+            "prompt": "x",
+            "timeout_seconds": 60,
+            "structured_output": "on",
+            "output_schema": '{"type": "objekt"}',
+        },
+        **HTMX,
+    )
+    html = response.content.decode()
+    assert "not a valid JSON Schema" in html
+    assert "needs a JSON schema" not in html
