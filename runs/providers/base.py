@@ -205,22 +205,11 @@ class Provider:
                     raise self.error_from(response)
                 async for event in source.aiter_sse():
                     yield event
-        except httpx.TimeoutException:
-            raise ProviderError(
-                "PROVIDER_TIMEOUT",
-                f"{self.label}'s stream went silent for too long.",
-                retryable=True,
-            ) from None
-        except httpx.ConnectError:
-            raise ProviderError(
-                "PROVIDER_UNREACHABLE",
-                f"Could not connect to {self.label} at {self.config.base_url}. "
-                "Check the provider account's base URL and that the service is up.",
-                retryable=True,
-            ) from None
         except (httpx.RemoteProtocolError, httpx.ReadError):
             # The connection dropped mid-stream: the same as a stream that just ended.
             return
+        except httpx.HTTPError as exc:
+            raise self.transport_error(exc, "stream went silent for too long") from None
 
     async def request(
         self,
@@ -245,25 +234,29 @@ class Provider:
                 content=content if method != "GET" else None,
                 timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
             )
-        except httpx.TimeoutException:
-            raise ProviderError(
+        except httpx.HTTPError as exc:
+            raise self.transport_error(exc, "did not answer in time") from None
+
+    def transport_error(self, exc: httpx.HTTPError, timed_out: str) -> ProviderError:
+        """A failure below HTTP, in words; all retryable (nothing was refused)."""
+        if isinstance(exc, httpx.TimeoutException):
+            return ProviderError(
                 "PROVIDER_TIMEOUT",
-                f"{self.label} did not answer in time. It may be overloaded; try again shortly.",
+                f"{self.label} {timed_out}. It may be overloaded; Runbrake tries again.",
                 retryable=True,
-            ) from None
-        except httpx.ConnectError:
-            raise ProviderError(
+            )
+        if isinstance(exc, httpx.ConnectError):
+            return ProviderError(
                 "PROVIDER_UNREACHABLE",
                 f"Could not connect to {self.label} at {self.config.base_url}. "
                 "Check the provider account's base URL and that the service is up.",
                 retryable=True,
-            ) from None
-        except httpx.HTTPError as exc:
-            raise ProviderError(
-                "PROVIDER_TRANSPORT_ERROR",
-                f"The connection to {self.label} failed ({type(exc).__name__}). Try again.",
-                retryable=True,
-            ) from None
+            )
+        return ProviderError(
+            "PROVIDER_TRANSPORT_ERROR",
+            f"The connection to {self.label} failed ({type(exc).__name__}). Try again.",
+            retryable=True,
+        )
 
     # --- The interface ---------------------------------------------------------------------
 
