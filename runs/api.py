@@ -27,6 +27,7 @@ from .models import (
     Status,
     astop_each,
 )
+from .ratelimit import Limited, ahit
 from .views import HtmxHttpRequest
 
 PAGE_SIZE = 50
@@ -38,6 +39,12 @@ ApiView = Callable[..., Any]
 
 def error(status: int, code: str, message: str, **extra: Any) -> JsonResponse:
     return JsonResponse({"error": {"code": code, "message": message, **extra}}, status=status)
+
+
+def too_many(limited: Limited) -> JsonResponse:
+    response = error(429, "RATE_LIMITED", limited.message, retry_after=limited.retry_after)
+    response["Retry-After"] = str(limited.retry_after)
+    return response
 
 
 def api_view(*methods: str) -> Callable[[ApiView], ApiView]:
@@ -227,6 +234,8 @@ async def _create_run(request: HtmxHttpRequest) -> JsonResponse:
     )
     if not membership.can_launch:
         return error(403, "FORBIDDEN", "Viewers can watch runs but not launch them.")
+    if limited := await ahit("launch", str(request.user.pk)):
+        return too_many(limited)
     options = body.get("options")
     if options is None:
         options = {}
@@ -323,6 +332,8 @@ async def stop_many(request: HtmxHttpRequest) -> JsonResponse:
         ids = [pk async for pk in runs.values_list("pk", flat=True)[:1000]]
     else:
         return error(400, "VALIDATION_ERROR", "Send ids or a filter object.", field="ids")
+    if limited := await ahit("stop", str(request.user.pk)):
+        return too_many(limited)
     results = await astop_each(ids, user=request.user, channel=Channel.API, reason=reason[:500])
     return JsonResponse(
         {
@@ -344,6 +355,8 @@ async def stop_run(request: HtmxHttpRequest, pk: int) -> JsonResponse:
     )
     if not membership.can_stop(run):
         return error(403, "FORBIDDEN", "Viewers can watch runs but not stop them.")
+    if limited := await ahit("stop", str(request.user.pk)):
+        return too_many(limited)
     body = read_json(request)
     if isinstance(body, JsonResponse):
         return body

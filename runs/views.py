@@ -2,11 +2,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
+from django.contrib.auth.views import LoginView
 from django.db.models import Count
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import aget_object_or_404, get_object_or_404, redirect, render
@@ -18,6 +19,7 @@ from django_htmx.middleware import HtmxDetails
 from . import live
 from .forms import LaunchForm, RunFilterForm
 from .models import Channel, Membership, Run, RunAlreadyFinished, Status, Team, astop_each
+from .ratelimit import Limited, ahit
 
 
 class HtmxHttpRequest(HttpRequest):
@@ -120,6 +122,8 @@ def launch_run(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
     team = membership.team
     if not membership.can_launch:
         return _refused(request, "Viewers can watch runs but not launch them.")
+    if limited := async_to_sync(ahit)("launch", str(request.user.pk)):
+        return _too_many(request, limited)
     form = LaunchForm(request.POST, team=team, username=request.user.get_username())
     if not form.is_valid():
         if request.htmx:
@@ -205,6 +209,8 @@ async def stop_run(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
     )
     if not membership.can_stop(run):
         return await sync_to_async(_refused)(request, "Viewers can watch runs but not stop them.")
+    if limited := await ahit("stop", str(user.pk)):
+        return await sync_to_async(_too_many)(request, limited)
     # A one-click reason button and the free-text box share the name: the first said wins.
     reason = next((r.strip() for r in request.POST.getlist("reason") if r.strip()), "")[:500]
     try:
@@ -251,6 +257,8 @@ async def bulk_stop(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
         await sync_to_async(messages.error)(request, message)
         return redirect("runs:team", team_id=team.pk)
     if request.POST.get("action") == "confirm":
+        if limited := await ahit("stop", str(user.pk)):
+            return await sync_to_async(_too_many)(request, limited)
         results = await astop_each(
             ids, user=user, channel=Channel.BUTTON, reason=request.POST.get("reason", "")[:500]
         )
@@ -291,6 +299,26 @@ def run_again(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
         response["HX-Redirect"] = again.get_absolute_url()
         return response
     return redirect(again)
+
+
+def _too_many(request: HtmxHttpRequest, limited: Limited) -> HttpResponseBase:
+    response = _refused(request, limited.message)
+    response.status_code = 429
+    response["Retry-After"] = str(limited.retry_after)
+    return response
+
+
+def login(request: HttpRequest) -> HttpResponseBase:
+    """Django's login, with attempts limited per client address and username."""
+    if request.method == "POST":
+        who = f"{request.META.get('REMOTE_ADDR', '?')}:{request.POST.get('username', '')[:150]}"
+        if limited := async_to_sync(ahit)("login", who):
+            response = render(
+                request, "runs/refused.html", {"message": limited.message}, status=429
+            )
+            response["Retry-After"] = str(limited.retry_after)
+            return response
+    return LoginView.as_view()(request)
 
 
 def _refused(request: HtmxHttpRequest, message: str) -> HttpResponseBase:

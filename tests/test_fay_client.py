@@ -31,7 +31,8 @@ async def collect(provider: FayProvider, prompt: str, **options: Any) -> list[An
 
 
 async def test_it_runs_a_research_request_to_completion(fay_url):
-    events = await collect(fay(fay_url), "AI editors sim:pending=0.1 sim:duration=0.2")
+    # Long enough in PROCESSING that a poll sees it even on a busy machine.
+    events = await collect(fay(fay_url), "AI editors sim:pending=0.1 sim:duration=1.5")
     assert isinstance(events[0], Started)
     uuid.UUID(events[0].external_id)
     assert Running("PROCESSING") in events

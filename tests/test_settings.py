@@ -52,6 +52,7 @@ def test_production_settings_pass_check_deploy():
         ({"RUNBRAKE_STOP_GRACE_SECONDS": "soon"}, "must be a number"),
         ({"DATABASE_URL": "nosuch://x"}, "DATABASE_URL is not a valid database URL"),
         ({"REDIS_URL": "http://localhost"}, "REDIS_URL must be a redis:// URL"),
+        ({"RUNBRAKE_RATE_LAUNCH": "lots"}, "RUNBRAKE_RATE_LAUNCH must look like 30/60"),
     ],
 )
 def test_bad_values_stop_start_up_with_a_clear_error(env, message):

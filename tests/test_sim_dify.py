@@ -340,10 +340,9 @@ async def test_it_stops_mid_stream_with_message_end_and_keeps_the_partial_answer
         events = source.aiter_sse()
         first = json.loads((await anext(events)).data)
         r = await stop(api, first["task_id"])
-        stopped_at = time.monotonic()
         assert (r.status_code, r.json()) == (200, {"result": "success"})
         rest = data([sse async for sse in events])
-    assert time.monotonic() - stopped_at < 1.0
+    # No second chunk (due 5 s later): the stop woke the generator, not the next tick.
     assert [e["event"] for e in rest] == ["message_end"]
     end = rest[0]
     assert end["task_id"] == first["task_id"]
@@ -409,7 +408,7 @@ async def test_it_ignores_the_stop_with_sim_stop_ignore(api):
 
 
 async def test_it_ends_late_after_a_stop_with_sim_stop_slow(api):
-    payload = body("Sluggish sim:stop=slow sim:stop_delay=0.6 sim:duration=10 sim:chunks=50")
+    payload = body("Sluggish sim:stop=slow sim:stop_delay=3 sim:duration=20 sim:chunks=300")
     async with aconnect_sse(api, "POST", "/chat-messages", json=payload) as source:
         events = source.aiter_sse()
         first = json.loads((await anext(events)).data)
@@ -417,9 +416,9 @@ async def test_it_ends_late_after_a_stop_with_sim_stop_slow(api):
         stopped_at = time.monotonic()
         rest = data([sse async for sse in events])
     elapsed = time.monotonic() - stopped_at
-    assert 0.5 <= elapsed < 2.0
+    assert elapsed >= 2.5  # a lower bound only: "late" is provable on a busy machine
     assert rest[-1]["event"] == "message_end"
-    assert 2 <= len(rest) < 50  # kept generating during the delay, then ended early
+    assert 2 <= len(rest) < 300  # kept generating during the delay, then ended early
 
 
 # --- history ---------------------------------------------------------------------------------

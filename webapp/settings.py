@@ -161,6 +161,36 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+# --- Cache (rate limits) ------------------------------------------------------------------
+# Redis when scaled out, so every web process counts against the same limits.
+if REDIS_URL:
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+
+def env_rate(name: str, default: str) -> tuple[int, int]:
+    raw = os.environ.get(name, default)
+    try:
+        count, seconds = (int(part) for part in raw.split("/"))
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"{name} must look like 30/60 (count/seconds), got {raw!r}"
+        ) from None
+    if count < 1 or seconds < 1:
+        raise ImproperlyConfigured(f"{name} needs a positive count and window, got {raw!r}")
+    return count, seconds
+
+
+# Per user (launch, stop) or per client address and username (login): count/seconds.
+RUNBRAKE_RATE_LIMITS = {
+    "launch": env_rate("RUNBRAKE_RATE_LAUNCH", "30/60"),
+    "stop": env_rate("RUNBRAKE_RATE_STOP", "120/60"),
+    "login": env_rate("RUNBRAKE_RATE_LOGIN", "10/300"),
+}
+
 # --- Auth -----------------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
