@@ -1,5 +1,5 @@
-"""Rate limits on launch, stop and login: fixed windows counted in the cache, so every web
-process shares them when the cache is Redis (scaled out); one process needs nothing more."""
+"""Rate limits on launch, stop and login: a window opened by the first attempt and counted in
+the cache, so every web process shares it when the cache is Redis (scaled out)."""
 
 from __future__ import annotations
 
@@ -24,22 +24,21 @@ class Limited:
         )
 
 
-def _window(scope: str) -> tuple[int, int]:
-    limit, seconds = settings.RUNBRAKE_RATE_LIMITS[scope]
-    return limit, seconds
-
-
 async def ahit(scope: str, who: str) -> Limited | None:
     """Count one attempt; None while within the limit, else how long to wait."""
-    limit, seconds = _window(scope)
-    start = int(time.time()) // seconds * seconds
-    key = f"rl:{scope}:{who}:{start}"
-    await cache.aadd(key, 0, seconds + 1)
+    limit, seconds = settings.RUNBRAKE_RATE_LIMITS[scope]
+    key = f"rl:{scope}:{who}"
+    now = time.time()
+    # The first attempt opens the window (both keys expire with it); later ones count in it.
+    await cache.aadd(f"{key}:opened", now, seconds)
+    await cache.aadd(key, 0, seconds)
     try:
         count = await cache.aincr(key)
-    except ValueError:  # expired between add and incr: this attempt opens a new window
-        await cache.aset(key, 1, seconds + 1)
+    except ValueError:  # the window closed between add and incr: this attempt opens one
+        await cache.aset(f"{key}:opened", now, seconds)
+        await cache.aset(key, 1, seconds)
         count = 1
     if count <= limit:
         return None
-    return Limited(scope, max(1, start + seconds - int(time.time())))
+    opened = await cache.aget(f"{key}:opened", now)
+    return Limited(scope, max(1, round(opened + seconds - now)))

@@ -201,7 +201,7 @@ async def test_fifty_streaming_runs_stopped_at_once_each_get_one_confirmed_stop(
             await sync_to_async(Run.objects.launch)(
                 account=accounts[kind],
                 user=bob,
-                prompt=f"fleet {i} {uuid.uuid4().hex[:6]} sim:duration=30",
+                prompt=f"fleet {i} {uuid.uuid4().hex[:6]} sim:duration=300",
                 options={},
                 timeout_seconds=600,
             )
