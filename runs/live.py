@@ -43,7 +43,8 @@ def load(run_id: int) -> Run:
 
 
 def render_row(run: Run, *, created: bool = False) -> str:
-    html = render_to_string("runs/partials.html#run-row", {"run": run})
+    # Stripped: htmx parses an answer as table rows only when it *starts* with `<tr`.
+    html = render_to_string("runs/partials.html#run-row", {"run": run}).strip()
     return as_insertion(html) if created else html
 
 
@@ -62,11 +63,12 @@ def render_detail(run: Run, *, oob: bool = False) -> str:
     )
 
 
-def render_run_response(run: Run) -> str:
-    """What an htmx action on a run answers: every fragment of it, swapped where present."""
-    return render_to_string("runs/partials.html#run-row", {"run": run, "oob": True}) + (
-        render_detail(run, oob=True)
-    )
+def render_run_response(run: Run, *, on_run_page: bool) -> str:
+    """What an htmx action on a run answers: the fragments the page it came from shows (the
+    run's own page has the detail; a list has the row)."""
+    if on_run_page:
+        return render_detail(run, oob=True)
+    return render_to_string("runs/partials.html#run-row", {"run": run, "oob": True}).strip()
 
 
 def _send(group: str, html: str, meta: dict[str, Any] | None = None) -> None:

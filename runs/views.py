@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
@@ -225,7 +226,10 @@ async def stop_run(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
             request, messages.ERROR if level == "error" else messages.INFO, message
         )
         return redirect("runs:detail", pk=run.pk)
-    html = await sync_to_async(live.render_run_response)(run)
+    page = urlsplit(request.htmx.current_url or "").path
+    html = await sync_to_async(live.render_run_response)(
+        run, on_run_page=page == run.get_absolute_url()
+    )
     return toast(HttpResponse(html), message, level)
 
 

@@ -483,3 +483,17 @@ def test_an_invalid_schema_is_one_error_not_two(as_bob, acme, fay_account):
     html = response.content.decode()
     assert "not a valid JSON Schema" in html
     assert "needs a JSON schema" not in html
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancel_from_the_run_page_answers_with_that_pages_fragments(as_bob, launch, sim):
+    run = start_at_provider(launch("long sim:pending=0 sim:duration=60"))
+    response = as_bob.post(
+        reverse("runs:stop", args=[run.pk]),
+        HTTP_HX_CURRENT_URL=f"http://testserver{run.get_absolute_url()}",
+        **HTMX,
+    )
+    html = response.content.decode()
+    assert f'id="run-status-{run.pk}"' in html
+    assert f'id="run-events-{run.pk}"' in html
+    assert f'id="run-row-{run.pk}"' not in html  # that page has no row to swap
