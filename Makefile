@@ -16,12 +16,13 @@ UV_VERSION := 0.13.9
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: help run test test-unit test-e2e lint fmt check-deploy clean setup browser
+.PHONY: help run run-scaled test test-unit test-e2e lint fmt check-deploy clean setup browser
 
 help:
 	@echo "make run    - set up and start Runbrake on http://127.0.0.1:$(PORT)/"
 	@echo "make test   - set up and run every test (unit, integration, browser)"
 	@echo "make lint   - ruff and mypy"
+	@echo "make run-scaled - 2 web + 2 watcher processes on PostgreSQL + Redis (see Procfile)"
 
 $(UV):
 	@test -n "$(PYTHON)" || { echo "Runbrake needs Python 3.12 or newer on PATH (or under pyenv)." >&2; exit 1; }
@@ -43,6 +44,23 @@ run: setup
 	@echo "             admin (Django admin at /admin/) — password: $${DEMO_PASSWORD:-runbrake-demo}"
 	@echo
 	exec $(PY) manage.py serve --port $(PORT)
+
+# The scaled topology on this machine: PostgreSQL and Redis must be running (see docs/DEPLOY.md).
+SCALED_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/runbrake
+SCALED_REDIS_URL ?= redis://127.0.0.1:6379/0
+run-scaled: setup
+	$(PY) -c "import sys, psycopg; from urllib.parse import urlsplit; u = urlsplit(sys.argv[1]); \
+	c = psycopg.connect(sys.argv[1].replace(u.path, '/postgres'), autocommit=True); \
+	n = u.path.lstrip('/'); \
+	c.execute('SELECT 1 FROM pg_database WHERE datname = %s', (n,)).fetchone() or c.execute(f'CREATE DATABASE \"{n}\"')" \
+	"$(SCALED_DATABASE_URL)"
+	DATABASE_URL=$(SCALED_DATABASE_URL) REDIS_URL=$(SCALED_REDIS_URL) $(PY) manage.py migrate --no-input -v0
+	DATABASE_URL=$(SCALED_DATABASE_URL) REDIS_URL=$(SCALED_REDIS_URL) PORT=8001 $(PY) manage.py seed_demo
+	@echo
+	@echo "  Runbrake (scaled): http://127.0.0.1:8001/ and http://127.0.0.1:8002/ — same runs, same live view"
+	@echo
+	DATABASE_URL=$(SCALED_DATABASE_URL) REDIS_URL=$(SCALED_REDIS_URL) RUNBRAKE_EMBEDDED_WATCHER=false \
+	exec $(VENV)/bin/honcho -f Procfile start
 
 test: setup
 	$(PY) -m pytest -m "not e2e"

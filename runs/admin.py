@@ -312,7 +312,8 @@ class RunAdmin(admin.ModelAdmin):
             {
                 "fields": [
                     ("status_badge", "team", "created_by"),
-                    ("provider_account", "provider", "timeout_seconds"),
+                    ("provider_account", "provider"),
+                    ("timeout_seconds", "no_progress_seconds"),
                     "prompt",
                     "options",
                 ]
@@ -335,8 +336,16 @@ class RunAdmin(admin.ModelAdmin):
             {
                 "fields": [
                     ("created_at", "start_attempted_at", "started_at"),
-                    ("deadline", "finished_at", "updated_at", "version"),
+                    ("deadline", "stall_deadline", "finished_at", "updated_at", "version"),
                 ]
+            },
+        ),
+        (
+            "Watcher",
+            {
+                "description": "The watcher process following this run, and until when its "
+                "lease holds without renewal.",
+                "fields": [("watched_by", "watch_lease_until")],
             },
         ),
         (

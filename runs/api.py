@@ -122,6 +122,7 @@ def run_json(run: Run) -> dict[str, Any]:
         "prompt": run.prompt,
         "options": run.options,
         "timeout_seconds": run.timeout_seconds,
+        "no_progress_seconds": run.no_progress_seconds,
         "output": run.output,
         "structured_output": run.structured_output,
         "error": run.error or None,
@@ -252,6 +253,9 @@ async def _create_run(request: HtmxHttpRequest) -> JsonResponse:
         "provider_account": account.pk,
         "prompt": body.get("prompt") if isinstance(body.get("prompt"), str) else "",
         "timeout_seconds": body.get("timeout_seconds", settings.RUNBRAKE_DEFAULT_TIMEOUT_SECONDS),
+        "no_progress_seconds": body.get(
+            "no_progress_seconds", settings.RUNBRAKE_NO_PROGRESS_SECONDS
+        ),
         "clear_queue": options.get("clear_queue", True),
     }
     for name, value in options.items():
@@ -277,6 +281,7 @@ async def _create_run(request: HtmxHttpRequest) -> JsonResponse:
             prompt=form.cleaned_data["prompt"],
             options=form.run_options(),
             timeout_seconds=form.cleaned_data["timeout_seconds"],
+            no_progress_seconds=form.cleaned_data["no_progress_seconds"],
             channel=Channel.API,
             idempotency_key=key,
         )

@@ -46,6 +46,13 @@ class LaunchForm(forms.Form):
         label="Timeout (seconds)",
         help_text="Runbrake stops the run for you after this long.",
     )
+    no_progress_seconds = forms.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=24 * 3600,
+        label="Stop if no progress for (seconds)",
+        help_text="Stops a run whose output and status stay unchanged this long. 0 = never.",
+    )
     # Fay
     structured_output = forms.BooleanField(
         required=False,
@@ -93,6 +100,7 @@ class LaunchForm(forms.Form):
     def __init__(self, *args: Any, team: Team, username: str = "", **kwargs: Any) -> None:
         initial = kwargs.setdefault("initial", {})
         initial.setdefault("timeout_seconds", settings.RUNBRAKE_DEFAULT_TIMEOUT_SECONDS)
+        initial.setdefault("no_progress_seconds", settings.RUNBRAKE_NO_PROGRESS_SECONDS)
         initial.setdefault("idempotency_key", str(uuid.uuid4()))
         super().__init__(*args, **kwargs)
         self.username = username
@@ -140,6 +148,10 @@ class LaunchForm(forms.Form):
                 f"This must be a JSON {'object' if kind is dict else 'list'}."
             )
         return value
+
+    def clean_no_progress_seconds(self) -> int:
+        value = self.cleaned_data.get("no_progress_seconds")
+        return settings.RUNBRAKE_NO_PROGRESS_SECONDS if value is None else value
 
     def clean_output_schema(self) -> dict[str, Any] | None:
         schema = self._json("output_schema", dict)

@@ -25,6 +25,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+import logging
 import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 
     AnyUser = AbstractBaseUser | AnonymousUser
+
+
+logger = logging.getLogger(__name__)
 
 
 class TeamQuerySet(models.QuerySet["Team"]):
@@ -184,6 +188,7 @@ class Channel(models.TextChoices):
     API = "api", "API"
     ADMIN = "admin", "Admin"
     TIMEOUT = "timeout", "Timeout"
+    STALL = "stall", "No progress"
     SYSTEM = "system", "System"
     PROVIDER = "provider", "Provider"
 
@@ -296,6 +301,59 @@ class RunQuerySet(models.QuerySet["Run"]):
     def past_timeout(self, now: dt.datetime) -> RunQuerySet:
         return self.filter(status__in=(Status.PENDING, Status.RUNNING), deadline__lt=now)
 
+    def stalled(self, now: dt.datetime) -> RunQuerySet:
+        """Running runs that made no progress (output, provider status) within their limit."""
+        return self.filter(status=Status.RUNNING, stall_deadline__lt=now)
+
+    def watched_by(self, watcher_id: str) -> RunQuerySet:
+        return self.filter(watched_by=watcher_id)
+
+    def claim_watch(self, watcher_id: str, *, lease_seconds: float, limit: int) -> list[int]:
+        """Renew this watcher's leases, take unwatched or orphaned active runs up to `limit`,
+        and return the ids of every active run it now holds.
+
+        Each active run is held by exactly one watcher: the claim locks candidate rows with
+        SKIP LOCKED (two watchers claiming at once take different runs instead of waiting on
+        each other) and only takes rows that are still free when it writes. A watcher that
+        dies stops renewing; its leases lapse and the next claim anywhere takes its runs.
+        """
+        now = timezone.now()
+        until = now + dt.timedelta(seconds=lease_seconds)
+        free = models.Q(watched_by="") | models.Q(watch_lease_until__lt=now)
+        with transaction.atomic():
+            self.active().filter(watched_by=watcher_id).update(watch_lease_until=until)
+            held = self.active().filter(watched_by=watcher_id).count()
+            room = max(0, limit - held)
+            if room:
+                candidates = list(
+                    self.active()
+                    .filter(free)
+                    .order_by("created_at", "id")
+                    .select_for_update(skip_locked=True)
+                    .values_list("pk", "watched_by")[:room]
+                )
+                if candidates:
+                    self.filter(pk__in=[pk for pk, _ in candidates]).filter(free).update(
+                        watched_by=watcher_id, watch_lease_until=until
+                    )
+                    orphans = [pk for pk, previous in candidates if previous]
+                    if orphans:
+                        logger.warning(
+                            "watcher %s took over runs %s from watchers that stopped renewing",
+                            watcher_id,
+                            orphans,
+                        )
+            return list(self.active().filter(watched_by=watcher_id).values_list("pk", flat=True))
+
+    def release_watch(self, watcher_id: str) -> int:
+        """Hand this watcher's runs back (graceful shutdown): others take them at once."""
+        return self.filter(watched_by=watcher_id).update(watched_by="", watch_lease_until=None)
+
+    async def arelease_watch(self, watcher_id: str) -> int:
+        return await self.filter(watched_by=watcher_id).aupdate(
+            watched_by="", watch_lease_until=None
+        )
+
     def launch(
         self,
         *,
@@ -304,6 +362,7 @@ class RunQuerySet(models.QuerySet["Run"]):
         prompt: str,
         options: dict[str, Any],
         timeout_seconds: int,
+        no_progress_seconds: int | None = None,
         channel: str = "button",
         idempotency_key: str = "",
     ) -> Run:
@@ -311,11 +370,15 @@ class RunQuerySet(models.QuerySet["Run"]):
         launch returns the first run; the same key with a different request raises
         IdempotencyConflict. The unique constraint settles two retries racing each other."""
         now = timezone.now()
+        if no_progress_seconds is None:
+            no_progress_seconds = settings.RUNBRAKE_NO_PROGRESS_SECONDS
         fingerprint = ""
         if idempotency_key:
             fingerprint = hashlib.sha256(
                 json.dumps(
-                    [account.pk, prompt, options, timeout_seconds], sort_keys=True, default=str
+                    [account.pk, prompt, options, timeout_seconds, no_progress_seconds],
+                    sort_keys=True,
+                    default=str,
                 ).encode()
             ).hexdigest()
             first = self.filter(created_by=user, idempotency_key=idempotency_key).first()
@@ -329,6 +392,7 @@ class RunQuerySet(models.QuerySet["Run"]):
                     prompt,
                     options,
                     timeout_seconds,
+                    no_progress_seconds,
                     channel,
                     now,
                     idempotency_key,
@@ -347,6 +411,7 @@ class RunQuerySet(models.QuerySet["Run"]):
         prompt: str,
         options: dict[str, Any],
         timeout_seconds: int,
+        no_progress_seconds: int,
         channel: str,
         now: dt.datetime,
         idempotency_key: str,
@@ -363,6 +428,7 @@ class RunQuerySet(models.QuerySet["Run"]):
             options=options,
             timeout_seconds=timeout_seconds,
             deadline=now + dt.timedelta(seconds=timeout_seconds),
+            no_progress_seconds=no_progress_seconds,
             created_at=now,
             updated_at=now,
         )
@@ -389,9 +455,9 @@ class IdempotencyConflict(Exception):
 
 
 def _nudge_watchers() -> None:
-    from .watcher import nudge
+    from .watcher import nudge_watchers
 
-    nudge()
+    nudge_watchers()
 
 
 class Run(models.Model):
@@ -419,6 +485,13 @@ class Run(models.Model):
     options = models.JSONField(default=dict, blank=True)
     timeout_seconds = models.PositiveIntegerField()
     deadline = models.DateTimeField()
+    # The "no progress" guardrail: a running run whose output and provider status stay
+    # unchanged for this long is stopped (0 = never). Each sign of progress moves the deadline.
+    no_progress_seconds = models.PositiveIntegerField(default=0)
+    stall_deadline = models.DateTimeField(null=True, blank=True)
+    # Which watcher process follows this run, and until when its lease holds without renewal.
+    watched_by = models.CharField(max_length=100, blank=True)
+    watch_lease_until = models.DateTimeField(null=True, blank=True)
 
     output = models.TextField(blank=True)
     structured_output = models.JSONField(null=True, blank=True)
@@ -468,6 +541,7 @@ class Run(models.Model):
         indexes = [
             models.Index(fields=["team", "-created_at", "-id"], name="run_team_recent"),
             models.Index(fields=["status"], name="run_status"),
+            models.Index(fields=["watched_by", "status"], name="run_watched_by"),
         ]
 
     def __str__(self) -> str:
@@ -581,6 +655,7 @@ class Run(models.Model):
                 Run.objects.filter(pk=self.pk, external_id="").update(
                     external_id=external_id,
                     provider_refs=refs or {},
+                    stall_deadline=self._next_stall_deadline(),
                     updated_at=timezone.now(),
                     version=F("version") + 1,
                 )
@@ -601,10 +676,28 @@ class Run(models.Model):
     def record_output(self, text: str) -> None:
         """Save the answer so far (batched by the watcher) and push it; no status change."""
         Run.objects.filter(pk=self.pk, status__in=ACTIVE).update(
-            output=text, updated_at=timezone.now(), version=F("version") + 1
+            output=text,
+            stall_deadline=self._next_stall_deadline(),
+            updated_at=timezone.now(),
+            version=F("version") + 1,
         )
         transaction.on_commit(lambda: live.push_run(self.pk))
         self.output = text
+
+    def record_provider_status(self, provider_status: str) -> bool:
+        """A polled provider reporting a new status is progress (it shows no partial output)."""
+        if not provider_status or provider_status == self.provider_status:
+            return False
+        changed = Run.objects.filter(pk=self.pk, status=Status.RUNNING).update(
+            provider_status=provider_status, stall_deadline=self._next_stall_deadline()
+        )
+        self.provider_status = provider_status
+        return bool(changed)
+
+    def _next_stall_deadline(self) -> dt.datetime | None:
+        if not self.no_progress_seconds:
+            return None
+        return timezone.now() + dt.timedelta(seconds=self.no_progress_seconds)
 
     def claim_start(self) -> bool:
         """Only one process ever sends the start call for a run."""
@@ -621,6 +714,7 @@ class Run(models.Model):
             kind=RunEvent.Kind.RUNNING,
             message="The provider is working on it.",
             started_at=timezone.now(),
+            stall_deadline=self._next_stall_deadline(),
             provider_status=provider_status,
             data={"provider_status": provider_status},
         )
@@ -824,6 +918,7 @@ class Run(models.Model):
             prompt=self.prompt,
             options=self.options,
             timeout_seconds=self.timeout_seconds,
+            no_progress_seconds=self.no_progress_seconds,
         )
 
     async def astop(self, *, actor: Any, channel: str, reason: str = "") -> StopOutcome:

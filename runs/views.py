@@ -142,6 +142,7 @@ def launch_run(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
         prompt=form.cleaned_data["prompt"],
         options=form.run_options(),
         timeout_seconds=form.cleaned_data["timeout_seconds"],
+        no_progress_seconds=form.cleaned_data["no_progress_seconds"],
         channel=Channel.BUTTON,
         idempotency_key=form.cleaned_data.get("idempotency_key") or "",
     )

@@ -7,6 +7,13 @@ overdue stops to STOP_UNCONFIRMED, and stops runs past their timeout through the
 
 The database is the source of truth: every tick re-reads which runs need what, so a restart
 (or a nudge lost on the way) costs at most one tick.
+
+Several watchers can run at once (`manage.py runwatcher`, or one per web process in the
+embedded default). Each tick a watcher renews the leases on the runs it holds and claims free
+or orphaned ones (`RunQuerySet.claim_watch`), so every active run has exactly one watcher and a
+dead watcher's runs move to a live one within a lease. Stop calls do not depend on who holds
+the stream: the web process that records a stop makes the first call itself, and the holding
+watcher retries it.
 """
 
 from __future__ import annotations
@@ -14,12 +21,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 import threading
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 
 from .models import ACTIVE, STOP_IN_PROGRESS, Channel, ProviderAccount, Run, RunEvent, Status
@@ -40,11 +52,23 @@ logger = logging.getLogger(__name__)
 _current: Watcher | None = None
 _current_lock = threading.Lock()
 
+# The channel-layer group every watcher listens on for "a run was launched" nudges.
+NUDGE_GROUP = "runbrake-watchers"
+
+
+def new_identity() -> str:
+    return f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(3)}"
+
 
 class Watcher:
-    def __init__(self, *, tick: float | None = None) -> None:
+    def __init__(self, *, tick: float | None = None, capacity: int | None = None) -> None:
+        self.identity = new_identity()
         self.tick_seconds = tick if tick is not None else settings.RUNBRAKE_WATCHER_TICK
+        self.capacity = capacity if capacity is not None else settings.RUNBRAKE_WATCHER_CAPACITY
         self.sessions: dict[int, asyncio.Task[None]] = {}
+        # Runs whose start call is in flight: a graceful shutdown waits for their ids, since a
+        # start cut off before its id is saved can never be followed or safely re-sent.
+        self.starting: dict[int, asyncio.Event] = {}
         self.side_tasks: set[asyncio.Task[Any]] = set()
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -55,34 +79,74 @@ class Watcher:
 
     async def run_forever(self) -> None:
         self._loop = asyncio.get_running_loop()
-        logger.info("watcher started")
+        logger.info("watcher %s started", self.identity)
+        listener = asyncio.create_task(self._listen_for_nudges())
+        try:
+            while not self._stopping:
+                try:
+                    await self.tick()
+                except Exception:
+                    logger.exception("watcher tick failed; retrying next tick")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=self.tick_seconds)
+                self._wakeup.clear()
+        finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+
+    async def _listen_for_nudges(self) -> None:
+        """Scaled out, launches happen in web processes: they nudge every watcher through the
+        channel layer so a new run starts now, not at the next tick. Losing a nudge (Redis
+        down) only costs that tick, so errors are logged and the listener carries on."""
+        layer = get_channel_layer()
+        if layer is None or isinstance(layer, InMemoryChannelLayer):
+            return  # one process: launches nudge the in-process watcher directly
+        channel = await layer.new_channel()
         while not self._stopping:
             try:
-                await self.tick()
+                await layer.group_add(NUDGE_GROUP, channel)
+                while not self._stopping:
+                    await layer.receive(channel)
+                    self._wakeup.set()
+            except asyncio.CancelledError:
+                raise
             except Exception:
-                logger.exception("watcher tick failed; retrying next tick")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self.tick_seconds)
-            self._wakeup.clear()
+                logger.warning("watcher nudges unavailable; polling every tick", exc_info=True)
+                await asyncio.sleep(self.tick_seconds)
 
-    async def shutdown(self) -> None:
-        """Stop following runs at once; let stop calls already in flight finish (bounded).
-
-        Sessions need no hand-over: the next watcher re-reads every active run and follows it.
-        """
+    def request_shutdown(self) -> None:
+        """Signal-handler safe: ask run_forever to end (then call shutdown())."""
         self._stopping = True
         self._wakeup.set()
+
+    async def shutdown(self) -> None:
+        """Hand the runs back: wait (bounded) for start calls to get their provider ids and for
+        stop calls in flight, stop following, and release the leases so another watcher takes
+        the runs on its next tick instead of after the lease lapses."""
+        self._stopping = True
+        self._wakeup.set()
+        grace = settings.RUNBRAKE_STOP_CALL_TIMEOUT + 1
+        if self.starting:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await asyncio.gather(*(done.wait() for done in self.starting.values()))
         sessions = list(self.sessions.values())
         for task in sessions:
             task.cancel()
         await asyncio.gather(*sessions, return_exceptions=True)
         if self.side_tasks:
-            _done, late = await asyncio.wait(
-                list(self.side_tasks), timeout=settings.RUNBRAKE_STOP_CALL_TIMEOUT + 1
-            )
+            _done, late = await asyncio.wait(list(self.side_tasks), timeout=grace)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        try:
+            released = await Run.objects.arelease_watch(self.identity)
+        except Exception:
+            logger.exception("could not hand runs back; they move when the leases lapse")
+        else:
+            if released:
+                logger.info("watcher %s handed back %d runs", self.identity, released)
+                await sync_to_async(nudge_watchers)()
 
     async def drain(self, *, sessions: bool = True) -> None:
         """Wait for the side tasks (stop calls) and, unless told not to, the sessions."""
@@ -97,19 +161,21 @@ class Watcher:
     # --- One pass over the database -----------------------------------------------------------
 
     async def tick(self) -> None:
-        now = timezone.now()
-        active_ids = [pk async for pk in Run.objects.active().values_list("pk", flat=True)]
-        for pk in active_ids:
+        held = set(await _claim(self.identity, self.capacity))
+        for pk in held:
             if pk not in self.sessions:
                 self._start_session(pk)
+        await self._drop_lost_sessions(held)
 
-        async for run in Run.objects.stop_due(now):
+        now = timezone.now()
+        mine = Run.objects.watched_by(self.identity)
+        async for run in mine.stop_due(now):
             self._spawn(run.asend_stop())
 
-        async for run in Run.objects.stop_overdue(now):
+        async for run in mine.stop_overdue(now):
             await sync_to_async(run.mark_stop_unconfirmed)()
 
-        async for run in Run.objects.past_timeout(now):
+        async for run in mine.past_timeout(now):
             self._spawn(
                 run.astop(
                     actor=None,
@@ -117,6 +183,31 @@ class Watcher:
                     reason=f"Timed out after {run.timeout_seconds} s (the run's own limit).",
                 )
             )
+
+        async for run in mine.stalled(now):
+            self._spawn(
+                run.astop(
+                    actor=None,
+                    channel=Channel.STALL,
+                    reason=(
+                        f"No progress for {_minutes(run.no_progress_seconds)}: no new output "
+                        "and no change in the provider's status."
+                    ),
+                )
+            )
+
+    async def _drop_lost_sessions(self, held: set[int]) -> None:
+        """A session whose run another watcher now holds (this one missed its renewals, say
+        after a long database stall) is stopped, so no run is followed twice for long."""
+        others = [pk for pk in self.sessions if pk not in held]
+        if not others:
+            return
+        lost = Run.objects.active().filter(pk__in=others).exclude(watched_by=self.identity)
+        async for pk in lost.values_list("pk", flat=True):
+            logger.warning("watcher %s lost run %s to another; stops following", self.identity, pk)
+            task = self.sessions.get(pk)
+            if task is not None:
+                task.cancel()
 
     def _start_session(self, pk: int) -> None:
         task = asyncio.create_task(self.watch(pk), name=f"run-{pk}")
@@ -146,6 +237,7 @@ class Watcher:
         if run.external_id:
             events = provider.follow(run.external_id, run.provider_refs)
         else:
+            self.starting[pk] = asyncio.Event()
             if not await sync_to_async(run.claim_start)():
                 # The start call was sent by a process that died before recording the id:
                 # sending it again could start a second, billed run. Say so instead.
@@ -161,12 +253,19 @@ class Watcher:
                 )
                 return
             events = provider.run(run.prompt, run.options)
-        session = Session(run, provider)
+        session = Session(run, provider, on_started=lambda: self._started(pk))
         try:
             await session.consume(events)
         except ProviderError as exc:
             await session.flush()
             await self._provider_failed(run, exc)
+        finally:
+            self._started(pk)
+
+    def _started(self, pk: int) -> None:
+        done = self.starting.pop(pk, None)
+        if done is not None:
+            done.set()
 
     async def _provider_failed(self, run: Run, exc: ProviderError) -> None:
         await run.arefresh_from_db()
@@ -186,12 +285,26 @@ class Watcher:
         await Session(run, account.provider()).apply(event)
 
 
+@sync_to_async(thread_sensitive=False)
+def _claim(identity: str, capacity: int) -> list[int]:
+    """The heartbeat runs on its own thread and connection: queued behind the sessions'
+    writes on the shared ORM thread, it could miss its lease under load and let another
+    watcher take runs this one is following perfectly well."""
+    try:
+        return Run.objects.claim_watch(
+            identity, lease_seconds=settings.RUNBRAKE_WATCHER_LEASE_SECONDS, limit=capacity
+        )
+    finally:
+        connection.close()
+
+
 class Session:
     """One run's live connection to its provider: applies events, batches output."""
 
-    def __init__(self, run: Run, provider: Provider) -> None:
+    def __init__(self, run: Run, provider: Provider, on_started: Any = None) -> None:
         self.run = run
         self.provider = provider
+        self.on_started = on_started
         self.text = run.output
         self.dirty = False
         self.reported_output_after_stop = False
@@ -247,6 +360,8 @@ class Session:
         match event:
             case Started(external_id=external_id, refs=refs):
                 await sync_to_async(run.record_external_id)(external_id, refs)
+                if self.on_started is not None:
+                    self.on_started()
                 if run.status in STOP_IN_PROGRESS:
                     # The user pressed Stop before the provider told us the id: send it now.
                     await run.asend_stop()
@@ -254,6 +369,8 @@ class Session:
                 await run.arefresh_from_db()
                 if run.status == Status.PENDING:
                     await sync_to_async(run.mark_running)(provider_status)
+                elif run.status == Status.RUNNING:
+                    await sync_to_async(run.record_provider_status)(provider_status)
             case OutputDelta(text=text, replace=replace):
                 self.text = text if replace else self.text + text
                 self.dirty = True
@@ -375,6 +492,14 @@ class Session:
 
 
 FOLLOW = "follow"
+
+
+def _minutes(seconds: int) -> str:
+    if seconds % 60 == 0:
+        return f"{seconds // 60} min"
+    return f"{seconds} s"
+
+
 # How long after a stop was accepted output may still trickle in before it is reported.
 LATE_OUTPUT_GRACE = 2.0
 
@@ -397,6 +522,20 @@ def start_embedded() -> Watcher | None:
 def nudge() -> None:
     if _current is not None:
         _current.nudge()
+
+
+def nudge_watchers() -> None:
+    """Wake the watchers: the in-process one directly, the others through the channel layer."""
+    if _current is not None:
+        _current.nudge()
+        return
+    layer = get_channel_layer()
+    if layer is None or isinstance(layer, InMemoryChannelLayer):
+        return
+    try:
+        async_to_sync(layer.group_send)(NUDGE_GROUP, {"type": "watcher.nudge"})
+    except Exception:
+        logger.warning("could not nudge the watchers; they pick the run up next tick")
 
 
 async def stop_embedded() -> None:

@@ -43,6 +43,7 @@ class SimRun:
     directives: Directives
     created: float = field(default_factory=time.time)
     stopped_at: float | None = None
+    stop_calls: int = 0
 
     @property
     def pending(self) -> float:
@@ -228,6 +229,12 @@ async def stop(request: HttpRequest, request_id: str) -> JsonResponse:
     if isinstance(run, JsonResponse):
         return run
     mode = run.directives.get("stop")
+    run.stop_calls += 1
+    if mode == "lose_first" and run.stop_calls == 1:
+        # The first stop call is swallowed: it hangs and never acts (the caller died, or the
+        # network dropped it). Only a retry stops the run.
+        await asyncio.sleep(run.directives.number("stop_delay", 60.0, hi=600))
+        return error(500, "INTERNAL_ERROR", "Internal server error")
     if mode == "error":
         return error(500, "INTERNAL_ERROR", "Internal server error")
     if mode == "slow":

@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import pytest
 
@@ -44,6 +45,10 @@ class Server:
             stderr=subprocess.STDOUT,
         )
         self._wait_ready()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -85,6 +90,87 @@ class Server:
                 self.proc.wait(timeout=5)
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
+
+
+def database_url(vendor: str, settings_dict: dict[str, Any]) -> str:
+    """A DATABASE_URL for the test database, as the server subprocess must open it."""
+    s = settings_dict
+    if vendor == "sqlite":
+        name = str(s["NAME"])
+        if name == ":memory:" or name.startswith("file:"):
+            raise RuntimeError("Browser tests need a file-backed SQLite test database.")
+        return f"sqlite:///{Path(name).resolve()}"
+    if vendor == "postgresql":
+        user = quote(str(s.get("USER") or ""), safe="")
+        password = quote(str(s.get("PASSWORD") or ""), safe="")
+        auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+        host = quote(str(s.get("HOST") or ""), safe="")
+        port = f":{s['PORT']}" if s.get("PORT") else ""
+        url = f"postgres://{auth}{host}{port}/{quote(str(s['NAME']), safe='')}"
+        options = {k: v for k, v in (s.get("OPTIONS") or {}).items() if isinstance(v, str)}
+        return f"{url}?{urlencode(options)}" if options else url
+    raise RuntimeError(f"No DATABASE_URL recipe for the {vendor} backend.")
+
+
+class WatcherProcess:
+    """A `manage.py runwatcher` process, stopped for sure at the end."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.log = open(ROOT / f".watcher-{time.monotonic_ns()}.log", "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "manage.py", "runwatcher"],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while " running" not in self.output():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"watcher did not start:\n{self.output()}")
+            time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+SIM_BASE = {
+    "fay": "/sim/fay/api/v1",
+    "dify": "/sim/dify/v1",
+    "intelligencebox": "/sim/intelligencebox",
+    "xpander": "/sim/xpander",
+}
+
+
+def sim_account(team: Any, sim: Server, kind: str) -> Any:
+    """A provider account of `kind` for `team`, pointing at the simulator."""
+    from runs.models import ProviderAccount
+
+    return ProviderAccount.objects.create(
+        team=team,
+        kind=kind,
+        name=kind,
+        base_url=sim.url + SIM_BASE[kind],
+        api_key=f"sim-acme-{kind}",
+        options={"agent_id": "agent-demo"} if kind == "xpander" else {},
+    )
 
 
 @pytest.fixture(scope="session")

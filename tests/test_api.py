@@ -76,11 +76,13 @@ def test_it_creates_a_run(api, fay_account):
             "prompt": "AI editors",
             "options": {"structured_output": True, "output_schema": {"type": "object"}},
             "timeout_seconds": 90,
+            "no_progress_seconds": 240,
         },
     )
     assert response.status_code == 201
     body = response.json()
     run = Run.objects.get()
+    assert run.no_progress_seconds == body["no_progress_seconds"] == 240
     assert body["id"] == run.pk
     assert body["status"] == "pending"
     assert body["provider"] == "fay"
@@ -97,6 +99,8 @@ def test_it_creates_a_run(api, fay_account):
         ({"prompt": ""}, "provider_account"),
         ({"prompt": "", "_account": True}, "prompt"),
         ({"prompt": "x", "timeout_seconds": 0, "_account": True}, "timeout_seconds"),
+        ({"prompt": "x", "no_progress_seconds": -1, "_account": True}, "no_progress_seconds"),
+        ({"prompt": "x", "no_progress_seconds": "soon", "_account": True}, "no_progress_seconds"),
         ({"prompt": "x", "options": {"structured_output": True}, "_account": True}, "options"),
         ({"prompt": "x", "options": {"temperature": 1}, "_account": True}, "options"),
         ({"prompt": "x", "options": [], "_account": True}, "options"),

@@ -15,15 +15,11 @@ from django.utils import timezone
 
 from runs.models import Channel, ProviderAccount, Run, Status
 from runs.watcher import Watcher
+from tests.conftest import sim_account
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 PROVIDERS = ["dify", "intelligencebox", "xpander"]
-BASE = {
-    "dify": "/sim/dify/v1",
-    "intelligencebox": "/sim/intelligencebox",
-    "xpander": "/sim/xpander",
-}
 STOP_PATH = {
     "dify": lambda ext: f"/chat-messages/{ext}/stop",
     "intelligencebox": lambda ext: f"/api/ai/chat/{ext}/stop",
@@ -34,14 +30,7 @@ STOP_PATH = {
 @pytest.fixture
 def account(acme, sim, request) -> Callable[[str], ProviderAccount]:
     def make(kind: str) -> ProviderAccount:
-        return ProviderAccount.objects.create(
-            team=acme,
-            kind=kind,
-            name=kind,
-            base_url=sim.url + BASE[kind],
-            api_key=f"sim-acme-{kind}",
-            options={"agent_id": "agent-demo"} if kind == "xpander" else {},
-        )
+        return sim_account(acme, sim, kind)
 
     return make
 

@@ -3,6 +3,7 @@ before the id is known, retried stops, the stop deadline, timeouts and restart r
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 
@@ -175,3 +176,122 @@ async def test_a_start_interrupted_before_the_id_was_saved_is_not_sent_twice(lau
     assert run.status == Status.FAILED
     assert "provider id is unknown" in run.error
     assert not [r for r in sim.requests() if r["body"] and run.prompt in str(r["body"])]
+
+
+# --- Leases: each active run has exactly one watcher --------------------------------------
+
+
+def test_watchers_split_the_active_runs_and_never_share_one(launch):
+    runs = [launch(f"lease {i} sim:duration=60") for i in range(5)]
+    first = Run.objects.claim_watch("w1", lease_seconds=30, limit=3)
+    second = Run.objects.claim_watch("w2", lease_seconds=30, limit=3)
+    assert len(first) == 3
+    assert len(second) == 2
+    assert set(first) | set(second) == {r.pk for r in runs}
+    assert not set(first) & set(second)
+    # Renewing takes nothing from the other watcher.
+    assert Run.objects.claim_watch("w1", lease_seconds=30, limit=10) == first
+
+
+def test_a_lapsed_lease_is_taken_over_and_a_released_run_is_free_at_once(launch):
+    run = launch("lease sim:duration=60")
+    assert Run.objects.claim_watch("dead", lease_seconds=-1, limit=10) == [run.pk]
+    assert Run.objects.claim_watch("alive", lease_seconds=30, limit=10) == [run.pk]
+    assert Run.objects.claim_watch("dead", lease_seconds=30, limit=10) == []
+    assert Run.objects.release_watch("alive") == 1
+    assert Run.objects.claim_watch("next", lease_seconds=30, limit=10) == [run.pk]
+
+
+def test_finished_runs_are_not_claimed(launch):
+    run = launch("done sim:duration=60")
+    run.mark_failed(error="gone")
+    assert Run.objects.claim_watch("w", lease_seconds=30, limit=10) == []
+
+
+async def test_a_watcher_shutting_down_hands_its_runs_back(launch, sim):
+    run = await sync_to_async(launch)(f"{uuid.uuid4()} sim:pending=0 sim:duration=60")
+    await sync_to_async(start_at_provider)(run)
+    watcher = Watcher()
+    await watcher.tick()
+    await run.arefresh_from_db()
+    assert run.watched_by == watcher.identity
+    await watcher.shutdown()
+    await run.arefresh_from_db()
+    assert run.watched_by == ""
+    assert run.status == Status.RUNNING  # handed back, not stopped or failed
+
+
+async def test_a_watcher_that_lost_a_run_to_another_stops_following_it(launch, sim):
+    run = await sync_to_async(launch)(f"{uuid.uuid4()} sim:pending=0 sim:duration=60")
+    await sync_to_async(start_at_provider)(run)
+    watcher = Watcher()
+    await watcher.tick()
+    session = watcher.sessions[run.pk]
+    await Run.objects.filter(pk=run.pk).aupdate(watched_by="someone-else")
+    await watcher.tick()
+    with pytest.raises(asyncio.CancelledError):
+        await session
+    assert run.pk not in watcher.sessions
+    await watcher.shutdown()
+    await run.arefresh_from_db()
+    assert run.watched_by == "someone-else"
+
+
+# --- The "no progress" guardrail ----------------------------------------------------------
+
+
+def launch_guarded(bob, fay_account, seconds: int) -> Run:
+    return Run.objects.launch(
+        account=fay_account,
+        user=bob,
+        prompt=f"{uuid.uuid4()} sim:pending=0 sim:duration=60",
+        options={},
+        timeout_seconds=600,
+        no_progress_seconds=seconds,
+    )
+
+
+def test_output_and_a_new_provider_status_move_the_no_progress_deadline(bob, fay_account):
+    run = launch_guarded(bob, fay_account, 120)
+    assert run.stall_deadline is None  # not running yet: the timeout covers queued runs
+    run.mark_running("PROCESSING")
+    first = run.stall_deadline
+    assert first is not None
+    run.record_output("partial")
+    run.refresh_from_db()
+    assert run.stall_deadline > first
+    moved = run.stall_deadline
+    assert not run.record_provider_status("PROCESSING")  # the same status is not progress
+    run.refresh_from_db()
+    assert run.stall_deadline == moved
+    assert run.record_provider_status("SUMMARISING")
+    run.refresh_from_db()
+    assert run.stall_deadline > moved
+
+
+def test_zero_turns_the_no_progress_guardrail_off(bob, fay_account):
+    run = launch_guarded(bob, fay_account, 0)
+    run.mark_running("PROCESSING")
+    run.record_output("partial")
+    run.refresh_from_db()
+    assert run.stall_deadline is None
+    assert not Run.objects.stalled(timezone.now() + dt.timedelta(days=365)).exists()
+
+
+async def test_a_run_without_progress_is_stopped_through_the_verified_path(bob, fay_account, sim):
+    run = await sync_to_async(launch_guarded)(bob, fay_account, 300)
+    await sync_to_async(start_at_provider)(run)
+    await sync_to_async(run.mark_running)("PROCESSING")
+    await Run.objects.filter(pk=run.pk).aupdate(
+        stall_deadline=timezone.now() - dt.timedelta(seconds=1)
+    )
+    watcher = Watcher()
+    await watcher.tick()
+    await watcher.drain(sessions=False)
+    await watcher.shutdown()
+    await run.arefresh_from_db()
+    assert run.status == Status.STOPPED
+    assert run.stop_channel == Channel.STALL
+    assert run.stop_reason.startswith("No progress for 5 min")
+    assert "Fay's stop answer" in run.stop_confirmation
+    assert len(sim.stop_calls(run.external_id)) == 1

@@ -219,6 +219,8 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 if not DEBUG:
     SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    # Load balancers probe over plain HTTP inside the network.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
@@ -260,6 +262,13 @@ RUNBRAKE_OUTPUT_FLUSH_SECONDS = env_float("RUNBRAKE_OUTPUT_FLUSH_SECONDS", 0.1, 
 RUNBRAKE_PROVIDER_TIMEOUT = env_float("RUNBRAKE_PROVIDER_TIMEOUT", 30.0, minimum=0.1)
 RUNBRAKE_POLL_INTERVAL = env_float("RUNBRAKE_POLL_INTERVAL", 2.0, minimum=0.05)
 RUNBRAKE_WATCHER_TICK = env_float("RUNBRAKE_WATCHER_TICK", 1.0, minimum=0.05)
+# A watcher renews its runs' leases every tick; a run whose lease lapsed (its watcher died)
+# is taken by another watcher on that one's next tick.
+RUNBRAKE_WATCHER_LEASE_SECONDS = env_float("RUNBRAKE_WATCHER_LEASE_SECONDS", 5.0, minimum=0.5)
+RUNBRAKE_WATCHER_CAPACITY = env_int("RUNBRAKE_WATCHER_CAPACITY", 2000, minimum=1)
+# "No progress" guardrail for new runs: stop a running run whose output and provider status
+# have not changed for this long (0 = off). The API and the launch form can set it per run.
+RUNBRAKE_NO_PROGRESS_SECONDS = env_int("RUNBRAKE_NO_PROGRESS_SECONDS", 900, minimum=0)
 RUNBRAKE_DEFAULT_TIMEOUT_SECONDS = env_int("RUNBRAKE_DEFAULT_TIMEOUT_SECONDS", 1800, minimum=10)
 RUNBRAKE_RUNS_PER_PAGE = env_int("RUNBRAKE_RUNS_PER_PAGE", 25, minimum=1)
 

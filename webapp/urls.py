@@ -2,9 +2,12 @@ from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path
 
+from runs import health
 from runs import views as runs_views
 
 urlpatterns = [
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
     path("admin/", admin.site.urls),
     # Our login (rate limited) shadows the one in django.contrib.auth.urls.
     path("accounts/login/", runs_views.login, name="login"),

@@ -22,12 +22,11 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
 
 import pytest
 from playwright.sync_api import BrowserContext, Page, expect
 
-from tests.conftest import Server
+from tests.conftest import Server, database_url
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -148,26 +147,6 @@ def django_db_modify_db_settings(django_db_modify_db_settings: None) -> None:
             name = f"test_{db['NAME']}"
         if name != ":memory:" and not str(name).endswith("_e2e"):
             test["NAME"] = f"{name}_e2e"
-
-
-def database_url(vendor: str, settings_dict: dict[str, Any]) -> str:
-    """A DATABASE_URL for the test database, as the server subprocess must open it."""
-    s = settings_dict
-    if vendor == "sqlite":
-        name = str(s["NAME"])
-        if name == ":memory:" or name.startswith("file:"):
-            raise RuntimeError("Browser tests need a file-backed SQLite test database.")
-        return f"sqlite:///{Path(name).resolve()}"
-    if vendor == "postgresql":
-        user = quote(str(s.get("USER") or ""), safe="")
-        password = quote(str(s.get("PASSWORD") or ""), safe="")
-        auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
-        host = quote(str(s.get("HOST") or ""), safe="")
-        port = f":{s['PORT']}" if s.get("PORT") else ""
-        url = f"postgres://{auth}{host}{port}/{quote(str(s['NAME']), safe='')}"
-        options = {k: v for k, v in (s.get("OPTIONS") or {}).items() if isinstance(v, str)}
-        return f"{url}?{urlencode(options)}" if options else url
-    raise RuntimeError(f"No DATABASE_URL recipe for the {vendor} backend.")
 
 
 @pytest.fixture
