@@ -69,6 +69,8 @@ class Watcher:
         # Runs whose start call is in flight: a graceful shutdown waits for their ids, since a
         # start cut off before its id is saved can never be followed or safely re-sent.
         self.starting: dict[int, asyncio.Event] = {}
+        # Runs streaming from a provider that aborts them if the stream's connection closes.
+        self.connection_bound: set[int] = set()
         self.side_tasks: set[asyncio.Task[Any]] = set()
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -120,9 +122,9 @@ class Watcher:
         self._wakeup.set()
 
     async def shutdown(self) -> None:
-        """Hand the runs back: wait (bounded) for start calls to get their provider ids and for
-        stop calls in flight, stop following, and release the leases so another watcher takes
-        the runs on its next tick instead of after the lease lapses."""
+        """Hand the runs back: wait (bounded) for start calls to get their provider ids, for
+        stop calls in flight and for connection-bound streams to end; stop following; release
+        the leases so another watcher takes the runs on its next tick, not after they lapse."""
         self._stopping = True
         self._wakeup.set()
         grace = settings.RUNBRAKE_STOP_CALL_TIMEOUT + 1
@@ -130,6 +132,7 @@ class Watcher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await asyncio.gather(*(done.wait() for done in self.starting.values()))
+        await self._drain_connection_bound()
         sessions = list(self.sessions.values())
         for task in sessions:
             task.cancel()
@@ -147,6 +150,25 @@ class Watcher:
             if released:
                 logger.info("watcher %s handed back %d runs", self.identity, released)
                 await sync_to_async(nudge_watchers)()
+
+    async def _drain_connection_bound(self) -> None:
+        """Closing an IntelligenceBox stream ends the chat, so those sessions are given up to
+        RUNBRAKE_WATCHER_DRAIN_SECONDS to finish while this watcher keeps their leases."""
+        bound = [self.sessions[pk] for pk in self.connection_bound if pk in self.sessions]
+        if not bound:
+            return
+        logger.info("watcher %s lets %d connection-bound runs finish", self.identity, len(bound))
+        renewing = asyncio.create_task(self._keep_leases())
+        try:
+            await asyncio.wait(bound, timeout=settings.RUNBRAKE_WATCHER_DRAIN_SECONDS)
+        finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+
+    async def _keep_leases(self) -> None:
+        while True:
+            await _claim(self.identity, 0)  # renews what it holds; room for 0 claims none
+            await asyncio.sleep(self.tick_seconds)
 
     async def drain(self, *, sessions: bool = True) -> None:
         """Wait for the side tasks (stop calls) and, unless told not to, the sessions."""
@@ -254,6 +276,8 @@ class Watcher:
                 return
             events = provider.run(run.prompt, run.options)
         session = Session(run, provider, on_started=lambda: self._started(pk))
+        if provider.disconnect_aborts:
+            self.connection_bound.add(pk)
         try:
             await session.consume(events)
         except ProviderError as exc:
@@ -261,6 +285,7 @@ class Watcher:
             await self._provider_failed(run, exc)
         finally:
             self._started(pk)
+            self.connection_bound.discard(pk)
 
     def _started(self, pk: int) -> None:
         done = self.starting.pop(pk, None)

@@ -14,7 +14,7 @@ from django.utils import timezone
 from runs.models import Channel, Run, Status
 from runs.providers.base import Started
 from runs.watcher import Watcher
-from tests.conftest import start_at_provider
+from tests.conftest import sim_account, start_at_provider
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -295,3 +295,26 @@ async def test_a_run_without_progress_is_stopped_through_the_verified_path(bob, 
     assert run.stop_reason.startswith("No progress for 5 min")
     assert "Fay's stop answer" in run.stop_confirmation
     assert len(sim.stop_calls(run.external_id)) == 1
+
+
+async def test_shutdown_lets_an_intelligencebox_stream_finish(acme, bob, sim, settings):
+    """IntelligenceBox ends a chat whose stream disconnects: handing it over mid-stream would
+    end the run, so shutdown lets that stream finish (bounded) before letting go."""
+    settings.RUNBRAKE_WATCHER_DRAIN_SECONDS = 60
+    account = await sync_to_async(sim_account)(acme, sim, "intelligencebox")
+    run = await sync_to_async(Run.objects.launch)(
+        account=account,
+        user=bob,
+        prompt=f"{uuid.uuid4()} sim:duration=1.5 sim:chunks=15",
+        options={},
+        timeout_seconds=600,
+    )
+    watcher = Watcher()
+    await watcher.tick()
+    async with asyncio.timeout(15):  # streaming, then hand over mid-stream
+        while not (await Run.objects.aget(pk=run.pk)).output:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    await watcher.shutdown()
+    await run.arefresh_from_db()
+    assert run.status == Status.COMPLETED, run.status
+    assert run.watched_by == ""

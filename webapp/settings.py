@@ -266,6 +266,9 @@ RUNBRAKE_WATCHER_TICK = env_float("RUNBRAKE_WATCHER_TICK", 1.0, minimum=0.05)
 # is taken by another watcher on that one's next tick.
 RUNBRAKE_WATCHER_LEASE_SECONDS = env_float("RUNBRAKE_WATCHER_LEASE_SECONDS", 5.0, minimum=0.5)
 RUNBRAKE_WATCHER_CAPACITY = env_int("RUNBRAKE_WATCHER_CAPACITY", 2000, minimum=1)
+# On SIGTERM, how long a watcher lets streams that its provider ends on disconnect
+# (IntelligenceBox) finish before it lets go of them anyway.
+RUNBRAKE_WATCHER_DRAIN_SECONDS = env_float("RUNBRAKE_WATCHER_DRAIN_SECONDS", 30.0, minimum=0.0)
 # "No progress" guardrail for new runs: stop a running run whose output and provider status
 # have not changed for this long (0 = off). The API and the launch form can set it per run.
 RUNBRAKE_NO_PROGRESS_SECONDS = env_int("RUNBRAKE_NO_PROGRESS_SECONDS", 900, minimum=0)

@@ -141,6 +141,9 @@ class Provider:
     # Dify ends a stopped stream with the same `message_end` as a finished one: for it, a
     # normal end after a stop request is the stop's confirmation.
     normal_end_confirms_stop: ClassVar[bool] = False
+    # IntelligenceBox aborts a chat when its stream's client disconnects: a watcher handing
+    # such a run over must let the stream finish, or the hand-over itself would end the run.
+    disconnect_aborts: ClassVar[bool] = False
 
     def __init__(self, config: ProviderConfig, client: httpx.AsyncClient | None = None) -> None:
         self.config = config

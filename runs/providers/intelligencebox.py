@@ -43,6 +43,7 @@ STATUS_POLL = 1.0
 class IntelligenceBoxProvider(Provider):
     kind = "intelligencebox"
     label = "IntelligenceBox"
+    disconnect_aborts = True
 
     def auth_headers(self) -> dict[str, str]:
         return {"x-api-key": self.config.api_key}
