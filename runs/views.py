@@ -38,7 +38,11 @@ def membership_for(request: HtmxHttpRequest, team_id: int) -> Membership:
 
 
 def toast(response: HttpResponseBase, message: str, level: str = "info") -> HttpResponseBase:
-    return trigger_client_event(response, "toast", {"level": level, "message": message})
+    # Aimed at <body>: htmx fires it on the requesting element otherwise, and a Cancel form
+    # that a push replaced meanwhile is detached, so the event would reach no listener.
+    return trigger_client_event(
+        response, "toast", {"level": level, "message": message, "target": "body"}
+    )
 
 
 @require_GET

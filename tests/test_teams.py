@@ -16,7 +16,10 @@ HTMX = {"HTTP_HX_REQUEST": "true"}
 
 
 def toast_of(response) -> dict:
-    return json.loads(response["HX-Trigger"])["toast"]
+    toast = json.loads(response["HX-Trigger"])["toast"]
+    # Fired on <body>, so it is shown even when the requesting form was replaced meanwhile.
+    assert toast.pop("target") == "body"
+    return toast
 
 
 def members_url(team) -> str:

@@ -67,6 +67,19 @@
   document.addEventListener("htmx:wsClose", function () { document.body.dataset.ws = "closed"; });
   document.addEventListener("htmx:wsError", function () { document.body.dataset.ws = "closed"; });
 
+  // --- An answer whose form was replaced while it was on its way. The push for a stop
+  // usually lands before the stop's own answer and replaces the row (or status card) that
+  // holds the Cancel form. htmx looks for an answer's out-of-band targets inside the
+  // requesting element's tree, which is detached by then, so it would find none and drop
+  // the answer. Stop forms target <body> so this event still reaches the document, and the
+  // answer is swapped against the whole page instead.
+  document.addEventListener("htmx:beforeSwap", function (e) {
+    var detail = e.detail, elt = detail.requestConfig && detail.requestConfig.elt;
+    if (!elt || !detail.shouldSwap || document.body.contains(elt)) return;
+    detail.shouldSwap = false;
+    htmx.swap(document.body, detail.serverResponse, { swapStyle: "none" });
+  });
+
   // --- Push ordering: pushes can overtake each other; never let an older one win.
   function version(el) { return Number((el && el.dataset && el.dataset.version) || 0); }
   document.addEventListener("htmx:oobBeforeSwap", function (e) {

@@ -72,12 +72,18 @@ def test_launch_and_cancel_show_live_for_both_users(
         expect_status(page, run_id, "running", "Running")
         expect(page.get_by_role("button", name=f"Cancel run #{run_id}")).to_be_visible()
 
+    console_errors: list[str] = []
+    bob_page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
     bob_page.get_by_role("button", name=f"Cancel run #{run_id}").click()
 
     for page in (bob_page, alice_page):
         expect_status(page, run_id, "stopped", "Stopped")
         expect(page.get_by_role("button", name=f"Cancel run #{run_id}")).to_have_count(0)
         expect_not_reloaded(page)
+    # The Cancel answer (its toast comes with it) was applied too, not dropped because the
+    # push had already replaced the row holding the form.
+    expect(bob_page.locator("#toasts .toast")).to_be_visible()
+    assert not [e for e in console_errors if "oobErrorNoTarget" in e], console_errors
 
     run.refresh_from_db()
     assert run.status == "stopped"
