@@ -8,12 +8,9 @@ a run's own page): *Stop*, through the same verified stop path as the Cancel but
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import logging
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -30,17 +27,15 @@ from .models import (
     FINISHED,
     STOP_IN_PROGRESS,
     ApiToken,
+    BulkStopResult,
     Channel,
     Membership,
     ProviderAccount,
     Run,
-    RunAlreadyFinished,
     RunEvent,
-    Status,
     Team,
+    astop_runs,
 )
-
-logger = logging.getLogger(__name__)
 
 admin.site.site_header = "Runbrake operations"
 admin.site.site_title = "Runbrake admin"
@@ -51,7 +46,6 @@ BOTH_PLACES = [ActionLocation.CHANGE_LIST, ActionLocation.CHANGE_FORM]
 # force_mark_stopped writes "an admin's force-mark, not the provider (<reason>)" into
 # Run.stop_confirmation (200 characters): a longer reason would not fit on PostgreSQL.
 FORCE_REASON_MAX = 150
-STOP_CONCURRENCY = 16
 
 
 def _moment(value: dt.datetime | None, *, seconds: bool = False) -> str:
@@ -217,13 +211,6 @@ class ForceMarkForm(forms.Form):
     )
 
 
-@dataclass(frozen=True)
-class StopReport:
-    run: Run
-    outcome: str  # stopped, stopping, unconfirmed, already_finished, failed
-    detail: str
-
-
 # Outcome → (message level, how the group of runs is introduced), in the order shown.
 OUTCOMES = {
     "stopped": (messages.SUCCESS, "Stopped {n}, confirmed by the provider"),
@@ -232,51 +219,6 @@ OUTCOMES = {
     "already_finished": (messages.INFO, "Already finished, nothing to stop for {n}"),
     "failed": (messages.ERROR, "The stop call failed for {n} (Runbrake retries it)"),
 }
-
-
-async def _astop_all(runs: list[Run], *, actor: Any, reason: str) -> list[StopReport]:
-    """Stop each run as its admin actor, concurrently: one slow provider holds up no other.
-
-    Not `astop_each`: that scopes to the actor's own teams, and an operator (a superuser)
-    is usually in none of them.
-    """
-
-    # "Select all 2,000 runs" must not open 2,000 provider connections at once.
-    slots = asyncio.Semaphore(STOP_CONCURRENCY)
-
-    async def one(run: Run) -> StopReport:
-        try:
-            async with slots:
-                await run.astop(actor=actor, channel=Channel.ADMIN, reason=reason)
-        except RunAlreadyFinished as exc:
-            return StopReport(run, "already_finished", exc.run.get_status_display().lower())
-        except Exception as exc:
-            # One broken account must not hide the outcome of every other run selected.
-            logger.exception("Admin stop of run %s failed", run.pk)
-            return StopReport(run, "failed", str(exc) or exc.__class__.__name__)
-        await run.arefresh_from_db()
-        return _classify(run)
-
-    return list(await asyncio.gather(*(one(run) for run in runs)))
-
-
-def _classify(run: Run) -> StopReport:
-    # The same reading of the run as the team pages' bulk stop (runs.models.astop_each).
-    if run.status == Status.STOPPED:
-        return StopReport(run, "stopped", f"confirmed by {run.stop_confirmation}")
-    if run.status in FINISHED:
-        return StopReport(
-            run, "already_finished", f"{run.get_status_display().lower()} before the stop landed"
-        )
-    if run.status == Status.STOP_UNCONFIRMED:
-        return StopReport(run, "unconfirmed", run.stop_error or "not confirmed yet")
-    if run.stop_error:
-        return StopReport(run, "failed", run.stop_error)
-    if not run.external_id:
-        return StopReport(
-            run, "stopping", "not named by the provider yet; the stop goes out when it is"
-        )
-    return StopReport(run, "stopping", "stop sent")
 
 
 @admin.register(Run)
@@ -438,16 +380,18 @@ class RunAdmin(admin.ModelAdmin):
     @admin.action(description="Stop this run", permissions=["stop"], location=BOTH_PLACES)
     def stop_selected(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
         runs = list(queryset.select_related("provider_account"))
-        reports = async_to_sync(_astop_all)(
-            runs, actor=request.user, reason=_posted_reason(request)
+        # The same verified path and outcome reading as the team pages' bulk stop; no role
+        # check, since an operator is usually a member of none of the teams.
+        results = async_to_sync(astop_runs)(
+            runs, actor=request.user, channel=Channel.ADMIN, reason=_posted_reason(request)
         )
-        grouped: dict[str, list[StopReport]] = defaultdict(list)
-        for report in sorted(reports, key=lambda r: r.run.pk):
-            grouped[report.outcome].append(report)
+        grouped: dict[str, list[BulkStopResult]] = defaultdict(list)
+        for result in sorted(results, key=lambda r: r.id):
+            grouped[result.outcome].append(result)
         for outcome, (level, intro) in OUTCOMES.items():
             if group := grouped.get(outcome):
-                # Provider messages are sentences; inside the list they lose their last stop.
-                listed = "; ".join(f"#{r.run.pk} ({r.detail.rstrip('.')})" for r in group)
+                # Messages are sentences; inside the list they lose their last stop.
+                listed = "; ".join(f"#{r.id} ({r.message.rstrip('.')})" for r in group)
                 self.message_user(request, f"{intro.format(n=_runs(len(group)))}: {listed}.", level)
 
     stop_selected.plural_description = "Stop selected runs"  # type: ignore[attr-defined]

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -235,46 +236,93 @@ class BulkStopResult:
     def label(self) -> str:
         return self.LABELS.get(self.outcome, self.outcome)
 
+    @classmethod
+    def after_stop(cls, run: Run) -> BulkStopResult:
+        """Where a run stands once its stop request returned."""
+        if run.status == Status.STOPPED:
+            return cls(run.pk, "stopped", run.status, f"Confirmed by {run.stop_confirmation}.")
+        if run.status in FINISHED:
+            return cls(
+                run.pk,
+                "already_finished",
+                run.status,
+                f"It {run.get_status_display().lower()} before the stop landed.",
+            )
+        if run.status == Status.STOP_UNCONFIRMED:
+            return cls(run.pk, "unconfirmed", run.status, run.stop_error or "Not confirmed yet.")
+        if run.stop_error:
+            return cls(run.pk, "failed", run.status, run.stop_error)
+        if not run.external_id:
+            return cls(
+                run.pk,
+                "stopping",
+                run.status,
+                "Not named by the provider yet; the stop goes out when it is.",
+            )
+        return cls(
+            run.pk, "stopping", run.status, "Stop sent; waiting for the provider to confirm."
+        )
+
+
+# "Stop all 2,000 selected runs" must not open 2,000 provider connections at once.
+STOP_CONCURRENCY = 16
+
 
 async def astop_each(
     ids: list[int], *, user: Any, channel: str, reason: str = ""
 ) -> list[BulkStopResult]:
-    """Stop many runs through the same verified path, one outcome per requested id."""
+    """Stop many of the user's runs through the verified path, one outcome per requested id."""
     runs = {r.pk: r async for r in Run.objects.for_user(user).filter(pk__in=ids)}
     memberships = {
         m.team_id: m async for m in Membership.objects.filter(user=user).select_related("team")
     }
+    stopped = {
+        result.id: result
+        for result in await astop_runs(
+            list(runs.values()),
+            actor=user,
+            channel=channel,
+            reason=reason,
+            may_stop=lambda run: memberships[run.team_id].can_stop(run),
+        )
+    }
+    return [
+        stopped.get(pk) or BulkStopResult(pk, "not_found", None, f"No run {pk} in your teams.")
+        for pk in ids
+    ]
 
-    async def one(pk: int) -> BulkStopResult:
-        run = runs.get(pk)
-        if run is None:
-            return BulkStopResult(pk, "not_found", None, f"No run {pk} in your teams.")
-        if not memberships[run.team_id].can_stop(run):
+
+async def astop_runs(
+    runs: list[Run],
+    *,
+    actor: Any,
+    channel: str,
+    reason: str = "",
+    may_stop: Callable[[Run], bool] | None = None,
+) -> list[BulkStopResult]:
+    """Stop each run concurrently (one slow provider holds up no other), then read what
+    happened to it. Callers decide which runs the actor may see; `may_stop` is the role check
+    (none for an operator in the admin, who usually belongs to no team)."""
+    slots = asyncio.Semaphore(STOP_CONCURRENCY)
+
+    async def one(run: Run) -> BulkStopResult:
+        if may_stop is not None and not may_stop(run):
             return BulkStopResult(
-                pk, "not_allowed", run.status, "Your role does not allow stopping this run."
+                run.pk, "not_allowed", run.status, "Your role does not allow stopping this run."
             )
         try:
-            await run.astop(actor=user, channel=channel, reason=reason)
+            async with slots:
+                await run.astop(actor=actor, channel=channel, reason=reason)
         except RunAlreadyFinished as exc:
-            return BulkStopResult(pk, "already_finished", run.status, str(exc))
+            return BulkStopResult(run.pk, "already_finished", run.status, str(exc))
+        except Exception as exc:
+            # One broken account must not hide the outcome of every other run.
+            logger.exception("Stopping run %s failed", run.pk)
+            return BulkStopResult(run.pk, "failed", run.status, str(exc) or exc.__class__.__name__)
         await run.arefresh_from_db()
-        if run.status == Status.STOPPED:
-            return BulkStopResult(
-                pk, "stopped", run.status, f"Confirmed by {run.stop_confirmation}."
-            )
-        if run.status in FINISHED:
-            return BulkStopResult(
-                pk, "already_finished", run.status, "It finished before the stop landed."
-            )
-        if run.status == Status.STOP_UNCONFIRMED:
-            return BulkStopResult(pk, "unconfirmed", run.status, run.stop_error or "Not confirmed.")
-        if run.stop_error:
-            return BulkStopResult(pk, "failed", run.status, run.stop_error)
-        return BulkStopResult(
-            pk, "stopping", run.status, "Stop sent; waiting for the provider to confirm."
-        )
+        return BulkStopResult.after_stop(run)
 
-    return list(await asyncio.gather(*(one(pk) for pk in ids)))
+    return list(await asyncio.gather(*(one(run) for run in runs)))
 
 
 class RunQuerySet(models.QuerySet["Run"]):

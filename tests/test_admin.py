@@ -193,11 +193,11 @@ def test_stop_stops_at_the_provider_and_reports_each_outcome(admin_client, admin
         (
             "success",
             f"Stopped 1 run, confirmed by the provider: #{running.pk} "
-            "(confirmed by Fay's stop answer).",
+            "(Confirmed by Fay's stop answer).",
         ),
         (
             "info",
-            f"Already finished, nothing to stop for 1 run: #{done.pk} (completed).",
+            f"Already finished, nothing to stop for 1 run: #{done.pk} (This run already completed; there is nothing left to stop).",
         ),
     ]
     running.refresh_from_db()
@@ -247,7 +247,7 @@ def test_stop_from_the_runs_own_page_saves_the_stop_before_the_provider_names_th
         (
             "info",
             f"Stopping 1 run, awaiting provider confirmation: #{run.pk} "
-            "(not named by the provider yet; the stop goes out when it is).",
+            "(Not named by the provider yet; the stop goes out when it is).",
         )
     ]
     run.refresh_from_db()
