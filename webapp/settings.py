@@ -263,13 +263,25 @@ RUNBRAKE_WATCHER_TICK = env_float("RUNBRAKE_WATCHER_TICK", 1.0, minimum=0.05)
 RUNBRAKE_DEFAULT_TIMEOUT_SECONDS = env_int("RUNBRAKE_DEFAULT_TIMEOUT_SECONDS", 1800, minimum=10)
 RUNBRAKE_RUNS_PER_PAGE = env_int("RUNBRAKE_RUNS_PER_PAGE", 25, minimum=1)
 
+# Every handler scrubs secrets (provider keys this process has seen, bearer tokens, key-like
+# values) from messages and tracebacks. Django's own loggers are pointed at the same handler:
+# its default handlers would print a request's traceback unscrubbed.
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {"scrub_secrets": {"()": "runs.logscrub.ScrubSecrets"}},
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["scrub_secrets"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
+        "django": {"handlers": ["console"], "level": "INFO", "propagate": False},
+        "django.server": {"handlers": ["console"], "level": "WARNING", "propagate": False},
         "httpx": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
         "django.channels.server": {"level": "WARNING"},
