@@ -94,7 +94,8 @@ class _LoopLayer(pubsub.RedisPubSubLoopLayer):
     def __init__(self, *args: Any, capacity: int = 100, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.capacity = capacity
-        self._shards = [_Shard(shard.host, self) for shard in self._shards]
+        stock: list[Any] = self.__dict__["_shards"]
+        self._shards = [_Shard(shard.host, self) for shard in stock]
 
     async def _subscribe_to_channel(self, channel: str) -> None:
         marker = self.channel_layer.serialize(RESYNC)
