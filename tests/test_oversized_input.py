@@ -27,7 +27,7 @@ def server(transactional_db: Any) -> Any:
     assert "Traceback" not in output, output[-3000:]
 
 
-async def test_an_oversized_frame_closes_only_that_socket(server, acme, bob, alice, launch):
+async def test_an_oversized_frame_closes_only_that_socket(server, acme, bob, alice, fay_account):
     path = f"/ws/teams/{acme.pk}/"
     watcher = await open_socket(server, path, alice)
     await watcher.recv()  # the snapshot
@@ -45,12 +45,11 @@ async def test_an_oversized_frame_closes_only_that_socket(server, acme, bob, ali
 
     # The other viewer still gets pushes: a run launched through the API appears on its list.
     token = await sync_to_async(ApiToken.issue)(bob)
-    account = await sync_to_async(lambda: launch().provider_account)()
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
         answer = await http.post(
             "/api/runs",
             headers={"Authorization": f"Bearer {token}"},
-            json={"provider_account": account.pk, "prompt": "still here?"},
+            json={"provider_account": fay_account.pk, "prompt": "still here?"},
         )
     assert answer.status_code == 201, answer.text
     run_id = answer.json()["id"]
