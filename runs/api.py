@@ -12,6 +12,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -81,10 +82,20 @@ def api_view(*methods: str) -> Callable[[ApiView], ApiView]:
 
 
 def read_json(request: HtmxHttpRequest) -> dict[str, Any] | JsonResponse:
-    if not request.body:
+    try:
+        raw = request.body
+    except RequestDataTooBig:
+        # Django refuses to read a body past DATA_UPLOAD_MAX_MEMORY_SIZE; say so in our format
+        # (it would otherwise be an HTML 400 page).
+        return error(
+            413,
+            "BODY_TOO_LARGE",
+            f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.",
+        )
+    if not raw:
         return {}
     try:
-        body = json.loads(request.body)
+        body = json.loads(raw)
     except ValueError as exc:
         return error(400, "INVALID_JSON", f"The request body is not valid JSON: {exc}.")
     if not isinstance(body, dict):

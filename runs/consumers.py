@@ -71,6 +71,15 @@ class PushConsumer(AsyncWebsocketConsumer):
     async def push_html(self, event: dict[str, Any]) -> None:
         await self.send(text_data=event["html"])
 
+    async def push_resync(self, event: dict[str, Any]) -> None:
+        # Pushes were dropped (a full backlog, a lost Redis connection: runs/layers.py):
+        # the snapshot from the database makes the page whole, as on a reconnect.
+        _group, snapshot = await self.authorise(self.scope["user"])
+        if snapshot is None:
+            await self.close()
+            return
+        await self.send(text_data=snapshot)
+
 
 class TeamRunsConsumer(PushConsumer):
     """A team's list. It knows which rows its viewer has, so a run that enters the viewer's

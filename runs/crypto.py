@@ -26,17 +26,27 @@ def check_keys() -> None:
 
 
 def encrypt(plaintext: str) -> str:
+    _remember(plaintext)
     return _fernet().encrypt(plaintext.encode()).decode()
 
 
 def decrypt(token: str) -> str:
     try:
-        return _fernet().decrypt(token.encode()).decode()
+        plaintext = _fernet().decrypt(token.encode()).decode()
     except InvalidToken:
         raise ImproperlyConfigured(
             "A stored provider key cannot be decrypted with RUNBRAKE_ENCRYPTION_KEYS: "
             "keep the old key in the list until every row is re-encrypted."
         ) from None
+    _remember(plaintext)
+    return plaintext
+
+
+def _remember(secret: str) -> None:
+    # Every key this process handles becomes known to the log filter (runs/logscrub.py).
+    from .logscrub import remember
+
+    remember(secret)
 
 
 def rotate(token: str) -> str:

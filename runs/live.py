@@ -25,6 +25,13 @@ logger = logging.getLogger(__name__)
 
 MESSAGE_TYPE = "push.html"
 
+# Every push must fit one websocket frame: daphne refuses to *send* a message over its 64 KiB
+# limit (serve.py) and the consumer dies with it, so a run with a long output could never be
+# watched. Pages and pushes show the end of the output (the whole text is a link away), and a
+# detail push that is still too big carries only the run's status, which always fits.
+MAX_PUSH_BYTES = 56 * 1024
+OUTPUT_SHOWN_CHARS = 12_000
+
 
 def team_group(team_id: int) -> str:
     return f"team-{team_id}"
@@ -58,9 +65,13 @@ def as_insertion(row_html: str) -> str:
 
 def render_detail(run: Run, *, oob: bool = False) -> str:
     events = list(run.events.select_related("actor").order_by("at", "id"))
-    return render_to_string(
+    html = render_to_string(
         "runs/partials.html#run-live", {"run": run, "events": events, "oob": oob}
     )
+    if len(html.encode()) <= MAX_PUSH_BYTES:
+        return html
+    logger.warning("run %s: detail push of %d bytes cut to its status", run.pk, len(html))
+    return render_to_string("runs/partials.html#run-status", {"run": run, "oob": oob})
 
 
 def render_run_response(run: Run, *, on_run_page: bool) -> str:

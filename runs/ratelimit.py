@@ -3,11 +3,14 @@ the cache, so every web process shares it when the cache is Redis (scaled out)."
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from django.conf import settings
 from django.core.cache import cache
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,16 @@ class Limited:
 
 async def ahit(scope: str, who: str) -> Limited | None:
     """Count one attempt; None while within the limit, else how long to wait."""
+    try:
+        return await _ahit(scope, who)
+    except Exception as exc:
+        # The cache (Redis, scaled out) is down: a limiter that cannot count must not keep
+        # anyone from stopping a run, so it lets the attempt through.
+        logger.warning("rate limit %s not counted, the cache failed: %s", scope, exc)
+        return None
+
+
+async def _ahit(scope: str, who: str) -> Limited | None:
     limit, seconds = settings.RUNBRAKE_RATE_LIMITS[scope]
     key = f"rl:{scope}:{who}"
     now = time.time()

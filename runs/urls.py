@@ -13,6 +13,7 @@ urlpatterns = [
     path("teams/<int:team_id>/accounts/", teams.accounts, name="accounts"),
     path("teams/<int:team_id>/accounts/<int:pk>/test", teams.test_account, name="account-test"),
     path("runs/<int:pk>/", views.run_detail, name="detail"),
+    path("runs/<int:pk>/output.txt", views.run_output, name="output"),
     path("runs/<int:pk>/stop", views.stop_run, name="stop"),
     path("runs/<int:pk>/again", views.run_again, name="again"),
     path("teams/<int:team_id>/runs/stop", views.bulk_stop, name="bulk-stop"),

@@ -193,6 +193,14 @@ def run_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     )
 
 
+@require_GET
+@login_required
+def run_output(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """A run's whole output as text: pages and pushes show only its end (see live.py)."""
+    run = get_object_or_404(Run.objects.for_user(request.user), pk=pk)
+    return HttpResponse(run.output, content_type="text/plain; charset=utf-8")
+
+
 def _stop_message(run: Run, requested: bool) -> tuple[str, str]:
     if run.status == "stopped":
         latency = f" in {run.stop_latency_ms} ms" if run.stop_latency_ms is not None else ""

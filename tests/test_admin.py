@@ -197,7 +197,8 @@ def test_stop_stops_at_the_provider_and_reports_each_outcome(admin_client, admin
         ),
         (
             "info",
-            f"Already finished, nothing to stop for 1 run: #{done.pk} (This run already completed; there is nothing left to stop).",
+            f"Already finished, nothing to stop for 1 run: #{done.pk} "
+            "(This run already completed; there is nothing left to stop).",
         ),
     ]
     running.refresh_from_db()

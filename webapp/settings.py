@@ -147,6 +147,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channels -------------------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")
+# Messages waiting per websocket consumer; past it the backlog collapses into one resync.
+RUNBRAKE_CHANNEL_CAPACITY = env_int("RUNBRAKE_CHANNEL_CAPACITY", 100, minimum=1)
 if REDIS_URL:
     if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
         raise ImproperlyConfigured(f"REDIS_URL must be a redis:// URL, got {REDIS_URL!r}")
@@ -154,12 +156,19 @@ if REDIS_URL:
         "default": {
             # Pub/sub: a group_send costs ~0.5 ms flat in the number of sockets (stack notes).
             # It may drop messages across reconnects; clients resync from the database.
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # Ours (runs/layers.py): bounded backlogs that overflow into a resync, and a
+            # resync of every viewer after a lost Redis connection comes back.
+            "BACKEND": "runs.layers.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "capacity": RUNBRAKE_CHANNEL_CAPACITY},
         }
     }
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "runs.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": RUNBRAKE_CHANNEL_CAPACITY},
+        }
+    }
 
 # --- Cache (rate limits) ------------------------------------------------------------------
 # Redis when scaled out, so every web process counts against the same limits.
@@ -275,13 +284,25 @@ RUNBRAKE_NO_PROGRESS_SECONDS = env_int("RUNBRAKE_NO_PROGRESS_SECONDS", 900, mini
 RUNBRAKE_DEFAULT_TIMEOUT_SECONDS = env_int("RUNBRAKE_DEFAULT_TIMEOUT_SECONDS", 1800, minimum=10)
 RUNBRAKE_RUNS_PER_PAGE = env_int("RUNBRAKE_RUNS_PER_PAGE", 25, minimum=1)
 
+# Every handler scrubs secrets (provider keys this process has seen, bearer tokens, key-like
+# values) from messages and tracebacks. Django's own loggers are pointed at the same handler:
+# its default handlers would print a request's traceback unscrubbed.
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {"scrub_secrets": {"()": "runs.logscrub.ScrubSecrets"}},
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["scrub_secrets"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
+        "django": {"handlers": ["console"], "level": "INFO", "propagate": False},
+        "django.server": {"handlers": ["console"], "level": "WARNING", "propagate": False},
         "httpx": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
         "django.channels.server": {"level": "WARNING"},

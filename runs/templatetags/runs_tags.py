@@ -20,6 +20,20 @@ def markdown(text: str) -> SafeString:
 
 
 @register.filter
+def shown_output(text: str) -> str:
+    """The end of a long output, from a line start: what the page and every push show. A push
+    must fit one websocket frame (64 KiB under daphne), so the whole text is a link away."""
+    from runs.live import OUTPUT_SHOWN_CHARS
+
+    text = text or ""
+    if len(text) <= OUTPUT_SHOWN_CHARS:
+        return text
+    tail = text[-OUTPUT_SHOWN_CHARS:]
+    newline = tail.find("\n")
+    return tail[newline + 1 :] if 0 <= newline < OUTPUT_SHOWN_CHARS // 4 else tail
+
+
+@register.filter
 def pretty_json(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False)
 

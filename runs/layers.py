@@ -1,0 +1,116 @@
+"""Channel layers that never lose the *last* word, only intermediate ones.
+
+Channels drops a group message for a channel that is full (django/channels#1683) and Redis
+pub/sub loses what is published while a connection is down (channels_redis#256). Either way
+a viewer could be left showing a state that is no longer true. These layers turn both into
+a resync instead: a full channel's backlog is replaced by one `push.resync` message, and
+after the Redis connection comes back every local channel gets one. A consumer answers
+`push.resync` by sending its snapshot from the database, exactly as on (re)connect. Each
+channel's backlog is bounded, so a consumer that cannot keep up (a socket that stopped
+reading) costs at most `capacity` messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from channels import layers
+from channels_redis import pubsub
+
+logger = logging.getLogger(__name__)
+
+RESYNC = {"type": "push.resync"}
+
+
+class ResyncQueue(asyncio.Queue):
+    """A bounded queue whose overflow collapses the backlog into one resync marker."""
+
+    def __init__(self, maxsize: int, marker: Callable[[], Any]) -> None:
+        super().__init__(maxsize=maxsize)
+        self._marker = marker
+
+    def put_nowait(self, item: Any) -> None:
+        if self.full():
+            logger.info("channel layer: a full backlog became one resync")
+            self.resync()
+            return
+        super().put_nowait(item)
+
+    def resync(self) -> None:
+        while not self.empty():
+            self.get_nowait()
+        super().put_nowait(self._marker())
+
+
+class InMemoryChannelLayer(layers.InMemoryChannelLayer):
+    def _queue(self, channel: str) -> None:
+        if channel not in self.channels:
+            self.channels[channel] = ResyncQueue(
+                self.get_capacity(channel), lambda: (time.time() + self.expiry, dict(RESYNC))
+            )
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        self._queue(channel)
+        await super().send(channel, message)
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        self._queue(channel)
+        return await super().receive(channel)
+
+
+class _Shard(pubsub.RedisSingleShardConnection):
+    """Receives as channels_redis does, and after a lost connection comes back (redis-py
+    reconnects and re-subscribes) tells every local channel to resync."""
+
+    async def _do_receiving(self) -> None:
+        lost = False
+        while True:
+            try:
+                if self._pubsub and self._pubsub.subscribed:
+                    message = await self._pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=0.1
+                    )
+                    if lost:
+                        lost = False
+                        logger.warning("channel layer: Redis is back; live viewers resync")
+                        self.channel_layer.resync_all()
+                    self._receive_message(message)
+                else:
+                    await asyncio.sleep(0.1)
+            except (TimeoutError, asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as exc:
+                if not lost:
+                    logger.warning("channel layer: Redis connection lost (%s); retrying", exc)
+                lost = True
+                await asyncio.sleep(0.5)
+
+
+class _LoopLayer(pubsub.RedisPubSubLoopLayer):
+    def __init__(self, *args: Any, capacity: int = 100, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.capacity = capacity
+        stock: list[Any] = self.__dict__["_shards"]
+        self._shards = [_Shard(shard.host, self) for shard in stock]
+
+    async def _subscribe_to_channel(self, channel: str) -> None:
+        marker = self.channel_layer.serialize(RESYNC)
+        self.channels[channel] = ResyncQueue(self.capacity, lambda: marker)
+        await self._get_shard(channel).subscribe(channel)
+
+    def resync_all(self) -> None:
+        for queue in list(self.channels.values()):
+            queue.resync()
+
+
+class RedisPubSubChannelLayer(pubsub.RedisPubSubChannelLayer):
+    def _get_layer(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if loop not in self._layers:
+            self._layers[loop] = _LoopLayer(*self._args, **self._kwargs, channel_layer=self)
+            pubsub._wrap_close(self, loop)
+        return self._layers[loop]
