@@ -393,6 +393,26 @@ class RunQuerySet(models.QuerySet["Run"]):
                         )
             return list(self.active().filter(watched_by=watcher_id).values_list("pk", flat=True))
 
+    def record_outputs(self, outputs: dict[int, tuple[str, int]]) -> set[int]:
+        """Save many runs' output so far in one transaction (the watcher's batched writes),
+        push each after commit, and return the ids of those with a stop under way (their
+        output after the stop is worth a look). `outputs` maps id → (text, no-progress s)."""
+        now = timezone.now()
+        with transaction.atomic():
+            for pk, (text, no_progress_seconds) in outputs.items():
+                stall = (
+                    now + dt.timedelta(seconds=no_progress_seconds) if no_progress_seconds else None
+                )
+                if self.filter(pk=pk, status__in=ACTIVE).update(
+                    output=text, stall_deadline=stall, updated_at=now, version=F("version") + 1
+                ):
+                    transaction.on_commit(lambda pk=pk: live.push_run(pk))  # type: ignore[misc]
+            return set(
+                self.filter(pk__in=list(outputs), status__in=STOP_IN_PROGRESS).values_list(
+                    "pk", flat=True
+                )
+            )
+
     def release_watch(self, watcher_id: str) -> int:
         """Hand this watcher's runs back (graceful shutdown): others take them at once."""
         return self.filter(watched_by=watcher_id).update(watched_by="", watch_lease_until=None)

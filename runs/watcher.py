@@ -72,6 +72,8 @@ class Watcher:
         # Runs streaming from a provider that aborts them if the stream's connection closes.
         self.connection_bound: set[int] = set()
         self.side_tasks: set[asyncio.Task[Any]] = set()
+        self.writer: OutputWriter | None = None
+        self._writer_task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -137,6 +139,7 @@ class Watcher:
         for task in sessions:
             task.cancel()
         await asyncio.gather(*sessions, return_exceptions=True)
+        await self._close_writer()
         if self.side_tasks:
             _done, late = await asyncio.wait(list(self.side_tasks), timeout=grace)
             for task in late:
@@ -169,6 +172,17 @@ class Watcher:
         while True:
             await _claim(self.identity, 0)  # renews what it holds; room for 0 claims none
             await asyncio.sleep(self.tick_seconds)
+
+    async def _close_writer(self) -> None:
+        if self._writer_task is not None:
+            self._writer_task.cancel()
+            await asyncio.gather(self._writer_task, return_exceptions=True)
+            self._writer_task = None
+        if self.writer is not None:
+            try:
+                await self.writer.close()
+            except Exception:
+                logger.exception("could not save the last output before shutting down")
 
     async def drain(self, *, sessions: bool = True) -> None:
         """Wait for the side tasks (stop calls) and, unless told not to, the sessions."""
@@ -275,7 +289,9 @@ class Watcher:
                 )
                 return
             events = provider.run(run.prompt, run.options)
-        session = Session(run, provider, on_started=lambda: self._started(pk))
+        session = Session(
+            run, provider, on_started=lambda: self._started(pk), writer=self._output_writer()
+        )
         if provider.disconnect_aborts:
             self.connection_bound.add(pk)
         try:
@@ -286,6 +302,12 @@ class Watcher:
         finally:
             self._started(pk)
             self.connection_bound.discard(pk)
+
+    def _output_writer(self) -> OutputWriter:
+        if self.writer is None:
+            self.writer = OutputWriter(settings.RUNBRAKE_OUTPUT_FLUSH_SECONDS)
+            self._writer_task = asyncio.create_task(self.writer.run_forever())
+        return self.writer
 
     def _started(self, pk: int) -> None:
         done = self.starting.pop(pk, None)
@@ -323,28 +345,109 @@ def _claim(identity: str, capacity: int) -> list[int]:
         connection.close()
 
 
+class OutputWriter:
+    """Saves the output of every session of one watcher: each interval, one thread hop and
+    one transaction for all runs with new text, instead of one of each per run. With a
+    thousand runs streaming that is the difference between keeping up and falling behind.
+
+    Batches are written one after another, so a run's saved text never goes backwards, and a
+    session that needs its text saved now (before a status change) waits for the next batch.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.pending: dict[int, Session] = {}
+        self.in_flight: set[int] = set()
+        self.waiters: list[asyncio.Future[None]] = []
+        self._wake = asyncio.Event()
+
+    def mark(self, session: Session) -> None:
+        self.pending[session.run.pk] = session
+
+    async def flush_now(self, session: Session) -> None:
+        """Return once the session's latest text is saved (batches run in order, so waiting
+        for the next one also waits for one already under way with older text)."""
+        if session.dirty:
+            self.mark(session)
+        elif session.run.pk not in self.in_flight:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(done)
+        self._wake.set()
+        await done
+
+    async def run_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+            self._wake.clear()
+            await self.write_batch()
+
+    async def write_batch(self) -> None:
+        batch, self.pending = self.pending, {}
+        waiters, self.waiters = self.waiters, []
+        texts = {pk: session.take_text() for pk, session in batch.items()}
+        self.in_flight = set(texts)
+        try:
+            stopping = await sync_to_async(Run.objects.record_outputs)(
+                {pk: (text, batch[pk].run.no_progress_seconds) for pk, text in texts.items()}
+            )
+        except Exception as exc:
+            logger.exception("saving the output of %d runs failed; retrying", len(batch))
+            for pk, session in batch.items():
+                session.dirty = True
+                self.pending.setdefault(pk, session)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        finally:
+            self.in_flight = set()
+        for pk, text in texts.items():
+            batch[pk].run.output = text
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        for pk in stopping:
+            await batch[pk]._check_output_after_stop()
+
+    async def close(self) -> None:
+        """Write what is still pending (shutdown)."""
+        while self.pending or self.waiters:
+            await self.write_batch()
+
+
 class Session:
     """One run's live connection to its provider: applies events, batches output."""
 
-    def __init__(self, run: Run, provider: Provider, on_started: Any = None) -> None:
+    def __init__(
+        self,
+        run: Run,
+        provider: Provider,
+        on_started: Any = None,
+        writer: OutputWriter | None = None,
+    ) -> None:
         self.run = run
         self.provider = provider
         self.on_started = on_started
+        self.writer = writer
         self.text = run.output
         self.dirty = False
         self.reported_output_after_stop = False
         self._flush_lock = asyncio.Lock()
 
     async def consume(self, events: AsyncGenerator[Event]) -> None:
-        # Reading the stream never waits for the database: deltas land in memory and a
-        # flusher saves the latest text every RUNBRAKE_OUTPUT_FLUSH_SECONDS. When writes are
-        # slow, flushes coalesce instead of a backlog building up in the socket.
-        flusher = asyncio.create_task(self._flush_periodically())
+        # Reading the stream never waits for the database: deltas land in memory and are
+        # saved every RUNBRAKE_OUTPUT_FLUSH_SECONDS, by the watcher's shared writer (all of
+        # its runs in one transaction) or, for a lone session, by a flusher of its own. When
+        # writes are slow, flushes coalesce instead of a backlog building up in the socket.
+        flusher = None if self.writer else asyncio.create_task(self._flush_periodically())
         try:
             await self._consume(events)
         finally:
-            flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
+            if flusher is not None:
+                flusher.cancel()
+                await asyncio.gather(flusher, return_exceptions=True)
             await self.flush()
 
     async def _flush_periodically(self) -> None:
@@ -353,6 +456,11 @@ class Session:
             if self.dirty:
                 await self.flush()
                 await self._check_output_after_stop()
+
+    def take_text(self) -> str:
+        """The writer takes the latest text to save; new deltas mark the session dirty again."""
+        self.dirty = False
+        return self.text
 
     async def _consume(self, events: AsyncGenerator[Event]) -> None:
         source: AsyncGenerator[Event] | None = events
@@ -372,6 +480,9 @@ class Session:
             source = following
 
     async def flush(self) -> None:
+        if self.writer is not None:
+            await self.writer.flush_now(self)
+            return
         async with self._flush_lock:
             if not self.dirty:
                 return
@@ -398,7 +509,10 @@ class Session:
                     await sync_to_async(run.record_provider_status)(provider_status)
             case OutputDelta(text=text, replace=replace):
                 self.text = text if replace else self.text + text
-                self.dirty = True
+                if not self.dirty:
+                    self.dirty = True
+                    if self.writer is not None:
+                        self.writer.mark(self)
             case Waiting(reason=reason, seconds=seconds):
                 await sync_to_async(run.record_event)(
                     RunEvent.Kind.BACKOFF,
