@@ -64,6 +64,15 @@ class PushConsumer(AsyncWebsocketConsumer):
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels hops to a thread to close stale database connections before *every*
+        # message; a push touches no database, and skipping the hop made fan-out 2-3.5x
+        # faster (stack notes). Everything else takes the normal path.
+        if message["type"] == live.MESSAGE_TYPE:
+            await self.push_html(message)
+            return
+        await super().dispatch(message)
+
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         # The page never sends anything; a client that does is not ours.
         await self.close(code=4400)

@@ -7,14 +7,21 @@ Contract:
   is made whole by the next one, and by the snapshot every consumer sends on (re)connect.
 - Every fragment root carries `data-version`; the browser drops a push older than what it
   shows, so pushes that overtake each other cannot roll the screen back.
+- A push is rendered once for all viewers. Inside a server or watcher process, `push_run`
+  (sync code, after commit) renders it and hands it to the process's event loop without
+  waiting: `group_send` from async code costs ~0.5 ms against 6-10 ms through `async_to_sync`,
+  and the caller (a stop about to call the provider) no longer waits for the channel layer.
+  One run's pushes are sent in order; a newer snapshot replaces one still waiting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
-from asgiref.sync import async_to_sync
+from asgiref.sync import SyncToAsync, async_to_sync
 from channels.layers import get_channel_layer
 from django.template.loader import render_to_string
 
@@ -83,6 +90,16 @@ def _send(group: str, html: str, meta: dict[str, Any] | None = None) -> None:
         logger.exception("live push to %s failed", group)
 
 
+async def _asend(group: str, html: str, meta: dict[str, Any] | None = None) -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        await layer.group_send(group, {"type": MESSAGE_TYPE, "html": html, "meta": meta})
+    except Exception:
+        logger.exception("live push to %s failed", group)
+
+
 def facts(run: Run) -> dict[str, Any]:
     """What a filtered list needs to know to decide whether a pushed row belongs on it."""
     return {
@@ -96,19 +113,87 @@ def facts(run: Run) -> dict[str, Any]:
     }
 
 
-def push_run(run_id: int, *, created: bool = False) -> None:
+Rendered = tuple[int, str, dict[str, Any], str]
+
+
+def _render(run_id: int, created: bool) -> Rendered | None:
+    """A run's pushes, rendered once for every viewer: (team id, row, row facts, detail)."""
     from .models import Run
 
     try:
         run = load(run_id)
     except Run.DoesNotExist:
+        return None
+    row = render_row(run, created=created)
+    return run.team_id, row, {**facts(run), "created": created}, render_detail(run)
+
+
+def push_run(run_id: int, *, created: bool = False) -> None:
+    """Push a run's current state to its groups (called after commit, from sync code)."""
+    rendered = _render(run_id, created)
+    if rendered is None:
         return
-    _send(
-        team_group(run.team_id),
-        render_row(run, created=created),
-        meta={**facts(run), "created": created},
-    )
-    _send(run_group(run.pk), render_detail(run))
+    loop = _owning_loop()
+    if loop is None:
+        # No event loop owns this thread (a management command, a sync test): send now.
+        team_id, row, meta, detail = rendered
+        _send(team_group(team_id), row, meta=meta)
+        _send(run_group(run_id), detail)
+        return
+    loop.call_soon_threadsafe(_enqueue, run_id, rendered)
+
+
+def _owning_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop this sync code runs for: the one that called sync_to_async."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    loop = getattr(SyncToAsync.threadlocal, "main_event_loop", None)
+    pid = getattr(SyncToAsync.threadlocal, "main_event_loop_pid", None)
+    if loop is None or pid != os.getpid() or loop.is_closed() or not loop.is_running():
+        return None
+    return loop
+
+
+# Per run: the rendered push waiting to be sent, and the task sending that run's pushes.
+# Only the loop's thread touches these (push_run hops there with call_soon_threadsafe).
+_waiting: dict[int, Rendered] = {}
+_sending: dict[int, asyncio.Task[None]] = {}
+
+
+def _enqueue(run_id: int, rendered: Rendered) -> None:
+    older = _waiting.get(run_id)
+    if older is not None and older[2]["created"] and not rendered[2]["created"]:
+        # The newer snapshot replaces a waiting one, but a new run must still be inserted.
+        rendered = (
+            rendered[0],
+            as_insertion(rendered[1]),
+            {**rendered[2], "created": True},
+            rendered[3],
+        )
+    _waiting[run_id] = rendered
+    loop = asyncio.get_running_loop()
+    task = _sending.get(run_id)
+    if task is None or task.done() or task.get_loop() is not loop:
+        _sending[run_id] = loop.create_task(_send_waiting(run_id))
+
+
+async def _send_waiting(run_id: int) -> None:
+    try:
+        while (rendered := _waiting.pop(run_id, None)) is not None:
+            team_id, row, meta, detail = rendered
+            await _asend(team_group(team_id), row, meta=meta)
+            await _asend(run_group(run_id), detail)
+    finally:
+        if _sending.get(run_id) is asyncio.current_task():
+            del _sending[run_id]
+
+
+async def drain() -> None:
+    """Wait until every push handed to this loop has been sent (tests, shutdown)."""
+    while pending := [task for task in _sending.values() if not task.done()]:
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 def render_removal(run_id: int) -> str:

@@ -102,3 +102,55 @@ async def test_a_client_that_sends_anything_is_disconnected(bob, acme):
     closed = await communicator.receive_output(timeout=5)
     assert closed == {"type": "websocket.close", "code": 4400}
     await communicator.disconnect()
+
+
+async def test_a_waiting_push_is_replaced_by_a_newer_one_and_a_new_run_is_still_inserted(
+    bob, acme, launch
+):
+    from runs import live
+
+    communicator, connected = await connect(f"/ws/teams/{acme.pk}/", bob)
+    assert connected
+    await communicator.receive_from(timeout=5)  # the (empty) snapshot
+
+    run = await sync_to_async(launch)("coalesce me")
+    await live.drain()
+    first = await communicator.receive_from(timeout=5)
+    assert first.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')
+    # Two snapshots handed to the loop before it sends anything: the newer one goes out
+    # alone, and still as an insertion, because the waiting one was a new run.
+    created = await sync_to_async(live._render)(run.pk, True)
+    await sync_to_async(run.mark_running)("PROCESSING")
+    await live.drain()
+    await communicator.receive_from(timeout=5)  # the push of mark_running itself
+    later = await sync_to_async(live._render)(run.pk, False)
+    assert created is not None
+    assert later is not None
+    live._enqueue(run.pk, created)
+    live._enqueue(run.pk, later)
+    await live.drain()
+    only = await communicator.receive_from(timeout=5)
+    assert only.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')
+    assert 'data-status="running"' in only
+    assert await communicator.receive_nothing(timeout=0.2)
+    await communicator.disconnect()
+
+
+async def test_pushes_from_sync_code_reach_the_socket_in_order(bob, launch):
+    run = await sync_to_async(launch)()
+    communicator, connected = await connect(f"/ws/runs/{run.pk}/", bob)
+    assert connected
+    await communicator.receive_from(timeout=5)
+
+    def several_changes() -> None:
+        run.mark_running("PROCESSING")
+        run.request_stop(actor=None, channel=Channel.API, reason="enough")
+
+    await sync_to_async(several_changes)()
+    versions: list[int] = []
+    last = ""
+    while 'data-status="stopping"' not in last:
+        last = await communicator.receive_from(timeout=5)
+        versions.append(int(last.split('data-version="', 1)[1].split('"', 1)[0]))
+    assert versions == sorted(versions)
+    await communicator.disconnect()
