@@ -38,6 +38,15 @@ SIZES = {
 }
 
 
+# For working on one row: BENCH_ONLY=stop,idle,stream,list and BENCH_SERVERS=daphne,uvicorn.
+ONLY = {p for p in os.environ.get("BENCH_ONLY", "").split(",") if p}
+SERVERS = [s for s in os.environ.get("BENCH_SERVERS", "daphne,uvicorn").split(",") if s]
+
+
+def wanted(phase: str) -> bool:
+    return not ONLY or phase in ONLY
+
+
 def size(name: str) -> int:
     quick, full = SIZES[name]
     return quick if QUICK else full
@@ -116,7 +125,9 @@ def bench_backend(backend: str) -> dict[str, Any]:
         data = setup(backend, sims)
         if backend == "postgres":
             watcher = measure.watcher_process(backend, str(OUT / f"lag-watcher-{backend}.json"))
-        for server in ("daphne", "uvicorn"):
+        for server in SERVERS:
+            if not wanted("stop"):
+                break
             webs = webs_for(backend, server, "stop", 2)
             try:
                 attempt(
@@ -145,6 +156,9 @@ def bench_backend(backend: str) -> dict[str, Any]:
             res[f"lag-p2/{server}"] = measure.lag_summary(
                 [str(OUT / f"lag-stop-{backend}-{server}-{i}.json") for i in range(len(webs))]
             )
+        for server in SERVERS:
+            if not wanted("idle"):
+                break
             webs = webs_for(backend, server, "idle", 1)
             try:
                 attempt(
@@ -162,57 +176,59 @@ def bench_backend(backend: str) -> dict[str, Any]:
             res[f"lag-p3/{server}"] = measure.lag_summary(
                 [str(OUT / f"lag-idle-{backend}-{server}-0.json")]
             )
-        # P4 on the default server (daphne).
-        webs = webs_for(backend, "daphne", "stream", 1)
-        try:
-            attempt(
-                res,
-                "p4",
-                measure.p4_watcher,
-                backend,
-                webs[0],
-                sims,
-                data,
-                size("p4_runs"),
-                size("p4_watched"),
-                duration=20,
-                chunks=40,
-            )
-        finally:
-            for w in webs:
-                w.stop()
-        lag_files = [str(OUT / f"lag-stream-{backend}-daphne-0.json")]
-        if watcher is not None:
-            lag_files.append(str(OUT / f"lag-watcher-{backend}.json"))
-            res["lag-watcher"] = measure.lag_summary(lag_files[-1:])
-        res["lag-p4"] = measure.lag_summary(lag_files)
-        if watcher is not None:
-            watcher.stop()
-            watcher = None
-        # P5 and the list rps: a seeded team of size("p5_big") runs next to one of 1,000.
-        attempt(res, "p5/seed", seed, backend, size("p5_big"))
-        seeded: dict[str, Any] = res["p5/seed"]
-        for server in ("daphne", "uvicorn"):
-            web = Server(f"list-{backend}-{server}", backend, server=server, watcher=False)
+        if wanted("stream"):
+            # P4 on the default server (daphne).
+            webs = webs_for(backend, "daphne", "stream", 1)
             try:
                 attempt(
                     res,
-                    f"p5/{server}",
-                    measure.p5_list,
-                    web,
-                    seeded,
-                    size("p5_requests"),
-                )
-                attempt(
-                    res,
-                    f"rps/{server}",
-                    measure.list_rps,
-                    web,
-                    seeded,
-                    size("rps_seconds"),
+                    "p4",
+                    measure.p4_watcher,
+                    backend,
+                    webs[0],
+                    sims,
+                    data,
+                    size("p4_runs"),
+                    size("p4_watched"),
+                    duration=20,
+                    chunks=40,
                 )
             finally:
-                web.stop()
+                for w in webs:
+                    w.stop()
+            lag_files = [str(OUT / f"lag-stream-{backend}-daphne-0.json")]
+            if watcher is not None:
+                lag_files.append(str(OUT / f"lag-watcher-{backend}.json"))
+                res["lag-watcher"] = measure.lag_summary(lag_files[-1:])
+            res["lag-p4"] = measure.lag_summary(lag_files)
+        if watcher is not None:
+            watcher.stop()
+            watcher = None
+        if wanted("list"):
+            # P5 and the list rps: a seeded team of size("p5_big") runs next to one of 1,000.
+            attempt(res, "p5/seed", seed, backend, size("p5_big"))
+            seeded: dict[str, Any] = res["p5/seed"]
+            for server in SERVERS:
+                web = Server(f"list-{backend}-{server}", backend, server=server, watcher=False)
+                try:
+                    attempt(
+                        res,
+                        f"p5/{server}",
+                        measure.p5_list,
+                        web,
+                        seeded,
+                        size("p5_requests"),
+                    )
+                    attempt(
+                        res,
+                        f"rps/{server}",
+                        measure.list_rps,
+                        web,
+                        seeded,
+                        size("rps_seconds"),
+                    )
+                finally:
+                    web.stop()
     finally:
         if watcher is not None:
             watcher.stop()

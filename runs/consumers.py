@@ -19,7 +19,7 @@ from .views import list_page
 @database_sync_to_async
 def _team_snapshot(
     user: Any, team_id: int, query: dict[str, list[str]]
-) -> tuple[RunFilterForm, set[int], bool, str] | None:
+) -> tuple[RunFilterForm | None, set[int], bool, str] | None:
     membership = Membership.objects.select_related("team").filter(user=user, team_id=team_id)
     found = membership.first()
     if found is None:
@@ -28,7 +28,9 @@ def _team_snapshot(
     page = list_page(found.team, filters, (query.get("before") or [""])[0])
     shown = {run.pk for run in page["runs"]}
     html = live.render_rows(page["runs"], page["rows_id"])
-    return filters, shown, page["rows_id"] == "run-rows", html
+    # Most viewers filter nothing: they keep no form (a form per idle socket is kilobytes).
+    kept = filters if filters.active or filters.errors else None
+    return kept, shown, page["rows_id"] == "run-rows", html
 
 
 @database_sync_to_async

@@ -468,6 +468,9 @@ class Run(models.Model):
         indexes = [
             models.Index(fields=["team", "-created_at", "-id"], name="run_team_recent"),
             models.Index(fields=["status"], name="run_status"),
+            # The list pages newest first by id, and counts by status, within one team.
+            models.Index(fields=["team", "-id"], name="run_team_newest"),
+            models.Index(fields=["team", "status"], name="run_team_status"),
         ]
 
     def __str__(self) -> str:

@@ -104,7 +104,7 @@ async def test_a_client_that_sends_anything_is_disconnected(bob, acme):
     await communicator.disconnect()
 
 
-async def test_a_waiting_push_is_replaced_by_a_newer_one_and_a_new_run_is_still_inserted(
+async def test_pushes_requested_together_coalesce_and_a_new_run_is_still_inserted(
     bob, acme, launch
 ):
     from runs import live
@@ -117,17 +117,13 @@ async def test_a_waiting_push_is_replaced_by_a_newer_one_and_a_new_run_is_still_
     await live.drain()
     first = await communicator.receive_from(timeout=5)
     assert first.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')
-    # Two snapshots handed to the loop before it sends anything: the newer one goes out
-    # alone, and still as an insertion, because the waiting one was a new run.
-    created = await sync_to_async(live._render)(run.pk, True)
+    # Two pushes requested before the loop sends anything: one snapshot goes out, read
+    # after both, and still as an insertion because one of them was for a new run.
     await sync_to_async(run.mark_running)("PROCESSING")
     await live.drain()
     await communicator.receive_from(timeout=5)  # the push of mark_running itself
-    later = await sync_to_async(live._render)(run.pk, False)
-    assert created is not None
-    assert later is not None
-    live._enqueue(run.pk, created)
-    live._enqueue(run.pk, later)
+    live._request(run.pk, True)
+    live._request(run.pk, False)
     await live.drain()
     only = await communicator.receive_from(timeout=5)
     assert only.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')

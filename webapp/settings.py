@@ -159,7 +159,8 @@ if REDIS_URL:
         }
     }
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    # Channels' in-memory layer with a group_send linear in the group's size (see runs/live.py).
+    CHANNEL_LAYERS = {"default": {"BACKEND": "runs.live.LocalChannelLayer"}}
 
 # --- Cache (rate limits) ------------------------------------------------------------------
 # Redis when scaled out, so every web process counts against the same limits.
