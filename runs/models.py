@@ -893,6 +893,9 @@ class RunEvent(models.Model):
         return f"{self.get_kind_display()} at {self.at:%H:%M:%S}"
 
 
+LAST_USED_PRECISION = dt.timedelta(minutes=1)
+
+
 class ApiToken(models.Model):
     """A bearer token for the JSON API. Only its SHA-256 is stored."""
 
@@ -926,7 +929,11 @@ class ApiToken(models.Model):
         )
         if found is None:
             return None
-        cls.objects.filter(pk=found.pk).update(last_used_at=timezone.now())
+        now = timezone.now()
+        if found.last_used_at is None or now - found.last_used_at >= LAST_USED_PRECISION:
+            # A write per API call would serialise every call on SQLite's write lock; to the
+            # minute is precise enough for "last used".
+            cls.objects.filter(pk=found.pk).update(last_used_at=now)
         return found.user
 
 
