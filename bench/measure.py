@@ -97,20 +97,29 @@ def launch(base: str, token: str, account: int, prompts: list[str], conc: int = 
 def wait_for(
     client: httpx.Client, base: str, token: str, ids: list[int], pred: Any, timeout: float
 ) -> dict[int, dict[str, Any]]:
-    """Poll the API until pred(run_json) holds for every run (bounded)."""
+    """Poll the API's list (200 runs a page, once a second: light next to what is measured)
+    until pred(run_json) holds for every run (bounded)."""
     deadline = time.monotonic() + timeout
+    wanted = set(ids)
     done: dict[int, dict[str, Any]] = {}
     while time.monotonic() < deadline:
-        for pk in ids:
-            if pk in done:
-                continue
-            run = api(client, "GET", f"{base}/api/runs/{pk}", token).json()
-            if pred(run):
-                done[pk] = run
-        if len(done) == len(ids):
+        cursor = None
+        lowest = min(wanted)
+        while True:
+            params: dict[str, Any] = {"limit": 200}
+            if cursor:
+                params["cursor"] = cursor
+            page = api(client, "GET", f"{base}/api/runs", token, params=params).json()
+            for run in page["results"]:
+                if run["id"] in wanted and run["id"] not in done and pred(run):
+                    done[run["id"]] = run
+            cursor = page["next_cursor"]
+            if not cursor or not page["results"] or page["results"][-1]["id"] <= lowest:
+                break
+        if len(done) == len(wanted):
             return done
-        time.sleep(0.2)
-    raise RuntimeError(f"{len(ids) - len(done)} runs not ready in {timeout} s")
+        time.sleep(1.0)
+    raise RuntimeError(f"{len(wanted) - len(done)} runs not ready in {timeout} s")
 
 
 def sim_stop_times(sim: Server, provider: str) -> dict[str, float]:

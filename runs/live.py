@@ -121,19 +121,26 @@ def facts(run: Run) -> dict[str, Any]:
     }
 
 
-Rendered = tuple[int, str, dict[str, Any], str]
+Rendered = tuple[int, str | None, dict[str, Any], str | None]
 
 
-def _render(run_id: int, created: bool) -> Rendered | None:
-    """A run's pushes, rendered once for every viewer: (team id, row, row facts, detail)."""
+def _render(
+    run_id: int, created: bool, *, row: bool = True, detail: bool = True
+) -> Rendered | None:
+    """A run's pushes, rendered once for every viewer: (team id, row, row facts, detail);
+    a part nobody listens to is not rendered (None)."""
     from .models import Run
 
     try:
         run = load(run_id)
     except Run.DoesNotExist:
         return None
-    row = render_row(run, created=created)
-    return run.team_id, row, {**facts(run), "created": created}, render_detail(run)
+    return (
+        run.team_id,
+        render_row(run, created=created) if row else None,
+        {**facts(run), "created": created},
+        render_detail(run) if detail else None,
+    )
 
 
 def push_run(run_id: int, *, created: bool = False) -> None:
@@ -144,8 +151,10 @@ def push_run(run_id: int, *, created: bool = False) -> None:
         rendered = _render(run_id, created)
         if rendered is not None:
             team_id, row, meta, detail = rendered
-            _send(team_group(team_id), row, meta=meta)
-            _send(run_group(run_id), detail)
+            if row is not None:
+                _send(team_group(team_id), row, meta=meta)
+            if detail is not None:
+                _send(run_group(run_id), detail)
         return
     # A fresh context: the caller's belongs to its sync_to_async call, and a task inheriting
     # it could not make thread-sensitive calls of its own.
@@ -181,31 +190,70 @@ def _request(run_id: int, created: bool) -> None:
         _sending[run_id] = loop.create_task(_send_waiting(run_id))
 
 
-def _render_or_reset(run_id: int, created: bool) -> Rendered | None:
+def _render_or_reset(run_id: int, created: bool, *, row: bool, detail: bool) -> Rendered | None:
     try:
-        return _render(run_id, created)
+        return _render(run_id, created, row=row, detail=detail)
     except DatabaseError:
         # This thread keeps its connection between pushes; a broken one is dropped here.
         close_old_connections()
         raise
 
 
+# Run id -> team id, learnt from the first push (a run never changes team); bounded.
+_team_of: dict[int, int] = {}
+
+
 async def _send_waiting(run_id: int) -> None:
     try:
         while run_id in _waiting:
             created = _waiting.pop(run_id)
+            team_id = _team_of.get(run_id)
+            # Rendering is most of a push's cost: a part no viewer listens to is skipped (a
+            # viewer who arrives later gets the current state as its snapshot).
+            detail = await listened(run_group(run_id))
+            row = team_id is None or await listened(team_group(team_id))
+            if not (row or detail):
+                continue
             try:
-                rendered = await sync_to_async(_render_or_reset)(run_id, created)
+                rendered = await sync_to_async(_render_or_reset)(
+                    run_id, created, row=row, detail=detail
+                )
             except Exception:
                 logger.exception("rendering the push of run %s failed", run_id)
                 continue
-            if rendered is not None:
-                team_id, row, meta, detail = rendered
-                await _asend(team_group(team_id), row, meta=meta)
-                await _asend(run_group(run_id), detail)
+            if rendered is None:
+                continue
+            team_id, row_html, meta, detail_html = rendered
+            if len(_team_of) > 10_000:
+                _team_of.clear()
+            _team_of[run_id] = team_id
+            if row_html is not None:
+                await _asend(team_group(team_id), row_html, meta=meta)
+            if detail_html is not None:
+                await _asend(run_group(run_id), detail_html)
     finally:
         if _sending.get(run_id) is asyncio.current_task():
             del _sending[run_id]
+
+
+async def listened(group: str) -> bool:
+    """Whether a consumer in any process is in the group. In-memory: the layer's own table;
+    Redis pub/sub: PUBSUB NUMSUB of the group's channel (each process with members of the
+    group subscribes to it once). Unsure means yes."""
+    layer: Any = get_channel_layer()
+    if layer is None:
+        return False
+    if isinstance(layer, InMemoryChannelLayer):
+        return bool(layer.groups.get(group))
+    try:
+        loop_layer = layer._get_layer()
+        channel = loop_layer._get_group_channel_name(group)
+        shard = loop_layer._get_shard(channel)
+        shard._ensure_redis()
+        counts = await shard._redis.pubsub_numsub(channel)
+        return bool(counts and counts[0][1] > 0)
+    except Exception:
+        return True
 
 
 async def drain() -> None:

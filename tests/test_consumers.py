@@ -150,3 +150,29 @@ async def test_pushes_from_sync_code_reach_the_socket_in_order(bob, launch):
         versions.append(int(last.split('data-version="', 1)[1].split('"', 1)[0]))
     assert versions == sorted(versions)
     await communicator.disconnect()
+
+
+async def test_a_push_is_rendered_only_for_groups_someone_listens_to(bob, launch, monkeypatch):
+    from runs import live
+
+    rendered: list[int] = []
+    real = live.render_detail
+    monkeypatch.setattr(
+        live, "render_detail", lambda run, **kw: rendered.append(run.pk) or real(run, **kw)
+    )
+    run = await sync_to_async(launch)()
+    await live.drain()
+    await sync_to_async(run.mark_running)("PROCESSING")
+    await live.drain()
+    assert rendered == []  # nobody watches the run's page
+
+    communicator, connected = await connect(f"/ws/runs/{run.pk}/", bob)
+    assert connected
+    await communicator.receive_from(timeout=5)
+    rendered.clear()
+    await sync_to_async(run.request_stop)(actor=None, channel=Channel.API, reason="enough")
+    await live.drain()
+    pushed = await communicator.receive_from(timeout=5)
+    assert 'data-status="stopping"' in pushed
+    assert rendered == [run.pk]
+    await communicator.disconnect()
