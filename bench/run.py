@@ -26,9 +26,9 @@ from report import write_report
 
 SIZES = {
     # name: (quick, full)
-    "p1_stops": (20, 60),
+    "p1_stops": (20, 50),
     "p2_viewers": (300, 1000),
-    "p2_trials": (5, 10),
+    "p2_trials": (5, 8),
     "p3_sockets": (1000, 5000),
     "p4_runs": (200, 1000),
     "p4_watched": (50, 200),

@@ -2,7 +2,7 @@
 commands on stdin and answers one JSON line on stdout per command.
 
     ws_clients.py '<json: {"urls": [...], "cookies": [...], "n": N}>'
-    stdin: WATCH <seconds> <marker>  -> {"times": [first time.time() each socket saw marker]}
+    stdin: WATCH <seconds> <regex>   -> {"times": [first time.time() each socket matched]}
            RECORD                    -> start keeping (time, status, characters) per message
            DUMP                      -> {"records": {url: [[t, status, chars], ...]}}
            QUIT
@@ -29,7 +29,7 @@ CHARS = re.compile(r"([\d,]+) characters")
 class Sockets:
     def __init__(self) -> None:
         self.conns: list[tuple[str, ClientConnection]] = []
-        self.marker: str | None = None
+        self.marker: re.Pattern[str] | None = None
         self.seen: dict[int, float] = {}
         self.all_seen = asyncio.Event()
         self.recording = False
@@ -64,7 +64,7 @@ class Sockets:
             async for message in ws:
                 now = time.time()
                 text = message if isinstance(message, str) else message.decode()
-                if self.marker is not None and index not in self.seen and self.marker in text:
+                if self.marker is not None and index not in self.seen and self.marker.search(text):
                     self.seen[index] = now
                     if len(self.seen) >= len(self.conns) - self.closed:
                         self.all_seen.set()
@@ -106,7 +106,7 @@ async def main() -> None:
         command, _, rest = line.partition(" ")
         if command == "WATCH":
             seconds, _, marker = rest.partition(" ")
-            s.seen, s.marker = {}, marker
+            s.seen, s.marker = {}, re.compile(marker)
             s.all_seen = asyncio.Event()
             say({"armed": True})
             with contextlib.suppress(TimeoutError):
