@@ -16,13 +16,14 @@ UV_VERSION := 0.13.9
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: help run run-scaled test test-unit test-e2e lint fmt check-deploy clean setup browser
+.PHONY: help run run-scaled test test-unit test-e2e lint fmt check-deploy clean setup browser bench
 
 help:
 	@echo "make run    - set up and start Runbrake on http://127.0.0.1:$(PORT)/"
 	@echo "make test   - set up and run every test (unit, integration, browser)"
 	@echo "make lint   - ruff and mypy"
 	@echo "make run-scaled - 2 web + 2 watcher processes on PostgreSQL + Redis (see Procfile)"
+	@echo "make bench  - measure performance, write docs/PERFORMANCE.md (BENCH_QUICK=1: ~2 min)"
 
 $(UV):
 	@test -n "$(PYTHON)" || { echo "Runbrake needs Python 3.12 or newer on PATH (or under pyenv)." >&2; exit 1; }
@@ -83,3 +84,8 @@ fmt: setup
 
 clean:
 	rm -rf $(VENV) .tools db.sqlite3* .test-db.sqlite3*
+
+# Measure P1–P6 on SQLite and on PostgreSQL+Redis, daphne vs uvicorn; writes docs/PERFORMANCE.md.
+# BENCH_QUICK=1 for a ~2 minute run with smaller sizes.
+bench: setup
+	ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn); $(PY) bench/run.py

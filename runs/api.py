@@ -361,14 +361,21 @@ async def stop_many(request: HtmxHttpRequest) -> JsonResponse:
     )
 
 
+@sync_to_async
+def _stop_target(user: Any, pk: int) -> tuple[Run, Membership] | None:
+    # One thread hop for both lookups: the stop call waits for everything before it.
+    run = _runs(user).filter(pk=pk).first()
+    if run is None:
+        return None
+    return run, Membership.objects.select_related("team").get(team_id=run.team_id, user=user)
+
+
 @api_view("POST")
 async def stop_run(request: HtmxHttpRequest, pk: int) -> JsonResponse:
-    run = await _runs(request.user).filter(pk=pk).afirst()
-    if run is None:
+    found = await _stop_target(request.user, pk)
+    if found is None:
         return error(404, "NOT_FOUND", f"No run {pk} in your teams.")
-    membership = await Membership.objects.select_related("team").aget(
-        team_id=run.team_id, user=request.user
-    )
+    run, membership = found
     if not membership.can_stop(run):
         return error(403, "FORBIDDEN", "Viewers can watch runs but not stop them.")
     if limited := await ahit("stop", str(request.user.pk)):

@@ -19,7 +19,7 @@ from .views import list_page
 @database_sync_to_async
 def _team_snapshot(
     user: Any, team_id: int, query: dict[str, list[str]]
-) -> tuple[RunFilterForm, set[int], bool, str] | None:
+) -> tuple[RunFilterForm | None, set[int], bool, str] | None:
     membership = Membership.objects.select_related("team").filter(user=user, team_id=team_id)
     found = membership.first()
     if found is None:
@@ -28,7 +28,9 @@ def _team_snapshot(
     page = list_page(found.team, filters, (query.get("before") or [""])[0])
     shown = {run.pk for run in page["runs"]}
     html = live.render_rows(page["runs"], page["rows_id"])
-    return filters, shown, page["rows_id"] == "run-rows", html
+    # Most viewers filter nothing: they keep no form (a form per idle socket is kilobytes).
+    kept = filters if filters.active or filters.errors else None
+    return kept, shown, page["rows_id"] == "run-rows", html
 
 
 @database_sync_to_async
@@ -63,6 +65,15 @@ class PushConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels hops to a thread to close stale database connections before *every*
+        # message; a push touches no database, and skipping the hop made fan-out 2-3.5x
+        # faster (stack notes). Everything else takes the normal path.
+        if message["type"] == live.MESSAGE_TYPE:
+            await self.push_html(message)
+            return
+        await super().dispatch(message)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         # The page never sends anything; a client that does is not ours.

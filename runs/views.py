@@ -9,7 +9,6 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.contrib.auth.views import LoginView
-from django.db.models import Count
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import aget_object_or_404, get_object_or_404, redirect, render
 from django.template.loader import render_to_string
@@ -61,8 +60,11 @@ def list_page(team: Team, filters: RunFilterForm, before: str | None) -> dict[st
 
     A cursor instead of page numbers: a live list keeps gaining rows at the top, which would
     shift every numbered page under the reader's feet."""
-    runs = filters.apply(Run.objects.for_team(team)).select_related(
-        "provider_account", "created_by", "stop_requested_by"
+    # The rows never show the account's key: deferring it saves a decryption per row.
+    runs = (
+        filters.apply(Run.objects.for_team(team))
+        .select_related("provider_account", "created_by", "stop_requested_by")
+        .defer("provider_account__api_key")
     )
     cursor = int(before) if before and before.isdigit() else None
     if cursor is not None:
@@ -78,17 +80,28 @@ def list_page(team: Team, filters: RunFilterForm, before: str | None) -> dict[st
     }
 
 
+# Counts on the list stop at this many per status ("1,000+"): counting a big team's runs
+# exactly costs a scan of all of them on every page view (the dashboard has exact numbers).
+COUNT_CAP = 1000
+
+
+def status_counts(runs: Any) -> dict[str, int]:
+    """Runs per status, each counted up to COUNT_CAP + 1 (an index range scan, not a count
+    of the whole team)."""
+    runs = runs.order_by()  # no ORDER BY: it would pick the list index over (team, status)
+    return {value: runs.filter(status=value)[: COUNT_CAP + 1].count() for value in Status.values}
+
+
+def _shown_count(n: int, *, capped: bool) -> str:
+    return f"{n:,}+" if capped else f"{n:,}"
+
+
 def _list_context(
     request: HtmxHttpRequest, membership: Membership, form: LaunchForm | None = None
 ) -> dict[str, Any]:
     team = membership.team
     filters = RunFilterForm(request.GET, team=team, user=request.user)
-    counts = dict(
-        filters.apply(Run.objects.for_team(team), with_status=False)
-        .values_list("status")
-        .annotate(n=Count("id"))
-        .values_list("status", "n")
-    )
+    counts = status_counts(filters.apply(Run.objects.for_team(team), with_status=False))
     query = filters.querystring()
     return {
         "team": team,
@@ -96,8 +109,18 @@ def _list_context(
         "section": "runs",
         "filters": filters,
         "filter_query": query,
-        "status_counts": [(value, label, counts.get(value, 0)) for value, label in Status.choices],
-        "total": sum(counts.values()),
+        "status_counts": [
+            (
+                value,
+                label,
+                _shown_count(min(counts[value], COUNT_CAP), capped=counts[value] > COUNT_CAP),
+            )
+            for value, label in Status.choices
+        ],
+        "total": _shown_count(
+            sum(min(n, COUNT_CAP) for n in counts.values()),
+            capped=any(n > COUNT_CAP for n in counts.values()),
+        ),
         "ws_query": "&".join(
             p
             for p in (

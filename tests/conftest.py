@@ -30,14 +30,16 @@ def free_port() -> int:
 class Server:
     """A Runbrake process (`manage.py serve`) on its own port, stopped for sure at the end."""
 
-    def __init__(self, *, watcher: bool, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *, watcher: bool, env: dict[str, str] | None = None, server: str = "daphne"
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "RUNBRAKE_EMBEDDED_WATCHER": "true" if watcher else "false"}
         full_env.update(env or {})
         self.log = open(ROOT / f".server-{self.port}.log", "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "manage.py", "serve", "--port", str(self.port)]
+            [sys.executable, "manage.py", "serve", "--server", server, "--port", str(self.port)]
             + ([] if watcher else ["--no-watcher"]),
             cwd=ROOT,
             env=full_env,

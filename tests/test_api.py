@@ -257,3 +257,25 @@ def test_without_a_key_each_start_is_a_new_run(api, fay_account):
     api("post", reverse("runs:api-runs"), body)
     api("post", reverse("runs:api-runs"), body)
     assert Run.objects.count() == 2
+
+
+def test_it_records_when_a_token_was_last_used_to_the_minute(api, token):
+    import datetime as dt
+
+    from django.utils import timezone
+
+    stored = ApiToken.objects.get(digest=ApiToken.digest_of(token))
+    assert stored.last_used_at is None
+    assert api("get", "/api/runs").status_code == 200
+    stored.refresh_from_db()
+    first = stored.last_used_at
+    assert first is not None
+    assert api("get", "/api/runs").status_code == 200
+    stored.refresh_from_db()
+    assert stored.last_used_at == first  # no write per call within the minute
+
+    ApiToken.objects.filter(pk=stored.pk).update(last_used_at=first - dt.timedelta(minutes=2))
+    assert api("get", "/api/runs").status_code == 200
+    stored.refresh_from_db()
+    assert stored.last_used_at > first - dt.timedelta(seconds=1)
+    assert stored.last_used_at <= timezone.now()

@@ -102,3 +102,77 @@ async def test_a_client_that_sends_anything_is_disconnected(bob, acme):
     closed = await communicator.receive_output(timeout=5)
     assert closed == {"type": "websocket.close", "code": 4400}
     await communicator.disconnect()
+
+
+async def test_pushes_requested_together_coalesce_and_a_new_run_is_still_inserted(
+    bob, acme, launch
+):
+    from runs import live
+
+    communicator, connected = await connect(f"/ws/teams/{acme.pk}/", bob)
+    assert connected
+    await communicator.receive_from(timeout=5)  # the (empty) snapshot
+
+    run = await sync_to_async(launch)("coalesce me")
+    await live.drain()
+    first = await communicator.receive_from(timeout=5)
+    assert first.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')
+    # Two pushes requested before the loop sends anything: one snapshot goes out, read
+    # after both, and still as an insertion because one of them was for a new run.
+    await sync_to_async(run.mark_running)("PROCESSING")
+    await live.drain()
+    await communicator.receive_from(timeout=5)  # the push of mark_running itself
+    live._request(run.pk, True)
+    live._request(run.pk, False)
+    await live.drain()
+    only = await communicator.receive_from(timeout=5)
+    assert only.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')
+    assert 'data-status="running"' in only
+    assert await communicator.receive_nothing(timeout=0.2)
+    await communicator.disconnect()
+
+
+async def test_pushes_from_sync_code_reach_the_socket_in_order(bob, launch):
+    run = await sync_to_async(launch)()
+    communicator, connected = await connect(f"/ws/runs/{run.pk}/", bob)
+    assert connected
+    await communicator.receive_from(timeout=5)
+
+    def several_changes() -> None:
+        run.mark_running("PROCESSING")
+        run.request_stop(actor=None, channel=Channel.API, reason="enough")
+
+    await sync_to_async(several_changes)()
+    versions: list[int] = []
+    last = ""
+    while 'data-status="stopping"' not in last:
+        last = await communicator.receive_from(timeout=5)
+        versions.append(int(last.split('data-version="', 1)[1].split('"', 1)[0]))
+    assert versions == sorted(versions)
+    await communicator.disconnect()
+
+
+async def test_a_push_is_rendered_only_for_groups_someone_listens_to(bob, launch, monkeypatch):
+    from runs import live
+
+    rendered: list[int] = []
+    real = live.render_detail
+    monkeypatch.setattr(
+        live, "render_detail", lambda run, **kw: rendered.append(run.pk) or real(run, **kw)
+    )
+    run = await sync_to_async(launch)()
+    await live.drain()
+    await sync_to_async(run.mark_running)("PROCESSING")
+    await live.drain()
+    assert rendered == []  # nobody watches the run's page
+
+    communicator, connected = await connect(f"/ws/runs/{run.pk}/", bob)
+    assert connected
+    await communicator.receive_from(timeout=5)
+    rendered.clear()
+    await sync_to_async(run.request_stop)(actor=None, channel=Channel.API, reason="enough")
+    await live.drain()
+    pushed = await communicator.receive_from(timeout=5)
+    assert 'data-status="stopping"' in pushed
+    assert rendered == [run.pk]
+    await communicator.disconnect()

@@ -91,6 +91,20 @@ def test_the_list_filters_by_status_provider_owner_and_text(as_bob, acme, launch
     assert f'ws-connect="/ws/teams/{acme.pk}/?owner=me"' in counts
 
 
+def test_status_counts_stop_at_the_cap_and_say_so(as_bob, acme, launch, monkeypatch):
+    from runs import views
+
+    monkeypatch.setattr(views, "COUNT_CAP", 2)
+    for n in range(3):
+        launch(f"run {n}")
+    done = launch("done")
+    done.mark_completed(output="x")
+    page = as_bob.get(reverse("runs:team", args=[acme.pk])).content.decode()
+    assert "Pending <strong>2+</strong>" in page
+    assert "Completed <strong>1</strong>" in page
+    assert "All <strong>3+</strong>" in page
+
+
 def test_it_launches_a_run_over_htmx_and_answers_with_a_fresh_form_and_the_row(
     as_bob, acme, fay_account
 ):

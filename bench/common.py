@@ -1,0 +1,236 @@
+"""What every bench script shares: the two backends' environments, server processes that are
+stopped for sure, percentiles, and the machine's facts. Loopback only; everything bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+OUT = Path(os.environ.get("BENCH_OUT", "/tmp/bench-out"))
+QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0", "false")
+ORIGIN = "http://127.0.0.1"
+# A fixed development-only Fernet key: bench data is throwaway.
+BENCH_FERNET = "YmVuY2gtb25seS1rZXktbm90LWZvci1wcm9kdWN0ISE="
+
+BACKENDS = {
+    "sqlite": {
+        "label": "embedded (SQLite, in-memory channel layer)",
+        "DATABASE_URL": "sqlite:////tmp/bench-run.sqlite3",
+        "REDIS_URL": "",
+    },
+    "postgres": {
+        "label": "PostgreSQL + Redis (channels-redis pub/sub)",
+        "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/bench_main",
+        "REDIS_URL": "redis://127.0.0.1:6379/2",
+    },
+}
+
+
+def env_for(backend: str, **extra: str) -> dict[str, str]:
+    b = BACKENDS[backend]
+    env = {
+        **os.environ,
+        "DEBUG": "false",
+        "SECRET_KEY": "bench-secret-key-not-for-production-0123456789abcdef",
+        "RUNBRAKE_ENCRYPTION_KEYS": BENCH_FERNET,
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "CSRF_TRUSTED_ORIGINS": ORIGIN,
+        "SECURE_SSL_REDIRECT": "false",
+        "RUNBRAKE_SIMULATORS": "true",
+        "RUNBRAKE_ALLOW_PRIVATE_PROVIDER_URLS": "true",
+        "RUNBRAKE_RATE_LAUNCH": "1000000/60",
+        "RUNBRAKE_RATE_STOP": "1000000/60",
+        "RUNBRAKE_RATE_LOGIN": "1000000/60",
+        "DATABASE_URL": b["DATABASE_URL"],
+        "REDIS_URL": b["REDIS_URL"],
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(extra)
+    return env
+
+
+def raise_nofile(limit: int = 65536) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(limit, hard) if hard != resource.RLIM_INFINITY else limit
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Proc:
+    """A child process (server, watcher, load generator) that is always stopped at the end;
+    daphne sometimes ignores SIGTERM after load, so stopping escalates to SIGKILL."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        OUT.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.log_path = OUT / f"{name}.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def tail(self, n: int = 30) -> str:
+        self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+        self.log.close()
+
+
+class Server(Proc):
+    def __init__(
+        self,
+        name: str,
+        backend: str,
+        *,
+        server: str = "daphne",
+        watcher: bool = False,
+        lag_file: str = "",
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [PY, "manage.py", "serve", "--server", server, "--port", str(self.port)]
+        if not watcher:
+            argv.append("--no-watcher")
+        if lag_file:
+            argv += ["--loop-lag-file", lag_file]
+        env = env_for(
+            backend,
+            RUNBRAKE_EMBEDDED_WATCHER="true" if watcher else "false",
+            **(extra_env or {}),
+        )
+        super().__init__(name, argv, env)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited early:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/sim/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not start in {timeout} s:\n{self.tail()}")
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.pid)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def manage(backend: str, *args: str, timeout: float = 600) -> str:
+    done = subprocess.run(
+        [PY, "manage.py", *args],
+        cwd=ROOT,
+        env=env_for(backend),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def script(backend: str, path: str, *args: str, timeout: float = 900) -> Any:
+    """Run a bench script in its own process; it prints one JSON document last."""
+    done = subprocess.run(
+        [PY, str(ROOT / path), *args],
+        cwd=ROOT,
+        env=env_for(backend),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{path} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def pct(values: Iterable[float], p: float) -> float:
+    data = sorted(values)
+    if not data:
+        return float("nan")
+    k = (len(data) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (k - lo)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50": round(pct(values, 50), 2),
+        "p95": round(pct(values, 95), 2),
+        "p99": round(pct(values, 99), 2),
+        "max": round(max(values), 2) if values else float("nan"),
+    }
+
+
+def read_lag(path: str | Path) -> list[float]:
+    try:
+        return [float(v) for v in json.loads(Path(path).read_text())]
+    except (OSError, ValueError):
+        return []
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "ram": f"{mem_kib / 1024 / 1024:.1f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

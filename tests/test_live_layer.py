@@ -1,0 +1,40 @@
+"""The embedded default's channel layer: every group member gets each message, in order; a
+full member loses only its own copy; members that left get nothing."""
+
+from __future__ import annotations
+
+from runs.layers import InMemoryChannelLayer as LocalChannelLayer
+
+
+async def test_it_delivers_each_message_to_every_member_in_order() -> None:
+    layer = LocalChannelLayer()
+    channels = [await layer.new_channel() for _ in range(3)]
+    for channel in channels:
+        await layer.group_add("team-1", channel)
+    await layer.group_send("team-1", {"type": "push.html", "html": "one"})
+    await layer.group_send("team-1", {"type": "push.html", "html": "two"})
+    for channel in channels:
+        assert (await layer.receive(channel))["html"] == "one"
+        assert (await layer.receive(channel))["html"] == "two"
+
+
+async def test_a_full_member_resyncs_and_the_others_still_get_it() -> None:
+    layer = LocalChannelLayer(capacity=1)
+    full, free = await layer.new_channel(), await layer.new_channel()
+    await layer.group_add("run-1", full)
+    await layer.group_send("run-1", {"type": "push.html", "html": "first"})
+    await layer.group_add("run-1", free)
+    await layer.group_send("run-1", {"type": "push.html", "html": "second"})
+    assert (await layer.receive(full))["type"] == "push.resync"
+    assert (await layer.receive(free))["html"] == "second"
+
+
+async def test_members_that_left_get_nothing() -> None:
+    layer = LocalChannelLayer()
+    gone, stays = await layer.new_channel(), await layer.new_channel()
+    await layer.group_add("run-2", gone)
+    await layer.group_add("run-2", stays)
+    await layer.group_discard("run-2", gone)
+    await layer.group_send("run-2", {"type": "push.html", "html": "hello"})
+    assert (await layer.receive(stays))["html"] == "hello"
+    assert gone not in layer.channels
