@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 import urllib.error
@@ -271,3 +272,31 @@ def test_two_web_processes_and_two_watchers_a_stop_through_one_reaches_a_viewer_
             message = socket.recv(timeout=remaining)
             if 'data-status="stopped"' in message:
                 break
+
+
+@pytest.mark.parametrize("server", ["daphne", "uvicorn"])
+def test_a_web_process_stopped_with_sigterm_hands_its_embedded_watchers_runs_back(
+    server, env, acme, bob, sim
+):
+    """Graceful shutdown: the embedded watcher releases its runs on SIGTERM (daphne through a
+    reactor shutdown trigger, uvicorn through the ASGI lifespan), so the next process takes
+    them at once instead of after the lease; the runs keep going at the provider."""
+    web = Server(watcher=True, env=env, server=server)
+    try:
+        account = sim_account(acme, sim, "dify")
+        run = launch(account, bob, f"handback {uuid.uuid4().hex[:8]} sim:duration=120")
+        wait_until(
+            lambda: (
+                holder_pid(run) == web.pid
+                and Run.objects.filter(pk=run.pk, status=Status.RUNNING).exclude(output="").exists()
+            ),
+            "the web process's watcher to stream the run",
+        )
+        web.proc.send_signal(signal.SIGTERM)
+        assert web.proc.wait(timeout=20) is not None
+    finally:
+        web.close()
+    run.refresh_from_db()
+    assert run.status == Status.RUNNING
+    assert run.watched_by == "", "the run was not handed back"
+    assert run.watch_lease_until is None

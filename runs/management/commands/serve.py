@@ -59,6 +59,20 @@ class Command(BaseCommand):
             loop = asyncio.get_event_loop()
             if not no_watcher:
                 loop.call_soon(watcher.start_embedded)
+                # SIGTERM: hand the watcher's runs back before the reactor stops (what
+                # uvicorn's lifespan shutdown does), instead of dropping them mid-call.
+                from twisted.internet import defer
+                from twisted.internet import reactor as twisted_reactor
+
+                # Typed through IReactorCore, whose stub leaves out `self`.
+                reactor: Any = twisted_reactor
+                reactor.addSystemEventTrigger(
+                    "before",
+                    "shutdown",
+                    lambda: defer.Deferred.fromFuture(
+                        asyncio.ensure_future(watcher.stop_embedded())
+                    ),
+                )
             if lag_file:
                 loop.call_soon(start_loop_lag_probe, lag_file)
             self.stdout.write(banner, ending="\n")
