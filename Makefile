@@ -51,7 +51,7 @@ SCALED_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/runbrake
 SCALED_REDIS_URL ?= redis://127.0.0.1:6379/0
 run-scaled: setup
 	$(PY) -c "import sys, psycopg; from urllib.parse import urlsplit; u = urlsplit(sys.argv[1]); \
-	c = psycopg.connect(sys.argv[1].replace(u.path, '/postgres'), autocommit=True); \
+	c = psycopg.connect(u._replace(path='/postgres').geturl(), autocommit=True); \
 	n = u.path.lstrip('/'); \
 	c.execute('SELECT 1 FROM pg_database WHERE datname = %s', (n,)).fetchone() or c.execute(f'CREATE DATABASE \"{n}\"')" \
 	"$(SCALED_DATABASE_URL)"

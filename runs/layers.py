@@ -63,6 +63,26 @@ class InMemoryChannelLayer(layers.InMemoryChannelLayer):
             )
         return queue
 
+    def _clean_expired(self) -> None:
+        """The stock sweep drops a member whose oldest message is older than `expiry` from
+        every group, so a viewer that was merely slow (a busy tab under uvicorn, which waits
+        on the socket) would silently get nothing more. A member still in a group gets a
+        resync instead; a channel in no group is dropped as before."""
+        now = time.time()
+        members = {name for channels in self.groups.values() for name in channels}
+        for channel, queue in list(self.channels.items()):
+            if queue.empty() or queue._queue[0][0] >= now:
+                continue
+            if channel in members and isinstance(queue, ResyncQueue):
+                queue.resync()
+            else:
+                self.channels.pop(channel, None)
+        timeout = int(now) - self.group_expiry
+        for channels in self.groups.values():
+            for name, joined in list(channels.items()):
+                if joined and joined < timeout:
+                    channels.pop(name, None)
+
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         assert isinstance(message, dict), "message is not a dict"
         self.require_valid_group_name(group)

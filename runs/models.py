@@ -353,10 +353,9 @@ class RunQuerySet(models.QuerySet["Run"]):
         """Running runs that made no progress (output, provider status) within their limit."""
         return self.filter(status=Status.RUNNING, stall_deadline__lt=now)
 
-    def watched_by(self, watcher_id: str) -> RunQuerySet:
-        return self.filter(watched_by=watcher_id)
-
-    def claim_watch(self, watcher_id: str, *, lease_seconds: float, limit: int) -> list[int]:
+    def claim_watch(
+        self, watcher_id: str, *, lease_seconds: float, limit: int, per_claim: int = 100
+    ) -> list[int]:
         """Renew this watcher's leases, take unwatched or orphaned active runs up to `limit`,
         and return the ids of every active run it now holds.
 
@@ -371,7 +370,8 @@ class RunQuerySet(models.QuerySet["Run"]):
         with transaction.atomic():
             self.active().filter(watched_by=watcher_id).update(watch_lease_until=until)
             held = self.active().filter(watched_by=watcher_id).count()
-            room = max(0, limit - held)
+            # A few at a time, so that watchers started together share the runs out.
+            room = min(per_claim, max(0, limit - held))
             if room:
                 candidates = list(
                     self.active()
@@ -415,11 +415,17 @@ class RunQuerySet(models.QuerySet["Run"]):
 
     def release_watch(self, watcher_id: str) -> int:
         """Hand this watcher's runs back (graceful shutdown): others take them at once."""
-        return self.filter(watched_by=watcher_id).update(watched_by="", watch_lease_until=None)
+        return (
+            self.active()
+            .filter(watched_by=watcher_id)
+            .update(watched_by="", watch_lease_until=None)
+        )
 
     async def arelease_watch(self, watcher_id: str) -> int:
-        return await self.filter(watched_by=watcher_id).aupdate(
-            watched_by="", watch_lease_until=None
+        return await (
+            self.active()
+            .filter(watched_by=watcher_id)
+            .aupdate(watched_by="", watch_lease_until=None)
         )
 
     def launch(
@@ -755,15 +761,27 @@ class Run(models.Model):
         transaction.on_commit(lambda: live.push_run(self.pk))
         self.output = text
 
-    def record_provider_status(self, provider_status: str) -> bool:
-        """A polled provider reporting a new status is progress (it shows no partial output)."""
-        if not provider_status or provider_status == self.provider_status:
+    def record_progress(self, provider_status: str) -> bool:
+        """The provider showed progress without new text (a polled run, a stream followed
+        through its status): move the "no progress" deadline, and show a new provider status.
+        """
+        changed = bool(provider_status) and provider_status != self.provider_status
+        if not changed and not self.no_progress_seconds:
             return False
-        changed = Run.objects.filter(pk=self.pk, status=Status.RUNNING).update(
-            provider_status=provider_status, stall_deadline=self._next_stall_deadline()
-        )
-        self.provider_status = provider_status
-        return bool(changed)
+        fields: dict[str, Any] = {"stall_deadline": self._next_stall_deadline()}
+        if changed:
+            fields.update(
+                provider_status=provider_status,
+                updated_at=timezone.now(),
+                version=F("version") + 1,
+            )
+        with transaction.atomic():
+            updated = Run.objects.filter(pk=self.pk, status=Status.RUNNING).update(**fields)
+            if updated and changed:
+                transaction.on_commit(lambda: live.push_run(self.pk))
+        if updated and changed:
+            self.provider_status = provider_status
+        return bool(updated)
 
     def _next_stall_deadline(self) -> dt.datetime | None:
         if not self.no_progress_seconds:

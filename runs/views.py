@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -221,7 +222,10 @@ def run_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 def run_output(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     """A run's whole output as text: pages and pushes show only its end (see live.py)."""
     run = get_object_or_404(Run.objects.for_user(request.user), pk=pk)
-    return HttpResponse(run.output, content_type="text/plain; charset=utf-8")
+    text = run.output
+    if not text and run.structured_output is not None:
+        text = json.dumps(run.structured_output, indent=2, ensure_ascii=False)
+    return HttpResponse(text, content_type="text/plain; charset=utf-8")
 
 
 def _stop_message(run: Run, requested: bool) -> tuple[str, str]:

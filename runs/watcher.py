@@ -32,6 +32,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
 from django.db import connection
+from django.db.models import Q
 from django.utils import timezone
 
 from .models import ACTIVE, STOP_IN_PROGRESS, Channel, ProviderAccount, Run, RunEvent, Status
@@ -78,6 +79,7 @@ class Watcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self.main_task: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
 
     # --- Lifecycle ----------------------------------------------------------------------------
 
@@ -85,6 +87,7 @@ class Watcher:
         self._loop = asyncio.get_running_loop()
         logger.info("watcher %s started", self.identity)
         listener = asyncio.create_task(self._listen_for_nudges())
+        self._start_heartbeat()
         try:
             while not self._stopping:
                 try:
@@ -98,6 +101,22 @@ class Watcher:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
 
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._keep_leases())
+
+    async def _keep_leases(self) -> None:
+        """Renew the leases on a timer of their own, a third of a lease apart, on a thread of
+        their own: a tick slowed down by a busy database must not let another watcher take
+        runs this one is following perfectly well."""
+        every = settings.RUNBRAKE_WATCHER_LEASE_SECONDS / 3
+        while True:
+            try:
+                await _claim(self.identity, 0)  # renews what it holds; room for 0 claims none
+            except Exception:
+                logger.warning("watcher %s could not renew leases", self.identity, exc_info=True)
+            await asyncio.sleep(every)
+
     async def _listen_for_nudges(self) -> None:
         """Scaled out, launches happen in web processes: they nudge every watcher through the
         channel layer so a new run starts now, not at the next tick. Losing a nudge (Redis
@@ -105,9 +124,9 @@ class Watcher:
         layer = get_channel_layer()
         if layer is None or isinstance(layer, InMemoryChannelLayer):
             return  # one process: launches nudge the in-process watcher directly
-        channel = await layer.new_channel()
         while not self._stopping:
             try:
+                channel = await layer.new_channel()
                 await layer.group_add(NUDGE_GROUP, channel)
                 while not self._stopping:
                     await layer.receive(channel)
@@ -124,15 +143,24 @@ class Watcher:
         self._wakeup.set()
 
     async def shutdown(self) -> None:
-        """Hand the runs back: wait (bounded) for start calls to get their provider ids, for
-        stop calls in flight and for connection-bound streams to end; stop following; release
-        the leases so another watcher takes the runs on its next tick, not after they lapse."""
+        """Hand the runs back, keeping their leases until then:
+
+        1. let the tick under way finish (it starts nothing more once stopping);
+        2. wait (bounded by the provider timeout) for start calls to get their provider ids;
+        3. let connection-bound streams (IntelligenceBox) finish, bounded;
+        4. stop following the rest and save their last output;
+        5. let stop calls in flight finish, bounded;
+        6. release the leases, so another watcher takes the runs on its next tick.
+        """
         self._stopping = True
         self._wakeup.set()
-        grace = settings.RUNBRAKE_STOP_CALL_TIMEOUT + 1
+        self._start_heartbeat()
+        current = asyncio.current_task()
+        if self.main_task is not None and self.main_task is not current:
+            await asyncio.wait([self.main_task], timeout=settings.RUNBRAKE_PROVIDER_TIMEOUT)
         if self.starting:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace):
+                async with asyncio.timeout(settings.RUNBRAKE_PROVIDER_TIMEOUT + 1):
                     await asyncio.gather(*(done.wait() for done in self.starting.values()))
         await self._drain_connection_bound()
         sessions = list(self.sessions.values())
@@ -141,10 +169,15 @@ class Watcher:
         await asyncio.gather(*sessions, return_exceptions=True)
         await self._close_writer()
         if self.side_tasks:
-            _done, late = await asyncio.wait(list(self.side_tasks), timeout=grace)
+            _done, late = await asyncio.wait(
+                list(self.side_tasks), timeout=settings.RUNBRAKE_STOP_CALL_TIMEOUT + 1
+            )
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
         try:
             released = await Run.objects.arelease_watch(self.identity)
         except Exception:
@@ -161,17 +194,7 @@ class Watcher:
         if not bound:
             return
         logger.info("watcher %s lets %d connection-bound runs finish", self.identity, len(bound))
-        renewing = asyncio.create_task(self._keep_leases())
-        try:
-            await asyncio.wait(bound, timeout=settings.RUNBRAKE_WATCHER_DRAIN_SECONDS)
-        finally:
-            renewing.cancel()
-            await asyncio.gather(renewing, return_exceptions=True)
-
-    async def _keep_leases(self) -> None:
-        while True:
-            await _claim(self.identity, 0)  # renews what it holds; room for 0 claims none
-            await asyncio.sleep(self.tick_seconds)
+        await asyncio.wait(bound, timeout=settings.RUNBRAKE_WATCHER_DRAIN_SECONDS)
 
     async def _close_writer(self) -> None:
         if self._writer_task is not None:
@@ -204,7 +227,12 @@ class Watcher:
         await self._drop_lost_sessions(held)
 
         now = timezone.now()
-        mine = Run.objects.watched_by(self.identity)
+        # Deadlines and retries for this watcher's runs and for any no watcher holds (all
+        # watchers full, or one just died): each step is a conditional update or a leased
+        # call, so two watchers reaching the same run cannot both act.
+        mine = Run.objects.filter(
+            Q(watched_by=self.identity) | Q(watched_by="") | Q(watch_lease_until__lt=now)
+        )
         async for run in mine.stop_due(now):
             self._spawn(run.asend_stop())
 
@@ -246,6 +274,8 @@ class Watcher:
                 task.cancel()
 
     def _start_session(self, pk: int) -> None:
+        if self._stopping:
+            return
         task = asyncio.create_task(self.watch(pk), name=f"run-{pk}")
         self.sessions[pk] = task
         task.add_done_callback(lambda _t: self.sessions.pop(pk, None))
@@ -269,18 +299,21 @@ class Watcher:
         run = await Run.objects.select_related("provider_account").aget(pk=pk)
         if run.status not in ACTIVE:
             return
+        try:
+            await self._follow_or_start(run)
+        finally:
+            self._started(pk)
+            self.connection_bound.discard(pk)
+
+    async def _follow_or_start(self, run: Run) -> None:
+        pk = run.pk
         provider = run.provider_account.provider()
         if run.external_id:
             events = provider.follow(run.external_id, run.provider_refs)
         else:
             self.starting[pk] = asyncio.Event()
             if not await sync_to_async(run.claim_start)():
-                # The start call was sent by a process that died before recording the id:
-                # sending it again could start a second, billed run. Say so instead.
-                await sync_to_async(run.mark_failed)(
-                    error="Runbrake restarted while this run was being started, so its "
-                    "provider id is unknown. Check the provider's dashboard, then run it again."
-                )
+                await self._start_claimed_elsewhere(run)
                 return
             if run.status == Status.STOPPING:
                 # Stopped before it was ever sent: nothing to call, nothing billed.
@@ -299,9 +332,20 @@ class Watcher:
         except ProviderError as exc:
             await session.flush()
             await self._provider_failed(run, exc)
-        finally:
-            self._started(pk)
-            self.connection_bound.discard(pk)
+
+    async def _start_claimed_elsewhere(self, run: Run) -> None:
+        """Another process sent this run's start call and has not recorded the provider's id.
+        While that call may still be answered, wait (the next tick looks again). After that,
+        the process died with the call out: sending it again could start a second, billed
+        run, so say so instead."""
+        started = run.start_attempted_at
+        patience = settings.RUNBRAKE_PROVIDER_TIMEOUT + settings.RUNBRAKE_WATCHER_LEASE_SECONDS
+        if started is not None and (timezone.now() - started).total_seconds() < patience:
+            return
+        await sync_to_async(run.mark_failed)(
+            error="Runbrake restarted while this run was being started, so its "
+            "provider id is unknown. Check the provider's dashboard, then run it again."
+        )
 
     def _output_writer(self) -> OutputWriter:
         if self.writer is None:
@@ -434,6 +478,7 @@ class Session:
         self.text = run.output
         self.dirty = False
         self.reported_output_after_stop = False
+        self.progress_marker: str | None = None
         self._flush_lock = asyncio.Lock()
 
     async def consume(self, events: AsyncGenerator[Event]) -> None:
@@ -501,12 +546,17 @@ class Session:
                 if run.status in STOP_IN_PROGRESS:
                     # The user pressed Stop before the provider told us the id: send it now.
                     await run.asend_stop()
-            case Running(provider_status=provider_status):
+            case Running(provider_status=provider_status, progress=progress):
                 await run.arefresh_from_db()
                 if run.status == Status.PENDING:
                     await sync_to_async(run.mark_running)(provider_status)
-                elif run.status == Status.RUNNING:
-                    await sync_to_async(run.record_provider_status)(provider_status)
+                elif run.status == Status.RUNNING and (
+                    progress is None
+                    or progress != self.progress_marker
+                    or provider_status != run.provider_status
+                ):
+                    await sync_to_async(run.record_progress)(provider_status)
+                self.progress_marker = progress
             case OutputDelta(text=text, replace=replace):
                 self.text = text if replace else self.text + text
                 if not self.dirty:

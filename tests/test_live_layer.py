@@ -38,3 +38,17 @@ async def test_members_that_left_get_nothing() -> None:
     await layer.group_send("run-2", {"type": "push.html", "html": "hello"})
     assert (await layer.receive(stays))["html"] == "hello"
     assert gone not in layer.channels
+
+
+async def test_a_slow_member_with_expired_messages_resyncs_instead_of_being_dropped() -> None:
+    layer = LocalChannelLayer()
+    slow = await layer.new_channel()
+    await layer.group_add("run-3", slow)
+    await layer.group_send("run-3", {"type": "push.html", "html": "old"})
+    backlog = layer.channels[slow]._queue  # type: ignore[attr-defined]
+    backlog[0] = (0.0, backlog[0][1])  # as if it had waited past the layer's expiry
+    layer._clean_expired()
+    assert slow in layer.groups["run-3"]
+    assert (await layer.receive(slow))["type"] == "push.resync"
+    await layer.group_send("run-3", {"type": "push.html", "html": "new"})
+    assert (await layer.receive(slow))["html"] == "new"

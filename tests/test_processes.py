@@ -300,3 +300,35 @@ def test_a_web_process_stopped_with_sigterm_hands_its_embedded_watchers_runs_bac
     assert run.status == Status.RUNNING
     assert run.watched_by == "", "the run was not handed back"
     assert run.watch_lease_until is None
+
+
+def test_a_watcher_stopped_while_its_start_call_is_out_waits_for_the_id_then_hands_over(
+    spawn, acme, bob, sim
+):
+    """SIGTERM while a start call is waiting for the provider's answer: the watcher keeps its
+    lease, records the id when the answer comes, and only then hands the run over, so the
+    run is neither lost (marked failed) nor started twice."""
+    first, second = spawn("watcher"), spawn("watcher")
+    account = sim_account(acme, sim, "dify")
+    # Dify names the run in its first stream event, which comes after sim:delay.
+    run = launch(account, bob, f"slowstart {uuid.uuid4().hex[:8]} sim:delay=4 sim:duration=60")
+    wait_until(
+        lambda: Run.objects.filter(pk=run.pk, start_attempted_at__isnull=False).exists(),
+        "the start call to go out",
+    )
+    holder = first if holder_pid(run) == first.pid else second
+    other = second if holder is first else first
+    holder.proc.send_signal(signal.SIGTERM)
+    assert holder.proc.wait(timeout=30) == 0
+    run.refresh_from_db()
+    assert run.external_id, "the shutting-down watcher did not wait for the provider's id"
+    assert run.status in (Status.PENDING, Status.RUNNING), run.status
+    wait_until(
+        lambda: (
+            holder_pid(run) == other.pid
+            and Run.objects.filter(pk=run.pk).exclude(output="").exists()
+        ),
+        "the other watcher to follow the run",
+    )
+    creates = [r for r in sim.requests("dify") if r["body"] and run.prompt in json.dumps(r["body"])]
+    assert len(creates) == 1

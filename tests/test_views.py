@@ -514,3 +514,26 @@ def test_cancel_from_the_run_page_answers_with_that_pages_fragments(as_bob, laun
     assert f'id="run-status-{run.pk}"' in html
     assert f'id="run-events-{run.pk}"' in html
     assert f'id="run-row-{run.pk}"' not in html  # that page has no row to swap
+
+
+def test_the_whole_output_is_a_text_page_for_the_team_only(client, bob, mallory, launch):
+    run = launch("long")
+    run.mark_completed(output="x" * 50_000 + "THE END")
+    client.force_login(bob)
+    response = client.get(reverse("runs:output", args=[run.pk]))
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain")
+    assert response.content.decode().endswith("THE END")
+    assert len(response.content) == 50_007
+    client.force_login(mallory)
+    assert client.get(reverse("runs:output", args=[run.pk])).status_code == 404
+    client.logout()
+    assert client.get(reverse("runs:output", args=[run.pk])).status_code == 302
+
+
+def test_a_structured_answer_is_its_output_page_as_json(client, bob, launch):
+    run = launch("structured")
+    run.mark_completed(output="", structured_output={"editors": ["Ana"]})
+    client.force_login(bob)
+    response = client.get(reverse("runs:output", args=[run.pk]))
+    assert json.loads(response.content) == {"editors": ["Ana"]}

@@ -12,8 +12,8 @@ from asgiref.sync import sync_to_async
 from django.utils import timezone
 
 from runs.models import Channel, Run, Status
-from runs.providers.base import Started
-from runs.watcher import Watcher
+from runs.providers.base import Running, Started
+from runs.watcher import Session, Watcher
 from tests.conftest import sim_account, start_at_provider
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -170,11 +170,24 @@ async def test_after_a_restart_running_runs_are_followed_not_started_again(launc
 
 async def test_a_start_interrupted_before_the_id_was_saved_is_not_sent_twice(launch, sim):
     run = await sync_to_async(launch)(f"{uuid.uuid4()} sim:pending=0 sim:duration=60")
-    await Run.objects.filter(pk=run.pk).aupdate(start_attempted_at=timezone.now())
+    # Long enough ago that the call is over: its process died with it.
+    await Run.objects.filter(pk=run.pk).aupdate(
+        start_attempted_at=timezone.now() - dt.timedelta(minutes=5)
+    )
     await Watcher().watch(run.pk)
     await run.arefresh_from_db()
     assert run.status == Status.FAILED
     assert "provider id is unknown" in run.error
+    assert not [r for r in sim.requests() if r["body"] and run.prompt in str(r["body"])]
+
+
+async def test_a_start_still_in_flight_elsewhere_is_waited_for_not_failed(launch, sim):
+    """A watcher shutting down may still be waiting for its start call's answer."""
+    run = await sync_to_async(launch)(f"{uuid.uuid4()} sim:pending=0 sim:duration=60")
+    await Run.objects.filter(pk=run.pk).aupdate(start_attempted_at=timezone.now())
+    await Watcher().watch(run.pk)
+    await run.arefresh_from_db()
+    assert run.status == Status.PENDING
     assert not [r for r in sim.requests() if r["body"] and run.prompt in str(r["body"])]
 
 
@@ -260,13 +273,34 @@ def test_output_and_a_new_provider_status_move_the_no_progress_deadline(bob, fay
     run.record_output("partial")
     run.refresh_from_db()
     assert run.stall_deadline > first
-    moved = run.stall_deadline
-    assert not run.record_provider_status("PROCESSING")  # the same status is not progress
-    run.refresh_from_db()
-    assert run.stall_deadline == moved
-    assert run.record_provider_status("SUMMARISING")
+    moved, version = run.stall_deadline, run.version
+    assert run.record_progress("SUMMARISING")
     run.refresh_from_db()
     assert run.stall_deadline > moved
+    assert run.provider_status == "SUMMARISING"
+    assert run.version == version + 1  # a new provider status is shown to viewers
+
+
+async def test_a_repeated_progress_marker_is_not_progress_but_a_bare_still_working_is(
+    bob, fay_account
+):
+    """IntelligenceBox's message count says whether a status-followed stream moved; Fay can
+    only say it is still working, which must not look like a stall."""
+    run = await sync_to_async(launch_guarded)(bob, fay_account, 120)
+    await sync_to_async(run.mark_running)("active")
+    session = Session(run, fay_account.provider())
+
+    async def deadline_after(event: Running) -> dt.datetime:
+        await session.apply(event)
+        await run.arefresh_from_db()
+        assert run.stall_deadline is not None
+        return run.stall_deadline
+
+    first = await deadline_after(Running("active", progress="3"))
+    assert await deadline_after(Running("active", progress="3")) == first
+    second = await deadline_after(Running("active", progress="4"))
+    assert second > first
+    assert await deadline_after(Running("active")) > second
 
 
 def test_zero_turns_the_no_progress_guardrail_off(bob, fay_account):
@@ -317,4 +351,3 @@ async def test_shutdown_lets_an_intelligencebox_stream_finish(acme, bob, sim, se
     await watcher.shutdown()
     await run.arefresh_from_db()
     assert run.status == Status.COMPLETED, run.status
-    assert run.watched_by == ""

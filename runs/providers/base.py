@@ -74,9 +74,14 @@ class Started:
 
 @dataclass(frozen=True)
 class Running:
-    """The provider reports the run as working (its own word in `provider_status`)."""
+    """The provider reports the run as working (its own word in `provider_status`).
+
+    `progress` is a marker that changes when the provider has done more (a message count);
+    None when the provider can only say that it is still working, which then counts as
+    progress for the "no progress" guardrail (it cannot be told apart from a stall)."""
 
     provider_status: str
+    progress: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,7 @@ class StatusResult:
     provider_status: str
     terminal: TerminalStatus | None
     error: str | None = None
+    progress: str | None = None
 
 
 # --- The base class: one choke point for outbound HTTP --------------------------------------

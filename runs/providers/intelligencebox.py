@@ -131,7 +131,7 @@ class IntelligenceBoxProvider(Provider):
             if result.terminal is not None:
                 yield Finished(result.terminal, result.provider_status, error=result.error)
                 return
-            yield Running(result.provider_status)
+            yield Running(result.provider_status, progress=result.progress)
             await asyncio.sleep(STATUS_POLL)
 
     async def check(self) -> str:
@@ -145,10 +145,13 @@ class IntelligenceBoxProvider(Provider):
             raise self.error_from(response)
         payload = parse_json(response.text)
         native = str((payload or {}).get("status") or "unknown")
+        count = (payload or {}).get("messageCount")
         return StatusResult(
             provider_status=native,
             terminal=STREAM_STATUS.get(native),
             error="The IntelligenceBox reported an error." if native == "error" else None,
+            # Parts emitted so far: the one sign of progress the box gives without the text.
+            progress=str(count) if isinstance(count, int) else None,
         )
 
     async def stop(

@@ -110,6 +110,9 @@ class Command(BaseCommand):
             # of a few KiB; daphne does not compress either.
             ws_per_message_deflate=False,
             log_level="warning",
+            # Keep Django's LOGGING (its handler scrubs secrets); uvicorn's own config would
+            # give its loggers handlers of their own.
+            log_config=None,
             access_log=False,
             server_header=False,
         )
