@@ -242,11 +242,29 @@ def p3_capacity(backend: str, web: Server, data: dict[str, Any], n: int) -> dict
     ids = launch(web.url, token, fay, [f"p3 {i} sim:pending=0 sim:duration=900" for i in range(10)])
     urls = [ws_url(web, f"/ws/runs/{pk}/") for pk in ids]
     warm = Clients(urls, data["cookies"], 20, backend)
+    gens: list[Clients] = []
+    try:
+        return _p3_measure(backend, web, data, n, ids, urls, gens)
+    finally:
+        for g in [*gens, warm]:
+            g.close()
+
+
+def _p3_measure(
+    backend: str,
+    web: Server,
+    data: dict[str, Any],
+    n: int,
+    ids: list[int],
+    urls: list[str],
+    gens: list[Clients],
+) -> dict[str, Any]:
+    token = data["token"]
     time.sleep(1)
     before = web.rss_kib()
     started = time.monotonic()
     per_gen = n // 2
-    gens = [Clients(urls, data["cookies"], per_gen, backend) for _ in range(2)]
+    gens += [Clients(urls, data["cookies"], per_gen, backend) for _ in range(2)]
     connect_s = time.monotonic() - started
     connected = sum(g.ready["ready"] for g in gens)
     time.sleep(3)
@@ -267,8 +285,6 @@ def p3_capacity(backend: str, web: Server, data: dict[str, Any], n: int) -> dict
             got = g.read()
             lat += [(t - t0) * 1000 for t in got["times"]]
             lost += got["sockets"] - len(got["times"])
-    for g in [*gens, warm]:
-        g.close()
     return {
         "sockets": connected,
         "connect_seconds": round(connect_s, 1),
