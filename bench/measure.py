@@ -313,7 +313,7 @@ def p4_watcher(
     accounts = data["ib_accounts"]
     tag = uuid.uuid4().hex[:6]
     # Each run's stream starts after a delay, so that the viewers are listening first.
-    delay = 15 if n > 300 else 8
+    delay = 45 if n > 300 else 10
     prompt = f"bench {tag} sim:duration={duration} sim:chunks={chunks} sim:delay={delay}"
     # Launch through the API (the real path), spread over the simulator processes.
     ids: list[int] = []
@@ -326,6 +326,7 @@ def p4_watcher(
     gen = Clients(urls, data["cookies"], len(urls), backend)
     gen.send("RECORD")
     gen.read()
+    viewers_ready = round(time.time() - launched, 1)
     with httpx.Client(timeout=60) as client:
         finals = wait_for(
             client,
@@ -381,6 +382,8 @@ def p4_watcher(
         "output_lag": summary(output_lag),
         "lost": lost,
         "seconds": round(time.time() - launched, 1),
+        "viewers_ready_after_s": viewers_ready,
+        "stream_delay_s": delay,
     }
 
 

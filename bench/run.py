@@ -260,10 +260,17 @@ def main() -> None:
         "quick": QUICK,
         "sizes": {k: size(k) for k in SIZES},
     }
+    # BENCH_BASE=<results.json>: re-measure some rows (BENCH_ONLY) on top of an earlier run.
+    base = os.environ.get("BENCH_BASE")
+    if base:
+        earlier = json.loads(Path(base).read_text())
+        results = {**earlier, "date": results["date"], "machine": results["machine"]}
     for backend in backends:
         log(f"backend {backend}")
-        results[backend] = bench_backend(backend)
-    results["seconds"] = round(time.monotonic() - started)
+        results[backend] = {**results.get(backend, {}), **bench_backend(backend)}
+    results["seconds"] = round(time.monotonic() - started) + (
+        results.get("seconds", 0) if base else 0
+    )
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     target = ROOT / "docs" / "PERFORMANCE.md"
     write_report(results, target)
