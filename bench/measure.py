@@ -242,11 +242,29 @@ def p3_capacity(backend: str, web: Server, data: dict[str, Any], n: int) -> dict
     ids = launch(web.url, token, fay, [f"p3 {i} sim:pending=0 sim:duration=900" for i in range(10)])
     urls = [ws_url(web, f"/ws/runs/{pk}/") for pk in ids]
     warm = Clients(urls, data["cookies"], 20, backend)
+    gens: list[Clients] = []
+    try:
+        return _p3_measure(backend, web, data, n, ids, urls, gens)
+    finally:
+        for g in [*gens, warm]:
+            g.close()
+
+
+def _p3_measure(
+    backend: str,
+    web: Server,
+    data: dict[str, Any],
+    n: int,
+    ids: list[int],
+    urls: list[str],
+    gens: list[Clients],
+) -> dict[str, Any]:
+    token = data["token"]
     time.sleep(1)
     before = web.rss_kib()
     started = time.monotonic()
     per_gen = n // 2
-    gens = [Clients(urls, data["cookies"], per_gen, backend) for _ in range(2)]
+    gens += [Clients(urls, data["cookies"], per_gen, backend) for _ in range(2)]
     connect_s = time.monotonic() - started
     connected = sum(g.ready["ready"] for g in gens)
     time.sleep(3)
@@ -267,8 +285,6 @@ def p3_capacity(backend: str, web: Server, data: dict[str, Any], n: int) -> dict
             got = g.read()
             lat += [(t - t0) * 1000 for t in got["times"]]
             lost += got["sockets"] - len(got["times"])
-    for g in [*gens, warm]:
-        g.close()
     return {
         "sockets": connected,
         "connect_seconds": round(connect_s, 1),
@@ -297,7 +313,7 @@ def p4_watcher(
     accounts = data["ib_accounts"]
     tag = uuid.uuid4().hex[:6]
     # Each run's stream starts after a delay, so that the viewers are listening first.
-    delay = 15 if n > 300 else 8
+    delay = 45 if n > 300 else 10
     prompt = f"bench {tag} sim:duration={duration} sim:chunks={chunks} sim:delay={delay}"
     # Launch through the API (the real path), spread over the simulator processes.
     ids: list[int] = []
@@ -310,6 +326,7 @@ def p4_watcher(
     gen = Clients(urls, data["cookies"], len(urls), backend)
     gen.send("RECORD")
     gen.read()
+    viewers_ready = round(time.time() - launched, 1)
     with httpx.Client(timeout=60) as client:
         finals = wait_for(
             client,
@@ -365,6 +382,8 @@ def p4_watcher(
         "output_lag": summary(output_lag),
         "lost": lost,
         "seconds": round(time.time() - launched, 1),
+        "viewers_ready_after_s": viewers_ready,
+        "stream_delay_s": delay,
     }
 
 

@@ -11,8 +11,8 @@ async def test_it_delivers_each_message_to_every_member_in_order() -> None:
     channels = [await layer.new_channel() for _ in range(3)]
     for channel in channels:
         await layer.group_add("team-1", channel)
-    await layer.group_send("team-1", {"type": "push.html", "html": "one"})
-    await layer.group_send("team-1", {"type": "push.html", "html": "two"})
+    await layer.group_send("team-1", {"type": "push.html", "html": "one", "meta": {"id": 1}})
+    await layer.group_send("team-1", {"type": "push.html", "html": "two", "meta": {"id": 2}})
     for channel in channels:
         assert (await layer.receive(channel))["html"] == "one"
         assert (await layer.receive(channel))["html"] == "two"
@@ -21,10 +21,10 @@ async def test_it_delivers_each_message_to_every_member_in_order() -> None:
 async def test_a_full_member_resyncs_and_the_others_still_get_it() -> None:
     layer = LocalChannelLayer(capacity=1)
     full, free = await layer.new_channel(), await layer.new_channel()
-    await layer.group_add("run-1", full)
-    await layer.group_send("run-1", {"type": "push.html", "html": "first"})
-    await layer.group_add("run-1", free)
-    await layer.group_send("run-1", {"type": "push.html", "html": "second"})
+    await layer.group_add("team-1", full)
+    await layer.group_send("team-1", {"type": "push.html", "html": "first", "meta": {"id": 1}})
+    await layer.group_add("team-1", free)
+    await layer.group_send("team-1", {"type": "push.html", "html": "second", "meta": {"id": 2}})
     assert (await layer.receive(full))["type"] == "push.resync"
     assert (await layer.receive(free))["html"] == "second"
 
@@ -52,3 +52,18 @@ async def test_a_slow_member_with_expired_messages_resyncs_instead_of_being_drop
     assert (await layer.receive(slow))["type"] == "push.resync"
     await layer.group_send("run-3", {"type": "push.html", "html": "new"})
     assert (await layer.receive(slow))["html"] == "new"
+
+
+async def test_a_newer_snapshot_of_a_run_replaces_one_not_yet_taken() -> None:
+    layer = LocalChannelLayer()
+    behind = await layer.new_channel()
+    await layer.group_add("team-3", behind)
+    for html, run in (("run 7 stopping", 7), ("run 8 running", 8), ("run 7 stopped", 7)):
+        await layer.group_send("team-3", {"type": "push.html", "html": html, "meta": {"id": run}})
+    # The reader fell behind: it gets run 7's latest state in its place, and run 8's too.
+    assert (await layer.receive(behind))["html"] == "run 7 stopped"
+    assert (await layer.receive(behind))["html"] == "run 8 running"
+    await layer.group_send(
+        "team-3", {"type": "push.html", "html": "run 7 again", "meta": {"id": 7}}
+    )
+    assert (await layer.receive(behind))["html"] == "run 7 again"
