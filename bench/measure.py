@@ -312,21 +312,31 @@ def p4_watcher(
     token = data["token"]
     accounts = data["ib_accounts"]
     tag = uuid.uuid4().hex[:6]
-    # Each run's stream starts after a delay, so that the viewers are listening first.
-    delay = 45 if n > 300 else 10
+    # Each run's stream starts after a delay (under the providers' 30 s silence limit), and
+    # the watched runs are launched and their viewers connected before the rest is launched,
+    # so that every viewer is listening before its run streams.
+    delay = 20 if n > 300 else 10
     prompt = f"bench {tag} sim:duration={duration} sim:chunks={chunks} sim:delay={delay}"
-    # Launch through the API (the real path), spread over the simulator processes.
-    ids: list[int] = []
-    for i, account in enumerate(accounts):
-        share = n // len(accounts) + (1 if i < n % len(accounts) else 0)
-        ids += launch(web.url, token, account, [f"{prompt} r{i}-{j}" for j in range(share)], 16)
-    launched = time.time()
-    sample = ids[:watched]
+
+    def launch_share(count: int, part: str) -> list[int]:
+        # Through the API (the real path), spread over the simulator processes.
+        out: list[int] = []
+        for i, account in enumerate(accounts):
+            share = count // len(accounts) + (1 if i < count % len(accounts) else 0)
+            out += launch(
+                web.url, token, account, [f"{prompt} {part}{i}-{j}" for j in range(share)], 16
+            )
+        return out
+
+    started = time.time()
+    sample = launch_share(watched, "w")
     urls = [ws_url(web, f"/ws/runs/{pk}/") for pk in sample]
     gen = Clients(urls, data["cookies"], len(urls), backend)
     gen.send("RECORD")
     gen.read()
-    viewers_ready = round(time.time() - launched, 1)
+    viewers_ready = round(time.time() - started, 1)
+    ids = sample + launch_share(n - watched, "r")
+    launched = time.time()
     with httpx.Client(timeout=60) as client:
         finals = wait_for(
             client,
@@ -383,6 +393,8 @@ def p4_watcher(
         "lost": lost,
         "seconds": round(time.time() - launched, 1),
         "viewers_ready_after_s": viewers_ready,
+        "viewers_connected": gen.ready["ready"],
+        "viewers_failed": gen.ready["failed"],
         "stream_delay_s": delay,
     }
 

@@ -265,6 +265,7 @@ def main() -> None:
     if base:
         earlier = json.loads(Path(base).read_text())
         results = {**earlier, "date": results["date"], "machine": results["machine"]}
+        results["remeasured"] = sorted(ONLY) or ["everything"]
     for backend in backends:
         log(f"backend {backend}")
         results[backend] = {**results.get(backend, {}), **bench_backend(backend)}
