@@ -460,7 +460,7 @@ def lag_summary(paths: list[str]) -> dict[str, float]:
 def watcher_process(backend: str, lag_file: str) -> Proc:
     return Proc(
         f"watcher-{backend}",
-        [PY, str(ROOT / "bench" / "watcher_proc.py"), lag_file],
+        [PY, str(ROOT / "manage.py"), "runwatcher", "--loop-lag-file", lag_file],
         env_for(backend, RUNBRAKE_EMBEDDED_WATCHER="false"),
     )
 

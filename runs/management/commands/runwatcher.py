@@ -27,13 +27,21 @@ class Command(BaseCommand):
             help="Most runs this watcher follows at once "
             f"(default RUNBRAKE_WATCHER_CAPACITY={settings.RUNBRAKE_WATCHER_CAPACITY}).",
         )
+        parser.add_argument(
+            "--loop-lag-file",
+            default="",
+            help="Measurement (bench/): sample the event loop's lag, as `serve` does.",
+        )
 
-    def handle(self, *args, capacity, **options):
-        asyncio.run(self._main(capacity))
+    def handle(self, *args, capacity, loop_lag_file, **options):
+        asyncio.run(self._main(capacity, loop_lag_file))
 
-    async def _main(self, capacity: int | None) -> None:
+    async def _main(self, capacity: int | None, lag_file: str) -> None:
+        from runs.management.commands.serve import start_loop_lag_probe
         from runs.watcher import Watcher
 
+        if lag_file:
+            start_loop_lag_probe(lag_file)
         watcher = Watcher(capacity=capacity)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
