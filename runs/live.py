@@ -152,7 +152,13 @@ def _render(
     )
 
 
-def push_run(run_id: int, *, created: bool = False) -> None:
+def push_output(run_id: int) -> None:
+    """Push only a run's output section to its page: the watcher saves output many times a
+    second, and the row, the status card and the events do not change with it."""
+    push_run(run_id, output_only=True)
+
+
+def push_run(run_id: int, *, created: bool = False, output_only: bool = False) -> None:
     """Push a run's current state to its groups (called after commit, from sync code)."""
     loop = _owning_loop()
     if loop is None:
@@ -167,7 +173,9 @@ def push_run(run_id: int, *, created: bool = False) -> None:
         return
     # A fresh context: the caller's belongs to its sync_to_async call, and a task inheriting
     # it could not make thread-sensitive calls of its own.
-    loop.call_soon_threadsafe(_request, run_id, created, context=contextvars.Context())
+    loop.call_soon_threadsafe(
+        _request, run_id, created, not output_only, context=contextvars.Context()
+    )
 
 
 def _owning_loop() -> asyncio.AbstractEventLoop | None:
@@ -183,16 +191,17 @@ def _owning_loop() -> asyncio.AbstractEventLoop | None:
     return loop
 
 
-# Per run: a push waiting to be rendered and sent ("is it a new run?"), and the task sending
-# that run's pushes. Only the loop's thread touches these.
-_waiting: dict[int, bool] = {}
+# Per run: a push waiting to be rendered and sent ("is it a new run?", "more than its
+# output?"), and the task sending that run's pushes. Only the loop's thread touches these.
+_waiting: dict[int, tuple[bool, bool]] = {}
 _sending: dict[int, asyncio.Task[None]] = {}
 
 
-def _request(run_id: int, created: bool) -> None:
+def _request(run_id: int, created: bool, full: bool = True) -> None:
     # Requests that arrive while one is waiting coalesce: the snapshot is read when it is
     # rendered, so it carries every change so far (and a new run stays an insertion).
-    _waiting[run_id] = _waiting.get(run_id, False) or created
+    was_created, was_full = _waiting.get(run_id, (False, False))
+    _waiting[run_id] = (was_created or created, was_full or full)
     loop = asyncio.get_running_loop()
     task = _sending.get(run_id)
     if task is None or task.done() or task.get_loop() is not loop:
@@ -215,7 +224,10 @@ _team_of: dict[int, int] = {}
 async def _send_waiting(run_id: int) -> None:
     try:
         while run_id in _waiting:
-            created = _waiting.pop(run_id)
+            created, full = _waiting.pop(run_id)
+            if not full:
+                await _send_output(run_id)
+                continue
             team_id = _team_of.get(run_id)
             # Rendering is most of a push's cost: a part no viewer listens to is skipped (a
             # viewer who arrives later gets the current state as its snapshot).
@@ -243,6 +255,37 @@ async def _send_waiting(run_id: int) -> None:
     finally:
         if _sending.get(run_id) is asyncio.current_task():
             del _sending[run_id]
+
+
+def render_output(run_id: int) -> str | None:
+    from .models import Run
+
+    run = (
+        Run.objects.only(
+            "id", "version", "status", "provider", "output", "structured_output", "team_id"
+        )
+        .filter(pk=run_id)
+        .first()
+    )
+    if run is None:
+        return None
+    html = render_to_string("runs/partials.html#run-output", {"run": run})
+    # Over a websocket message's limit (a huge structured answer): the next full push, cut
+    # to the status card, says what happened; the page shows the rest on reload.
+    return html if len(html.encode()) <= MAX_PUSH_BYTES else None
+
+
+async def _send_output(run_id: int) -> None:
+    group = run_group(run_id)
+    if not await listened(group):
+        return
+    try:
+        html = await sync_to_async(render_output)(run_id)
+    except Exception:
+        logger.exception("rendering the output push of run %s failed", run_id)
+        return
+    if html is not None:
+        await _asend(group, html)
 
 
 async def listened(group: str) -> bool:

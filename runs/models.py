@@ -406,7 +406,7 @@ class RunQuerySet(models.QuerySet["Run"]):
                 if self.filter(pk=pk, status__in=ACTIVE).update(
                     output=text, stall_deadline=stall, updated_at=now, version=F("version") + 1
                 ):
-                    transaction.on_commit(lambda pk=pk: live.push_run(pk))  # type: ignore[misc]
+                    transaction.on_commit(lambda pk=pk: live.push_output(pk))  # type: ignore[misc]
             return set(
                 self.filter(pk__in=list(outputs), status__in=STOP_IN_PROGRESS).values_list(
                     "pk", flat=True
@@ -758,7 +758,7 @@ class Run(models.Model):
             updated_at=timezone.now(),
             version=F("version") + 1,
         )
-        transaction.on_commit(lambda: live.push_run(self.pk))
+        transaction.on_commit(lambda: live.push_output(self.pk))
         self.output = text
 
     def record_progress(self, provider_status: str) -> bool:

@@ -179,3 +179,30 @@ async def test_a_push_is_rendered_only_for_groups_someone_listens_to(bob, launch
     assert 'data-status="stopping"' in pushed
     assert rendered == [run.pk]
     await communicator.disconnect()
+
+
+async def test_new_output_pushes_only_the_output_section_and_not_the_list_row(bob, acme, launch):
+    """The watcher saves output many times a second: those pushes carry the run page's
+    output section alone, and the list (whose rows show no output) is not sent anything."""
+    run = await sync_to_async(launch)()
+    await sync_to_async(run.mark_running)("PROCESSING")
+    page, connected = await connect(f"/ws/runs/{run.pk}/", bob)
+    assert connected
+    await page.receive_from(timeout=5)
+    team, connected = await connect(f"/ws/teams/{acme.pk}/", bob)
+    assert connected
+    await team.receive_from(timeout=5)
+
+    await sync_to_async(run.record_output)("Hello **world**")
+    message = await page.receive_from(timeout=5)
+    assert message.lstrip().startswith(f'<section id="run-output-{run.pk}"')
+    assert "<strong>world</strong>" in message
+    assert f'id="run-status-{run.pk}"' not in message
+
+    # The next transition is a full push: the list hears of it, and heard nothing before.
+    await sync_to_async(run.mark_stopped)(confirmation="a test")
+    row = await team.receive_from(timeout=5)
+    assert f'id="run-row-{run.pk}"' in row
+    assert 'data-status="stopped"' in row
+    await page.disconnect()
+    await team.disconnect()
