@@ -28,7 +28,10 @@ def shared_client() -> httpx.AsyncClient | None:
         client = httpx.AsyncClient(
             timeout=httpx.Timeout(30.0, connect=5.0),
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=500, max_keepalive_connections=100),
+            # No cap on open connections: each followed run holds one for its stream, and a
+            # cap would queue streams and, worse, stop calls behind them (at 500 streams a
+            # stop waited for a stream to end). Idle keep-alive ones stay bounded.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
         )
         _clients[loop] = client
     return client
