@@ -368,7 +368,9 @@ class RunQuerySet(models.QuerySet["Run"]):
         until = now + dt.timedelta(seconds=lease_seconds)
         free = models.Q(watched_by="") | models.Q(watch_lease_until__lt=now)
         with transaction.atomic():
-            self.active().filter(watched_by=watcher_id).update(watch_lease_until=until)
+            self.filter(pk__in=self._lock_in_order(watched_by=watcher_id)).update(
+                watch_lease_until=until
+            )
             held = self.active().filter(watched_by=watcher_id).count()
             # A few at a time, so that watchers started together share the runs out.
             room = min(per_claim, max(0, limit - held))
@@ -399,7 +401,9 @@ class RunQuerySet(models.QuerySet["Run"]):
         output after the stop is worth a look). `outputs` maps id → (text, no-progress s)."""
         now = timezone.now()
         with transaction.atomic():
-            for pk, (text, no_progress_seconds) in outputs.items():
+            # In id order, like every multi-row lock here: two transactions that lock rows
+            # in the same order wait for each other instead of deadlocking.
+            for pk, (text, no_progress_seconds) in sorted(outputs.items()):
                 stall = (
                     now + dt.timedelta(seconds=no_progress_seconds) if no_progress_seconds else None
                 )
@@ -413,20 +417,26 @@ class RunQuerySet(models.QuerySet["Run"]):
                 )
             )
 
-    def release_watch(self, watcher_id: str) -> int:
-        """Hand this watcher's runs back (graceful shutdown): others take them at once."""
-        return (
+    def _lock_in_order(self, **filters: Any) -> list[int]:
+        """Lock the matching active runs in id order (a plain multi-row UPDATE locks in scan
+        order, and deadlocked against the watcher's batched output writes on PostgreSQL)."""
+        return list(
             self.active()
-            .filter(watched_by=watcher_id)
-            .update(watched_by="", watch_lease_until=None)
+            .filter(**filters)
+            .order_by("pk")
+            .select_for_update()
+            .values_list("pk", flat=True)
         )
 
+    def release_watch(self, watcher_id: str) -> int:
+        """Hand this watcher's runs back (graceful shutdown): others take them at once."""
+        with transaction.atomic():
+            return self.filter(pk__in=self._lock_in_order(watched_by=watcher_id)).update(
+                watched_by="", watch_lease_until=None
+            )
+
     async def arelease_watch(self, watcher_id: str) -> int:
-        return await (
-            self.active()
-            .filter(watched_by=watcher_id)
-            .aupdate(watched_by="", watch_lease_until=None)
-        )
+        return await sync_to_async(self.release_watch)(watcher_id)
 
     def launch(
         self,
