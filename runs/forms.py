@@ -50,8 +50,8 @@ class LaunchForm(forms.Form):
         required=False,
         min_value=0,
         max_value=24 * 3600,
-        label="Stop if no progress for (seconds)",
-        help_text="Stops a run whose output and status stay unchanged this long. 0 = never.",
+        label="No-progress stop (seconds)",
+        help_text="Stops a run that shows no new output or status this long. 0 = never.",
     )
     # Fay
     structured_output = forms.BooleanField(
