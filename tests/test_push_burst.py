@@ -13,7 +13,8 @@ import httpx
 import pytest
 from asgiref.sync import sync_to_async
 
-from runs.models import ApiToken, ProviderAccount, Run, Status
+from runs.models import ApiToken, Run, Status
+from tests.conftest import sim_account
 from tests.livekit import eventually, open_socket, serve
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -46,13 +47,7 @@ async def test_a_burst_over_capacity_still_ends_with_every_viewer_seeing_every_s
     # One message per viewer: any burst overflows it.
     server = await sync_to_async(serve)(env={"RUNBRAKE_CHANNEL_CAPACITY": "1"})
     try:
-        account = await ProviderAccount.objects.acreate(
-            team=acme,
-            kind="intelligencebox",
-            name="ib",
-            base_url=server.url + "/sim/intelligencebox",
-            api_key="sim-acme-ib",
-        )
+        account = await sync_to_async(sim_account)(acme, server, "intelligencebox")
         runs = [
             await sync_to_async(Run.objects.launch)(
                 account=account,

@@ -17,8 +17,8 @@ import httpx
 import pytest
 from asgiref.sync import sync_to_async
 
-from runs.models import ApiToken, ProviderAccount, Run, Status
-from tests.conftest import free_port
+from runs.models import ApiToken, Run, Status
+from tests.conftest import free_port, sim_account
 from tests.livekit import eventually, open_socket, serve
 from tests.test_push_burst import ListView
 
@@ -71,13 +71,7 @@ async def test_a_redis_restart_mid_run_ends_with_every_viewer_seeing_the_stop(
     await eventually(redis.up, "the private redis-server")
     server = await sync_to_async(serve)(env={"REDIS_URL": redis.url})
     try:
-        account = await ProviderAccount.objects.acreate(
-            team=acme,
-            kind="intelligencebox",
-            name="ib",
-            base_url=server.url + "/sim/intelligencebox",
-            api_key="sim-acme-ib",
-        )
+        account = await sync_to_async(sim_account)(acme, server, "intelligencebox")
         run = await sync_to_async(Run.objects.launch)(
             account=account,
             user=bob,

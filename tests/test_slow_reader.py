@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 
-from runs.models import ProviderAccount, Run, Status
+from runs.models import Run, Status
+from tests.conftest import sim_account
 from tests.livekit import (
     Uvicorn,
     eventually,
@@ -37,13 +38,7 @@ async def test_a_tab_that_stops_reading_costs_bounded_memory_and_others_see_the_
     start = serve if server_kind == "daphne" else Uvicorn
     server = await sync_to_async(start)()
     try:
-        account = await ProviderAccount.objects.acreate(
-            team=acme,
-            kind="intelligencebox",
-            name="ib",
-            base_url=server.url + "/sim/intelligencebox",
-            api_key="sim-acme-ib",
-        )
+        account = await sync_to_async(sim_account)(acme, server, "intelligencebox")
         run = await sync_to_async(Run.objects.launch)(
             account=account,
             user=bob,
