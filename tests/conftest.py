@@ -311,3 +311,11 @@ def start_at_provider(run: Any) -> Any:
     run.record_external_id(async_to_sync(create)())
     run.mark_running("PROCESSING")
     return run
+
+
+@pytest.fixture
+def replay() -> Iterator[Any]:
+    """A loopback server replaying wire sequences from the providers' sources (tests/wire.py)."""
+    from tests.wire import replay as serve
+
+    yield from serve()

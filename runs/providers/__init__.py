@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from .base import Provider, ProviderConfig, ProviderError
+from .base import Budget, Provider, ProviderConfig, ProviderError
 from .dify import DifyProvider
 from .fay import FayProvider
 from .intelligencebox import IntelligenceBoxProvider
@@ -16,13 +16,16 @@ PROVIDERS: dict[str, type[Provider]] = {
 
 
 def get_provider(
-    kind: str, config: ProviderConfig, client: httpx.AsyncClient | None = None
+    kind: str,
+    config: ProviderConfig,
+    client: httpx.AsyncClient | None = None,
+    budget: Budget | None = None,
 ) -> Provider:
     try:
         cls = PROVIDERS[kind]
     except KeyError:
         raise ProviderError("UNKNOWN_PROVIDER", f"No client for provider {kind!r}.") from None
-    return cls(config, client=client)
+    return cls(config, client=client, budget=budget)
 
 
 __all__ = ["PROVIDERS", "Provider", "ProviderConfig", "ProviderError", "get_provider"]

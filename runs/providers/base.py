@@ -9,17 +9,23 @@ Contract:
 - `run()` starts a run and yields normalised events; `follow()` re-attaches to a run whose id
   we already know (after a restart or a lost stream) without starting anything new.
 - `stop()` calls the provider's stop endpoint and says whether the answer itself proves the
-  run stopped (`StopResult.confirmed`); when it does not, the caller confirms by other means.
+  run's final state (`StopResult.terminal`); when it does not, the caller confirms by other
+  means.
+- Calls that a provider counts against a quota go through `Provider.spend()`, which asks the
+  account's `Budget` first: past the quota it raises `QuotaExhausted` before anything is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import email.utils
 import json
+import math
 import random
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, Literal
+from typing import Any, ClassVar, Final, Literal, Protocol
 
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
@@ -28,6 +34,10 @@ COMPLETED: Final = "completed"
 FAILED: Final = "failed"
 STOPPED: Final = "stopped"
 TerminalStatus = Literal["completed", "failed", "stopped"]
+# Where a terminal event's news came from: the open stream, a status read, the provider's
+# record of the message (history), or a signed push (webhook). The watcher keeps it as the
+# run's proof.
+Source = Literal["stream", "status", "history", "webhook"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,56 @@ class ProviderError(Exception):
 
     def as_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "http_status": self.http_status}
+
+
+class QuotaExhausted(ProviderError):
+    """The account's budget for this kind of call is spent: nothing was sent. `retry_after`
+    says when the next call of this kind may go out."""
+
+    def __init__(self, endpoint: str, retry_after: float, message: str) -> None:
+        super().__init__("QUOTA_EXHAUSTED", message, retryable=True, retry_after=retry_after)
+        self.endpoint = endpoint
+
+
+class Budget(Protocol):
+    """How many calls of each kind an account may still make (its provider's quotas).
+
+    Provider code asks before each counted call; the product implements it over the database,
+    so every process shares one budget per account."""
+
+    async def take(self, endpoint: str) -> float:
+        """Count one call of this kind and return 0, or return the seconds until one may go
+        (nothing counted)."""
+        ...
+
+    async def refused(self, endpoint: str, retry_after: float | None) -> float:
+        """The provider itself refused a call as over quota: note it for every process and
+        return the seconds to wait."""
+        ...
+
+    async def interval(self, endpoint: str, base: float) -> float:
+        """How far apart polls of this kind should be so the account's runs fit its quota."""
+        ...
+
+    def describe(self, endpoint: str) -> str:
+        """The quota in words, e.g. "100 status reads an hour (Fay free tier)"."""
+        ...
+
+
+class Unlimited:
+    """The budget of an account with no known quota."""
+
+    async def take(self, endpoint: str) -> float:
+        return 0.0
+
+    async def refused(self, endpoint: str, retry_after: float | None) -> float:
+        return retry_after if retry_after is not None else 0.0
+
+    async def interval(self, endpoint: str, base: float) -> float:
+        return base
+
+    def describe(self, endpoint: str) -> str:
+        return "its quota"
 
 
 # --- Normalised events ----------------------------------------------------------------------
@@ -101,12 +161,41 @@ class Waiting:
 
 
 @dataclass(frozen=True)
+class QuotaWait:
+    """A call this run needs is over the account's quota: the next may go in `seconds`."""
+
+    endpoint: str
+    seconds: float
+    message: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the provider says the run consumed; any field may be unknown."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    # A decimal string as the provider wrote it (never a float: money).
+    price: str | None = None
+    currency: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
 class Finished:
+    """The provider's own word that the run ended. `output`, when set, is the provider's
+    whole final answer (it replaces what streamed); None keeps the streamed text."""
+
     status: TerminalStatus
     provider_status: str
     output: str | None = None
     structured_output: Any = None
     error: str | None = None
+    usage: Usage | None = None
+    via: Source = "stream"
 
 
 @dataclass(frozen=True)
@@ -115,7 +204,7 @@ class StreamEnded:
     was requested, so the watcher decides (usually by reading the provider's status)."""
 
 
-Event = Started | Running | OutputDelta | Waiting | Finished | StreamEnded
+Event = Started | Running | OutputDelta | Waiting | QuotaWait | Finished | StreamEnded
 
 
 @dataclass(frozen=True)
@@ -151,10 +240,27 @@ class Provider:
     # such a run over must let the stream finish, or the hand-over itself would end the run.
     disconnect_aborts: ClassVar[bool] = False
 
-    def __init__(self, config: ProviderConfig, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        config: ProviderConfig,
+        client: httpx.AsyncClient | None = None,
+        budget: Budget | None = None,
+    ) -> None:
         self.config = config
         self._client = client
         self._owns_client = client is None
+        self.budget: Budget = budget or Unlimited()
+
+    async def spend(self, endpoint: str) -> None:
+        """Count one call against the account's quota, or raise QuotaExhausted unsent."""
+        wait = await self.budget.take(endpoint)
+        if wait > 0:
+            raise QuotaExhausted(
+                endpoint,
+                wait,
+                f"{self.label}'s quota of {self.budget.describe(endpoint)} for this account is "
+                "used up.",
+            )
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -289,14 +395,30 @@ class Provider:
         raise NotImplementedError
 
 
+# A provider's Retry-After is hostile input like any other header: "inf", "nan" or a year
+# must not break (or park) the stop path.
+MAX_RETRY_AFTER = 3600.0
+
+
 def retry_after_seconds(response: httpx.Response) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), bounded; None when
+    absent or unreadable."""
     raw = response.headers.get("Retry-After")
     if raw is None:
         return None
     try:
-        return max(0.0, float(raw))
+        seconds = float(raw)
     except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = (when - dt.datetime.now(dt.UTC)).total_seconds()
+    if not math.isfinite(seconds):
         return None
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))
 
 
 def backoff_delay(attempt: int, *, base: float = 1.0, cap: float = 60.0) -> float:
