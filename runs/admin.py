@@ -30,6 +30,7 @@ from .models import (
     BulkStopResult,
     Channel,
     Membership,
+    Proof,
     ProviderAccount,
     Run,
     RunEvent,
@@ -477,7 +478,7 @@ def _stop_state(run: Run) -> str:
         return "awaiting the provider"
     if run.status in FINISHED:
         return f"{run.get_status_display().lower()} first"
-    if "force-mark" in run.stop_confirmation:  # force_mark_stopped's own wording
+    if run.proof == Proof.ADMIN_FORCE:
         return "force-marked"
     return f"confirmed in {run.stop_latency_ms} ms"
 

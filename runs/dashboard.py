@@ -22,7 +22,7 @@ from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
-from .models import ProviderKind, Run, Status, Team
+from .models import Proof, ProviderKind, Run, Status, Team
 from .views import HtmxHttpRequest, membership_for
 
 PERIODS: dict[str, tuple[dt.timedelta, str]] = {
@@ -33,10 +33,6 @@ DEFAULT_PERIOD = "day"
 # Enough for a team's busiest week; beyond it the newest rows stand for the whole window.
 MAX_SAMPLES = 5000
 NOT_ENOUGH_COMPLETED = "not enough completed runs"
-# Force-marks carry the admin's reason in their confirmation text; grouped by the full text,
-# every force-mark would be a group of one.
-FORCE_MARK_PREFIX = "an admin's force-mark"
-FORCE_MARK_LABEL = "an admin's force-mark, not the provider"
 
 # Chart geometry, in SVG user units. The SVG scales to its card's width, so each chart's
 # width is close to the pixels it gets on a desktop and its text stays near its CSS size.
@@ -321,12 +317,11 @@ def runs_by_status(runs: Any) -> tuple[list[tuple[str, str]], list[StatusRow], C
     return statuses, rows, chart
 
 
-def _fold_confirmation(text: str) -> str:
-    if not text:
+def _proof_label(proof: str) -> str:
+    """What proved a stop, as the dashboard groups it (the run's `proof` field)."""
+    if proof not in Proof.values:
         return "not recorded"
-    if text.startswith(FORCE_MARK_PREFIX):
-        return FORCE_MARK_LABEL
-    return text
+    return str(Proof(proof).label)
 
 
 def _seconds(later: dt.datetime | None, earlier: dt.datetime | None) -> float | None:
@@ -349,7 +344,7 @@ def build_dashboard(team: Team, period: str, now: dt.datetime | None = None) -> 
     stops = list(
         stopped.order_by("-created_at").values_list(
             "provider",
-            "stop_confirmation",
+            "proof",
             "stop_requested_at",
             "stop_confirmed_at",
             "started_at",
@@ -366,11 +361,11 @@ def build_dashboard(team: Team, period: str, now: dt.datetime | None = None) -> 
     latencies: dict[str, list[float]] = defaultdict(list)
     latencies_by_confirmation: dict[str, list[float]] = defaultdict(list)
     elapsed_at_stop: dict[str, list[float]] = defaultdict(list)
-    for provider, confirmation, requested, confirmed, started, created in stops:
+    for provider, proof, requested, confirmed, started, created in stops:
         latency = _seconds(confirmed, requested)
         if latency is not None:
             latencies[provider].append(latency * 1000)
-            latencies_by_confirmation[_fold_confirmation(confirmation)].append(latency * 1000)
+            latencies_by_confirmation[_proof_label(proof)].append(latency * 1000)
         stop_at = confirmed or requested
         elapsed = _seconds(stop_at, started or created)
         if elapsed is not None:
@@ -402,10 +397,10 @@ def build_dashboard(team: Team, period: str, now: dt.datetime | None = None) -> 
         )
     all_latencies = [v for values in latencies.values() for v in values]
 
-    # How each stop was confirmed: counted in the database, folded here (see FORCE_MARK_*).
+    # How each stop was proven: counted in the database by the run's proof.
     by_confirmation: dict[str, int] = defaultdict(int)
-    for row in stopped.values("stop_confirmation").annotate(n=Count("pk")).order_by():
-        by_confirmation[_fold_confirmation(row["stop_confirmation"])] += row["n"]
+    for row in stopped.values("proof").annotate(n=Count("pk")).order_by():
+        by_confirmation[_proof_label(row["proof"])] += row["n"]
     total_stops = sum(by_confirmation.values())
     confirmation_rows = sorted(
         (

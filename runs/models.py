@@ -41,8 +41,8 @@ from django.utils import timezone
 
 from . import live
 from .crypto import EncryptedTextField, mask
-from .providers import ProviderConfig, ProviderError, get_provider
-from .providers.base import Provider, StopResult
+from .providers import PROVIDERS, ProviderConfig, ProviderError, get_provider
+from .providers.base import Finished, Provider, QuotaExhausted, Refusal, StopResult
 from .providers.destinations import check_url
 from .providers.http import shared_client
 
@@ -125,6 +125,26 @@ class ProviderKind(models.TextChoices):
     XPANDER = "xpander", "xpander.ai (agent gateway)"
 
 
+class QuotaTier(models.TextChoices):
+    UNLIMITED = "unlimited", "No known quota"
+    FREE = "free", "Free tier"
+    PRO = "pro", "Pro tier"
+    CUSTOM = "custom", "Custom numbers"
+
+
+# The calls a provider counts, in words ("20 stop calls an hour").
+QUOTA_ENDPOINTS = {
+    "create": "launches",
+    "status": "status reads",
+    "output": "output reads",
+    "stop": "stop calls",
+}
+
+
+def new_webhook_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
 class ProviderAccountQuerySet(models.QuerySet["ProviderAccount"]):
     def for_user(self, user: AnyUser) -> ProviderAccountQuerySet:
         if not user.is_authenticated:
@@ -139,6 +159,16 @@ class ProviderAccount(models.Model):
     base_url = models.URLField(max_length=500)
     api_key = EncryptedTextField(help_text="Stored encrypted; never shown again after saving.")
     options = models.JSONField(default=dict, blank=True)
+    # The provider's quotas for this key: a documented tier, or the account's own numbers
+    # (`quota_limits`: endpoint → calls an hour, "month" → calls a calendar month).
+    quota_tier = models.CharField(
+        max_length=10, choices=QuotaTier.choices, default=QuotaTier.UNLIMITED
+    )
+    quota_limits = models.JSONField(default=dict, blank=True)
+    # Where the provider pushes this account's run news (Fay webhooks): the token makes the
+    # URL unguessable, the secret (from the provider's dashboard) signs every delivery.
+    webhook_token = models.CharField(max_length=48, unique=True, default=new_webhook_token)
+    webhook_secret = EncryptedTextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     objects = ProviderAccountQuerySet.as_manager()
@@ -163,15 +193,189 @@ class ProviderAccount(models.Model):
             except ProviderError as exc:
                 raise ValidationError({"base_url": exc.message}) from None
 
+    @property
+    def limits(self) -> dict[str, int]:
+        """This key's quotas: endpoint → calls an hour, "month" → calls a calendar month."""
+        if self.quota_tier == QuotaTier.CUSTOM:
+            raw = self.quota_limits if isinstance(self.quota_limits, dict) else {}
+            return {k: int(v) for k, v in raw.items() if isinstance(v, int) and v > 0}
+        tiers = PROVIDERS[self.kind].tiers if self.kind in PROVIDERS else {}
+        return dict(tiers.get(self.quota_tier, {}))
+
+    @property
+    def receives_webhooks(self) -> bool:
+        return self.kind == ProviderKind.FAY and bool(self.webhook_secret)
+
     def provider(self) -> Provider:
+        options = dict(self.options or {})
+        if self.receives_webhooks:
+            options["webhooks"] = True
         config = ProviderConfig(
             base_url=self.base_url,
             api_key=self.api_key,
-            options=self.options or {},
+            options=options,
             timeout=settings.RUNBRAKE_PROVIDER_TIMEOUT,
             allow_private=settings.RUNBRAKE_ALLOW_PRIVATE_PROVIDER_URLS,
         )
-        return get_provider(self.kind, config, client=shared_client())
+        return get_provider(self.kind, config, client=shared_client(), budget=AccountBudget(self))
+
+    # --- The account's quota budget (shared by every run and every process) ------------------
+
+    def quota_words(self, endpoint: str) -> str:
+        """ "20 stop calls an hour (Fay free tier)" """
+        limits = self.limits
+        tier = self.get_quota_tier_display().lower()
+        label = PROVIDERS[self.kind].label if self.kind in PROVIDERS else self.kind
+        if endpoint == "month":
+            return f"{limits.get('month')} calls a month ({label} {tier})"
+        words = QUOTA_ENDPOINTS.get(endpoint, f"{endpoint} calls")
+        return f"{limits.get(endpoint)} {words} an hour ({label} {tier})"
+
+    def take_quota(self, endpoint: str, now: dt.datetime | None = None) -> Refusal | None:
+        """Count one call of this kind, or refuse it with how long to wait and why.
+
+        One transaction per call with the account's row locked, so two processes never both
+        take the last call; stops keep a reserve of the monthly quota (a run must always be
+        stoppable, a status read can wait)."""
+        now = now or timezone.now()
+        limits = self.limits
+        with transaction.atomic():
+            list(ProviderAccount.objects.select_for_update().filter(pk=self.pk).values("pk"))
+            refusal = self._blocked(endpoint, now) or self._over_hourly(endpoint, limits, now)
+            refusal = refusal or self._over_monthly(endpoint, limits, now)
+            if refusal is not None:
+                return refusal
+            if not limits:
+                return None  # nothing to count against (the provider may still refuse)
+            QuotaSpend.objects.create(account_id=self.pk, endpoint=endpoint, at=now)
+            # A month and a day is all any window looks back.
+            QuotaSpend.objects.filter(
+                account_id=self.pk, at__lt=now - dt.timedelta(days=32)
+            ).delete()
+        return None
+
+    def _blocked(self, endpoint: str, now: dt.datetime) -> Refusal | None:
+        block = QuotaBlock.objects.filter(account_id=self.pk, endpoint=endpoint, until__gt=now)
+        until = block.values_list("until", flat=True).first()
+        if until is None:
+            return None
+        label = PROVIDERS[self.kind].label if self.kind in PROVIDERS else self.kind
+        words = QUOTA_ENDPOINTS.get(endpoint, f"{endpoint} calls")
+        return Refusal(
+            (until - now).total_seconds(),
+            f"{label} refused this account's {words} as over its quota.",
+        )
+
+    def _over_hourly(
+        self, endpoint: str, limits: dict[str, int], now: dt.datetime
+    ) -> Refusal | None:
+        limit = limits.get(endpoint)
+        if not limit:
+            return None
+        window = QuotaSpend.objects.filter(
+            account_id=self.pk, endpoint=endpoint, at__gt=now - HOUR
+        ).order_by("at")
+        used = window.count()
+        if used < limit:
+            return None
+        # The call that must age out of the window before one more fits.
+        frees = window.values_list("at", flat=True)[used - limit]
+        return Refusal(
+            max(1.0, (frees + HOUR - now).total_seconds()),
+            f"This account's quota of {self.quota_words(endpoint)} is used up.",
+        )
+
+    def _over_monthly(
+        self, endpoint: str, limits: dict[str, int], now: dt.datetime
+    ) -> Refusal | None:
+        limit = limits.get("month")
+        if not limit:
+            return None
+        month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        used = QuotaSpend.objects.filter(account_id=self.pk, at__gte=month_start).count()
+        reserve = 0 if endpoint == "stop" else self._stop_reserve(limits)
+        if used + reserve < limit:
+            return None
+        next_month = (month_start + dt.timedelta(days=32)).replace(day=1)
+        kept = f", keeping {reserve} for stops" if reserve else ""
+        return Refusal(
+            (next_month - now).total_seconds(),
+            f"This account's quota of {self.quota_words('month')} is used up{kept}.",
+        )
+
+    def _stop_reserve(self, limits: dict[str, int]) -> int:
+        """Monthly calls held back so each running run can still be stopped once."""
+        stoppable = (
+            Run.objects.filter(provider_account_id=self.pk, status__in=ACTIVE)
+            .exclude(external_id="")
+            .filter(stop_sent_at__isnull=True)
+            .count()
+        )
+        return min(stoppable, limits.get("stop") or stoppable)
+
+    def quota_refused(
+        self, endpoint: str, retry_after: float | None, now: dt.datetime | None = None
+    ) -> Refusal:
+        """The provider answered a call of this kind as over quota: every process waits. Fay
+        sends no Retry-After, so without one the wait starts at a minute and doubles while
+        refusals repeat within the hour (to an hour)."""
+        now = now or timezone.now()
+        with transaction.atomic():
+            block = (
+                QuotaBlock.objects.select_for_update()
+                .filter(account_id=self.pk, endpoint=endpoint)
+                .first()
+            )
+            recent = block is not None and block.until > now - HOUR
+            strikes = (block.strikes + 1) if (block is not None and recent) else 1
+            seconds = (
+                retry_after if retry_after is not None else min(3600.0, 60.0 * 2 ** (strikes - 1))
+            )
+            QuotaBlock.objects.update_or_create(
+                account_id=self.pk,
+                endpoint=endpoint,
+                defaults={"until": now + dt.timedelta(seconds=seconds), "strikes": strikes},
+            )
+        refusal = self._blocked(endpoint, now)
+        assert refusal is not None
+        return refusal
+
+    def poll_interval(self, endpoint: str, base: float) -> float:
+        """Seconds between polls of this kind per run, so all the account's running runs fit
+        in 90 % of its hourly quota (the rest is slack for launches' first reads)."""
+        limit = self.limits.get(endpoint)
+        if not limit:
+            return base
+        sharing = max(
+            1,
+            Run.objects.filter(provider_account_id=self.pk, status__in=ACTIVE)
+            .exclude(external_id="")
+            .count(),
+        )
+        return max(base, 3600.0 * sharing / (0.9 * limit))
+
+
+HOUR = dt.timedelta(hours=1)
+
+
+class AccountBudget:
+    """The provider-facing Budget (runs/providers/base.py) of one account, over the
+    database so that every web and watcher process shares it."""
+
+    def __init__(self, account: ProviderAccount) -> None:
+        self.account = account
+        self.limited = bool(account.limits)
+
+    async def take(self, endpoint: str) -> Refusal | None:
+        return await sync_to_async(self.account.take_quota)(endpoint)
+
+    async def refused(self, endpoint: str, retry_after: float | None) -> Refusal:
+        return await sync_to_async(self.account.quota_refused)(endpoint, retry_after)
+
+    async def interval(self, endpoint: str, base: float) -> float:
+        if not self.limited:
+            return base
+        return await sync_to_async(self.account.poll_interval)(endpoint, base)
 
 
 class Status(models.TextChoices):
@@ -193,6 +397,30 @@ class Channel(models.TextChoices):
     SYSTEM = "system", "System"
     PROVIDER = "provider", "Provider"
 
+
+class Proof(models.TextChoices):
+    """What proved a run's final state. Only the provider's own word counts, except where the
+    label says otherwise (never sent, an admin's force-mark, Runbrake's own finding)."""
+
+    STOP_ANSWER = "stop_answer", "the provider's answer to the stop call"
+    STREAM_EVENT = "stream_event", "a final event in the provider's stream"
+    STREAM_END = "stream_end", "the provider's stream ending after the stop"
+    STATUS_READ = "status_read", "a read of the provider's status"
+    HISTORY = "history", "the provider's record of the message"
+    WEBHOOK = "webhook", "a signed webhook from the provider"
+    PROVIDER_REFUSAL = "provider_refusal", "the provider refusing the run"
+    NEVER_SENT = "never_sent", "never having been sent to the provider"
+    ADMIN_FORCE = "admin_force", "an admin's force-mark, not the provider"
+    RUNBRAKE = "runbrake", "Runbrake, without word from the provider"
+
+
+# How a provider event's source becomes the proof of the state it ends in.
+PROOF_BY_SOURCE = {
+    "stream": Proof.STREAM_EVENT,
+    "status": Proof.STATUS_READ,
+    "history": Proof.HISTORY,
+    "webhook": Proof.WEBHOOK,
+}
 
 ACTIVE = (Status.PENDING, Status.RUNNING, Status.STOPPING, Status.STOP_UNCONFIRMED)
 STOP_IN_PROGRESS = (Status.STOPPING, Status.STOP_UNCONFIRMED)
@@ -218,13 +446,15 @@ class StopOutcome:
 @dataclass(frozen=True)
 class BulkStopResult:
     id: int
-    outcome: str  # stopped, stopping, unconfirmed, already_finished, not_allowed, not_found, failed
+    # stopped, stopping, queued, unconfirmed, already_finished, not_allowed, not_found, failed
+    outcome: str
     status: str | None
     message: str
 
     LABELS = {
         "stopped": "Stopped",
         "stopping": "Stopping (awaiting confirmation)",
+        "queued": "Stop queued (provider quota)",
         "unconfirmed": "Unconfirmed",
         "already_finished": "Already finished",
         "not_allowed": "Not allowed",
@@ -248,6 +478,8 @@ class BulkStopResult:
                 run.status,
                 f"It {run.get_status_display().lower()} before the stop landed.",
             )
+        if run.quota_endpoint == "stop" and run.quota_until is not None:
+            return cls(run.pk, "queued", run.status, run.quota_note)
         if run.status == Status.STOP_UNCONFIRMED:
             return cls(run.pk, "unconfirmed", run.status, run.stop_error or "Not confirmed yet.")
         if run.stop_error:
@@ -578,8 +810,17 @@ class Run(models.Model):
     watch_lease_until = models.DateTimeField(null=True, blank=True)
 
     output = models.TextField(blank=True)
+    # The stream was lost and the provider could not give the rest of the text: what is shown
+    # is what arrived, and the page says so (until the provider's final text replaces it).
+    output_incomplete = models.BooleanField(default=False)
     structured_output = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True)
+    # What the provider says the run consumed (tokens, price and currency), when it says.
+    usage = models.JSONField(null=True, blank=True)
+    # A call this run needs waits for the account's quota (`create`: the run is queued).
+    quota_endpoint = models.CharField(max_length=10, blank=True)
+    quota_until = models.DateTimeField(null=True, blank=True)
+    quota_reason = models.CharField(max_length=300, blank=True)
 
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)
@@ -604,7 +845,9 @@ class Run(models.Model):
     stop_answer = models.JSONField(null=True, blank=True)
     stop_error = models.TextField(blank=True)
     stop_confirmed_at = models.DateTimeField(null=True, blank=True)
+    # The sentence shown to people ("Fay's stop answer"); `proof` is what it means, as data.
     stop_confirmation = models.CharField(max_length=200, blank=True)
+    proof = models.CharField(max_length=20, choices=Proof.choices, blank=True)
 
     # A launch retried with the same key returns this run instead of starting a second one.
     idempotency_key = models.CharField(max_length=200, blank=True)
@@ -659,6 +902,27 @@ class Run(models.Model):
         return self.status in (Status.PENDING, Status.RUNNING)
 
     @property
+    def is_queued(self) -> bool:
+        """Launched, but held back until the account's create quota allows sending it."""
+        return self.status == Status.PENDING and self.quota_endpoint == "create"
+
+    @property
+    def quota_note(self) -> str:
+        """What waits for the quota and until when, in words ("" when nothing waits)."""
+        if not self.quota_endpoint or self.quota_until is None:
+            return ""
+        what = {
+            "create": "The launch is queued",
+            "stop": "The stop is queued",
+            "status": "The next status read waits",
+            "output": "Reading the output waits",
+        }.get(self.quota_endpoint, "The next call waits")
+        when = timezone.localtime(self.quota_until).strftime("%H:%M:%S %Z")
+        if self.quota_until - timezone.now() > dt.timedelta(hours=20):
+            when = timezone.localtime(self.quota_until).strftime("%Y-%m-%d %H:%M %Z")
+        return f"{what} until {when}: {self.quota_reason}"
+
+    @property
     def finished_before_stop(self) -> bool:
         return self.status in FINISHED and self.stop_requested_at is not None
 
@@ -693,6 +957,9 @@ class Run(models.Model):
             current = (
                 Run.objects.select_for_update().filter(pk=self.pk).values_list("status", flat=True)
             ).first()
+            if new in TERMINAL:
+                # Nothing waits for a quota once the run is over.
+                fields = {"quota_endpoint": "", "quota_until": None, "quota_reason": "", **fields}
             won = current in allowed and bool(
                 Run.objects.filter(pk=self.pk, status__in=allowed).update(
                     status=new, updated_at=now, version=F("version") + 1, **fields
@@ -770,6 +1037,11 @@ class Run(models.Model):
         )
         transaction.on_commit(lambda: live.push_output(self.pk))
         self.output = text
+
+    def record_output_complete(self) -> None:
+        """The provider's own whole text arrived after a lost stream: nothing is missing."""
+        if self.output_incomplete:
+            self._update_quiet(output_incomplete=False)
 
     def record_progress(self, provider_status: str) -> bool:
         """The provider showed progress without new text (a polled run, a stream followed
@@ -886,12 +1158,21 @@ class Run(models.Model):
             data=data,
             stop_answer=data,
             stop_error="",
+            quota_endpoint="",
+            quota_until=None,
             # An answer that proves the outcome ends the calls; an acceptance that proves
             # nothing (Dify always says success) is sent again if nothing confirms it soon.
             stop_next_attempt_at=None if result.terminal else recheck,
         )
         if result.terminal == "stopped":
-            self.mark_stopped(confirmation=f"{provider_label}'s stop answer", data=data)
+            by_status = result.via == "status"
+            self.mark_stopped(
+                confirmation=f"{provider_label}'s status after the stop call"
+                if by_status
+                else f"{provider_label}'s stop answer",
+                proof=Proof.STATUS_READ if by_status else Proof.STOP_ANSWER,
+                data=data,
+            )
 
     def record_stop_failure(self, error: ProviderError) -> None:
         delay = error.retry_after if error.retry_after is not None else self._stop_backoff()
@@ -906,10 +1187,86 @@ class Run(models.Model):
             stop_next_attempt_at=timezone.now() + dt.timedelta(seconds=delay),
         )
 
+    def record_stop_queued(self, exc: QuotaExhausted, *, sent_before: dt.datetime | None) -> None:
+        """The stop call waits for the account's stop quota: nothing was sent, nothing failed.
+        It goes out the moment the budget allows, and the deadline for the provider to confirm
+        starts then."""
+        now = timezone.now()
+        wait = dt.timedelta(seconds=exc.retry_after or 0.0)
+        grace = dt.timedelta(seconds=settings.RUNBRAKE_STOP_GRACE_SECONDS)
+        episode = self.quota_endpoint != "stop"
+        fields: dict[str, Any] = {
+            "quota_endpoint": "stop",
+            "quota_until": now + wait,
+            "quota_reason": exc.message[:300],
+            "stop_next_attempt_at": now + wait,
+            "stop_deadline": now + wait + grace,
+            # The claimed attempt never went out.
+            "stop_attempts": F("stop_attempts") - 1,
+            "stop_sent_at": sent_before,
+            "stop_error": "",
+        }
+        if not episode:
+            self._update_quiet(**fields)
+            return
+        self.record_event(
+            RunEvent.Kind.STOP_QUEUED,
+            f"{exc.message} The stop is queued, not failed: it goes out at "
+            f"{timezone.localtime(now + wait):%H:%M:%S %Z}.",
+            data={"endpoint": "stop", "wait_seconds": round(wait.total_seconds(), 1)},
+            **fields,
+        )
+
+    def record_quota_wait(self, endpoint: str, seconds: float, reason: str) -> None:
+        """A call this run needs (a status or output read) waits for the account's quota; one
+        event per waiting episode, the time shown on the run kept current."""
+        now = timezone.now()
+        fields = {
+            "quota_endpoint": endpoint,
+            "quota_until": now + dt.timedelta(seconds=seconds),
+            "quota_reason": reason[:300],
+        }
+        if self.quota_endpoint == endpoint:
+            self._update_quiet(**fields)
+            return
+        self.record_event(
+            RunEvent.Kind.QUOTA_WAIT,
+            reason,
+            data={"endpoint": endpoint, "wait_seconds": round(seconds, 1)},
+            **fields,
+        )
+
+    def queue_for_quota(self, exc: QuotaExhausted) -> None:
+        """The launch waits for the create quota: the start call was never sent, so the claim
+        on it is released (a restarted watcher sends it, once) and the run shows Queued."""
+        self.record_quota_wait("create", exc.retry_after or 0.0, exc.message)
+        Run.objects.filter(pk=self.pk, external_id="").update(start_attempted_at=None)
+        self.refresh_from_db()
+
+    def clear_quota_wait(self) -> None:
+        if self.quota_endpoint:
+            self._update_quiet(quota_endpoint="", quota_until=None, quota_reason="")
+
+    def _update_quiet(self, **fields: Any) -> None:
+        """A visible change that is not worth a timeline entry: saved and pushed."""
+        with transaction.atomic():
+            Run.objects.filter(pk=self.pk).update(
+                updated_at=timezone.now(), version=F("version") + 1, **fields
+            )
+            transaction.on_commit(lambda: live.push_run(self.pk))
+        self.refresh_from_db()
+
     def _stop_backoff(self) -> float:
         return float(min(60, 2 ** max(0, self.stop_attempts - 1)))
 
-    def mark_stopped(self, *, confirmation: str, data: dict[str, Any] | None = None) -> bool:
+    def mark_stopped(
+        self,
+        *,
+        confirmation: str,
+        proof: str,
+        data: dict[str, Any] | None = None,
+        usage: dict[str, Any] | None = None,
+    ) -> bool:
         now = timezone.now()
         unrequested = self.status in (Status.PENDING, Status.RUNNING)
         return self._transition(
@@ -918,12 +1275,14 @@ class Run(models.Model):
             kind=RunEvent.Kind.STOPPED,
             channel=Channel.PROVIDER if unrequested else Channel.SYSTEM,
             message=f"Stopped — confirmed by {confirmation}.",
-            data=data,
+            data={**(data or {}), "proof": proof},
             finished_at=now,
             provider_status=(data or {}).get("provider_status") or self.provider_status,
             stop_confirmed_at=now,
-            stop_confirmation=confirmation,
+            stop_confirmation=confirmation[:200],
+            proof=proof,
             stop_next_attempt_at=None,
+            **self._usage_fields(usage),
         )
 
     def force_mark_stopped(self, *, actor: Any, reason: str) -> bool:
@@ -936,9 +1295,11 @@ class Run(models.Model):
             actor=actor,
             channel=Channel.ADMIN,
             message=f"Force-marked stopped by an admin without provider confirmation: {reason}",
+            data={"proof": Proof.ADMIN_FORCE},
             finished_at=now,
             stop_confirmed_at=now,
             stop_confirmation=f"an admin's force-mark, not the provider ({reason[:150]})",
+            proof=Proof.ADMIN_FORCE,
             stop_next_attempt_at=None,
         )
 
@@ -957,10 +1318,13 @@ class Run(models.Model):
     def mark_completed(
         self,
         *,
+        proof: str,
         output: str = "",
         structured_output: Any = None,
         provider_status: str = "",
         message: str = "",
+        usage: dict[str, Any] | None = None,
+        output_incomplete: bool = False,
     ) -> bool:
         before_stop = self.status in STOP_IN_PROGRESS
         won = self._transition(
@@ -973,30 +1337,94 @@ class Run(models.Model):
                 if before_stop
                 else "Completed."
             ),
+            data={"proof": proof},
             finished_at=timezone.now(),
             output=output or "",
+            output_incomplete=output_incomplete,
             structured_output=structured_output,
             provider_status=provider_status,
+            proof=proof,
             stop_next_attempt_at=None,
+            **self._usage_fields(usage),
         )
         if not won:
             self._record_late("completed", provider_status)
         return won
 
-    def mark_failed(self, *, error: str, provider_status: str = "") -> bool:
+    def mark_failed(
+        self,
+        *,
+        error: str,
+        proof: str,
+        provider_status: str = "",
+        usage: dict[str, Any] | None = None,
+    ) -> bool:
         won = self._transition(
             ACTIVE,
             Status.FAILED,
             kind=RunEvent.Kind.FAILED,
             message=error,
+            data={"proof": proof},
             finished_at=timezone.now(),
             error=error,
             provider_status=provider_status,
+            proof=proof,
             stop_next_attempt_at=None,
+            **self._usage_fields(usage),
         )
         if not won:
             self._record_late("failed", provider_status)
         return won
+
+    def settle(
+        self, finished: Finished, *, output: str, label: str, output_incomplete: bool = False
+    ) -> bool:
+        """Apply the provider's own word that the run ended (from its stream, a status read,
+        its history or a webhook), keeping `output` as the run's text."""
+        proof = PROOF_BY_SOURCE[finished.via]
+        usage = finished.usage.as_dict() if finished.usage is not None else None
+        data = {"provider_status": finished.provider_status}
+        if finished.status == "stopped":
+            self.keep_text(output, output_incomplete)
+            via = {
+                "stream": f"{label}'s stream reporting the run stopped",
+                "status": f"{label}'s status ({finished.provider_status})",
+                "history": f"{label}'s record of the message",
+                "webhook": f"{label}'s webhook",
+            }[finished.via]
+            return self.mark_stopped(confirmation=via, proof=proof, data=data, usage=usage)
+        if finished.status == "failed":
+            self.keep_text(output, output_incomplete)
+            return self.mark_failed(
+                error=finished.error or f"{label} reported the run as failed.",
+                proof=proof,
+                provider_status=finished.provider_status,
+                usage=usage,
+            )
+        message = ""
+        if self.status == Status.STOP_UNCONFIRMED:
+            message = f"Completed — {label} ran the run to its end despite the stop."
+        return self.mark_completed(
+            proof=proof,
+            output=output,
+            output_incomplete=output_incomplete,
+            structured_output=finished.structured_output,
+            provider_status=finished.provider_status,
+            message=message,
+            usage=usage,
+        )
+
+    def keep_text(self, output: str, incomplete: bool) -> None:
+        """Keep the text so far before a stopped or failed transition (which writes none)."""
+        if output != self.output or incomplete != self.output_incomplete:
+            Run.objects.filter(pk=self.pk, status__in=ACTIVE).update(
+                output=output, output_incomplete=incomplete
+            )
+            self.output, self.output_incomplete = output, incomplete
+
+    @staticmethod
+    def _usage_fields(usage: dict[str, Any] | None) -> dict[str, Any]:
+        return {"usage": usage} if usage else {}
 
     def _record_late(self, news: str, provider_status: str) -> None:
         if self.is_terminal and self.status != news:
@@ -1032,6 +1460,7 @@ class Run(models.Model):
     async def asend_stop(self, *, claimed: bool = False) -> None:
         """Make one provider stop call if one is due (or already leased to us), and record
         what the provider said."""
+        sent_before = None if claimed else self.stop_sent_at
         if not claimed and not await sync_to_async(self.claim_stop_attempt)():
             return
         account = await ProviderAccount.objects.aget(pk=self.provider_account_id)
@@ -1040,6 +1469,9 @@ class Run(models.Model):
             result = await provider.stop(
                 self.external_id, self.options, timeout=settings.RUNBRAKE_STOP_CALL_TIMEOUT
             )
+        except QuotaExhausted as exc:
+            await sync_to_async(self.record_stop_queued)(exc, sent_before=sent_before)
+            return
         except ProviderError as exc:
             await sync_to_async(self.record_stop_failure)(exc)
             return
@@ -1052,6 +1484,8 @@ class RunEvent(models.Model):
         ACCEPTED = "accepted", "Accepted by provider"
         RUNNING = "running", "Running"
         BACKOFF = "backoff", "Provider asked to slow down"
+        QUOTA_WAIT = "quota_wait", "Waiting for the provider's quota"
+        STOP_QUEUED = "stop_queued", "Stop queued for the provider's quota"
         STOP_REQUESTED = "stop_requested", "Stop requested"
         STOP_ANSWER = "stop_answer", "Provider answered the stop"
         STOP_FAILED = "stop_failed", "Stop call failed"
@@ -1082,6 +1516,59 @@ class RunEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} at {self.at:%H:%M:%S}"
+
+
+class QuotaSpend(models.Model):
+    """One call an account made that its provider counts against a quota (runs/quota.py)."""
+
+    account = models.ForeignKey(ProviderAccount, on_delete=models.CASCADE, related_name="+")
+    endpoint = models.CharField(max_length=10)
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["account", "endpoint", "at"], name="quota_spend_window"),
+            models.Index(fields=["account", "at"], name="quota_spend_month"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint} call of account {self.account_id} at {self.at:%H:%M:%S}"
+
+
+class QuotaBlock(models.Model):
+    """The provider itself refused an account's calls of one kind as over quota (a 429):
+    every process waits until `until`. `strikes` grows the wait while refusals repeat."""
+
+    account = models.ForeignKey(ProviderAccount, on_delete=models.CASCADE, related_name="+")
+    endpoint = models.CharField(max_length=10)
+    until = models.DateTimeField()
+    strikes = models.PositiveIntegerField(default=1)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["account", "endpoint"], name="one_block_per_endpoint")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint} calls of account {self.account_id} refused until {self.until}"
+
+
+class WebhookEvent(models.Model):
+    """A provider webhook delivery applied once: redeliveries of the same event id are
+    answered and ignored."""
+
+    account = models.ForeignKey(ProviderAccount, on_delete=models.CASCADE, related_name="+")
+    event_id = models.CharField(max_length=200)
+    kind = models.CharField(max_length=40, blank=True)
+    received_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["account", "event_id"], name="one_delivery_per_event")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} webhook {self.event_id}"
 
 
 LAST_USED_PRECISION = dt.timedelta(minutes=1)
@@ -1134,7 +1621,11 @@ __all__ = [
     "ApiToken",
     "Channel",
     "Membership",
+    "Proof",
     "ProviderAccount",
+    "QuotaBlock",
+    "QuotaSpend",
+    "QuotaTier",
     "Role",
     "Run",
     "RunAlreadyFinished",
@@ -1142,4 +1633,5 @@ __all__ = [
     "Status",
     "StopOutcome",
     "Team",
+    "WebhookEvent",
 ]

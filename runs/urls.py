@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import api, dashboard, teams, views
+from . import api, dashboard, teams, views, webhooks
 
 app_name = "runs"
 
@@ -22,4 +22,5 @@ urlpatterns = [
     path("api/runs/stop", api.stop_many, name="api-stop-many"),
     path("api/runs/<int:pk>", api.run_detail, name="api-run"),
     path("api/runs/<int:pk>/stop", api.stop_run, name="api-stop"),
+    path("hooks/fay/<str:token>", webhooks.fay_webhook, name="fay-webhook"),
 ]

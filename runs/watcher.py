@@ -35,13 +35,24 @@ from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
-from .models import ACTIVE, STOP_IN_PROGRESS, Channel, ProviderAccount, Run, RunEvent, Status
+from .models import (
+    ACTIVE,
+    STOP_IN_PROGRESS,
+    Channel,
+    Proof,
+    ProviderAccount,
+    Run,
+    RunEvent,
+    Status,
+)
 from .providers import ProviderError
 from .providers.base import (
     Event,
     Finished,
     OutputDelta,
     Provider,
+    QuotaExhausted,
+    QuotaWait,
     Running,
     Started,
     StreamEnded,
@@ -261,17 +272,21 @@ class Watcher:
             )
 
     async def _drop_lost_sessions(self, held: set[int]) -> None:
-        """A session whose run another watcher now holds (this one missed its renewals, say
-        after a long database stall) is stopped, so no run is followed twice for long."""
+        """Stop following runs this watcher no longer holds: another watcher took them (this
+        one missed its renewals, say after a long database stall), so no run is followed twice
+        for long; or they ended without the session (a webhook, a stop answer), so a polling
+        session spends no more of the provider's quota on them."""
         others = [pk for pk in self.sessions if pk not in held]
         if not others:
             return
-        lost = Run.objects.active().filter(pk__in=others).exclude(watched_by=self.identity)
-        async for pk in lost.values_list("pk", flat=True):
-            logger.warning("watcher %s lost run %s to another; stops following", self.identity, pk)
+        still_mine = Run.objects.active().filter(pk__in=others, watched_by=self.identity)
+        keep = {pk async for pk in still_mine.values_list("pk", flat=True)}
+        for pk in others:
             task = self.sessions.get(pk)
-            if task is not None:
-                task.cancel()
+            if pk in keep or task is None:
+                continue
+            logger.info("watcher %s stops following run %s (ended or taken)", self.identity, pk)
+            task.cancel()
 
     def _start_session(self, pk: int) -> None:
         if self._stopping:
@@ -308,30 +323,63 @@ class Watcher:
     async def _follow_or_start(self, run: Run) -> None:
         pk = run.pk
         provider = run.provider_account.provider()
-        if run.external_id:
-            events = provider.follow(run.external_id, run.provider_refs)
-        else:
-            self.starting[pk] = asyncio.Event()
-            if not await sync_to_async(run.claim_start)():
-                await self._start_claimed_elsewhere(run)
+        while True:
+            if run.external_id:
+                events = provider.follow(run.external_id, run.provider_refs)
+            else:
+                self.starting[pk] = asyncio.Event()
+                if not await sync_to_async(run.claim_start)():
+                    await self._start_claimed_elsewhere(run)
+                    return
+                if run.status == Status.STOPPING:
+                    await self._never_sent(run)
+                    return
+                events = provider.run(run.prompt, run.options)
+            session = Session(
+                run, provider, on_started=lambda: self._started(pk), writer=self._output_writer()
+            )
+            if provider.disconnect_aborts:
+                self.connection_bound.add(pk)
+            try:
+                await session.consume(events)
                 return
-            if run.status == Status.STOPPING:
-                # Stopped before it was ever sent: nothing to call, nothing billed.
-                await sync_to_async(run.mark_stopped)(
-                    confirmation="never having been sent to the provider"
-                )
+            except QuotaExhausted as exc:
+                if run.external_id:
+                    raise  # a followed run's clients wait for their quota themselves
+                # The create call is over the account's quota: nothing was sent. The run is
+                # queued, cancellable at no cost, and launched when the budget allows.
+                self._started(pk)
+                await sync_to_async(run.queue_for_quota)(exc)
+                if not await self._wait_queued(run, exc.retry_after or 0.0):
+                    return
+            except ProviderError as exc:
+                await session.flush()
+                await self._provider_failed(run, exc)
                 return
-            events = provider.run(run.prompt, run.options)
-        session = Session(
-            run, provider, on_started=lambda: self._started(pk), writer=self._output_writer()
+
+    async def _never_sent(self, run: Run) -> None:
+        # Stopped before it was ever sent: nothing to call, nothing billed.
+        await sync_to_async(run.mark_stopped)(
+            confirmation="never having been sent to the provider", proof=Proof.NEVER_SENT
         )
-        if provider.disconnect_aborts:
-            self.connection_bound.add(pk)
-        try:
-            await session.consume(events)
-        except ProviderError as exc:
-            await session.flush()
-            await self._provider_failed(run, exc)
+
+    async def _wait_queued(self, run: Run, seconds: float) -> bool:
+        """Wait for a queued launch's turn, a tick at a time so a stop pressed meanwhile ends
+        it at once. True when it is time to send it; False when it ended or this watcher is
+        shutting down (the run stays queued for whoever holds it next)."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        while not self._stopping:
+            await run.arefresh_from_db()
+            if run.status == Status.STOPPING:
+                await self._never_sent(run)
+                return False
+            if run.status != Status.PENDING or run.external_id:
+                return False
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return True
+            await asyncio.sleep(min(left, self.tick_seconds))
+        return False
 
     async def _start_claimed_elsewhere(self, run: Run) -> None:
         """Another process sent this run's start call and has not recorded the provider's id.
@@ -344,7 +392,8 @@ class Watcher:
             return
         await sync_to_async(run.mark_failed)(
             error="Runbrake restarted while this run was being started, so its "
-            "provider id is unknown. Check the provider's dashboard, then run it again."
+            "provider id is unknown. Check the provider's dashboard, then run it again.",
+            proof=Proof.RUNBRAKE,
         )
 
     def _output_writer(self) -> OutputWriter:
@@ -368,7 +417,12 @@ class Watcher:
                 RunEvent.Kind.PROVIDER_ERROR, exc.message, data=exc.as_dict()
             )
             return
-        await sync_to_async(run.mark_failed)(error=exc.message)
+        # A refusal with an HTTP status is the provider's own answer; anything else (a run it
+        # no longer knows, a lost connection that cannot be followed) is Runbrake's finding.
+        await sync_to_async(run.mark_failed)(
+            error=exc.message,
+            proof=Proof.PROVIDER_REFUSAL if exc.http_status else Proof.RUNBRAKE,
+        )
 
     async def apply(self, run: Run, event: Any) -> None:
         """Apply one provider event outside a session (tests; a lone Started)."""
@@ -476,6 +530,9 @@ class Session:
         self.on_started = on_started
         self.writer = writer
         self.text = run.output
+        # Set when the stream was lost and the provider cannot give the text since: what is
+        # kept is marked incomplete until the provider's own final text replaces it.
+        self.incomplete = run.output_incomplete
         self.dirty = False
         self.reported_output_after_stop = False
         self.progress_marker: str | None = None
@@ -538,6 +595,9 @@ class Session:
         run = self.run
         if not isinstance(event, OutputDelta):
             await self.flush()
+        if run.quota_endpoint and not isinstance(event, QuotaWait | Waiting):
+            # The call that waited went out: the run no longer waits for the quota.
+            await sync_to_async(run.clear_quota_wait)()
         match event:
             case Started(external_id=external_id, refs=refs):
                 await sync_to_async(run.record_external_id)(external_id, refs)
@@ -559,6 +619,10 @@ class Session:
                 self.progress_marker = progress
             case OutputDelta(text=text, replace=replace):
                 self.text = text if replace else self.text + text
+                if replace and self.incomplete:
+                    # The provider's own whole text: nothing is missing any more.
+                    self.incomplete = False
+                    await sync_to_async(run.record_output_complete)()
                 if not self.dirty:
                     self.dirty = True
                     if self.writer is not None:
@@ -569,6 +633,8 @@ class Session:
                     f"{reason} Waiting {seconds:.1f} s.",
                     data={"seconds": seconds},
                 )
+            case QuotaWait(endpoint=endpoint, seconds=seconds, message=message):
+                await sync_to_async(run.record_quota_wait)(endpoint, seconds, message)
             case Finished() as finished:
                 await self._finished(finished)
             case StreamEnded():
@@ -599,47 +665,34 @@ class Session:
 
     async def _finished(self, finished: Finished) -> None:
         run = self.run
+        await self.flush()
         await run.arefresh_from_db()
-        output = finished.output if finished.output is not None else self.text
+        if finished.output is not None:
+            # The provider's whole final text: it replaces what streamed, and completes it.
+            self.text, self.incomplete = finished.output, False
         label = self.provider.label
-        if finished.status == "stopped":
-            await self._save_partial(output)
-            await sync_to_async(run.mark_stopped)(
-                confirmation=f"{label}'s stream reporting the run stopped",
-                data={"provider_status": finished.provider_status},
-            )
-        elif finished.status == "failed":
-            await self._save_partial(output)
-            await sync_to_async(run.mark_failed)(
-                error=finished.error or f"{label} reported the run as failed.",
-                provider_status=finished.provider_status,
-            )
-        elif (
-            self.provider.normal_end_confirms_stop
+        if (
+            finished.status == "completed"
+            and self.provider.normal_end_confirms_stop
             and run.stop_sent_at
-            and (run.status == Status.STOPPING)
+            and run.status == Status.STOPPING
         ):
-            # Dify ends a stopped stream exactly like a finished one.
-            await self._save_partial(output)
+            # Dify ends a stopped reply exactly like a finished one (its stream's message_end,
+            # or its history's saved answer).
+            stream = finished.via == "stream"
+            await sync_to_async(run.keep_text)(self.text, self.incomplete)
             await sync_to_async(run.mark_stopped)(
-                confirmation=f"{label}'s stream ending after the stop",
+                confirmation=f"{label}'s stream ending after the stop"
+                if stream
+                else f"{label}'s record of the message, settled after the stop",
+                proof=Proof.STREAM_END if stream else Proof.HISTORY,
                 data={"provider_status": finished.provider_status},
+                usage=finished.usage.as_dict() if finished.usage else None,
             )
-        else:
-            message = ""
-            if run.status == Status.STOP_UNCONFIRMED:
-                message = f"Completed — {label} ran the run to its end despite the stop."
-            await sync_to_async(run.mark_completed)(
-                output=output or "",
-                structured_output=finished.structured_output,
-                provider_status=finished.provider_status,
-                message=message,
-            )
-
-    async def _save_partial(self, output: str | None) -> None:
-        if output and output != self.run.output:
-            self.text, self.dirty = output, True
-            await self.flush()
+            return
+        await sync_to_async(run.settle)(
+            finished, output=self.text, label=label, output_incomplete=self.incomplete
+        )
 
     async def _stream_ended(self) -> str | None:
         """The stream closed with no terminal event: after a stop that is the stop landing;
@@ -651,8 +704,9 @@ class Session:
         label = self.provider.label
         stopping = run.status in STOP_IN_PROGRESS and run.stop_sent_at is not None
         if stopping and self.provider.normal_end_confirms_stop:
+            await sync_to_async(run.keep_text)(self.text, self.incomplete)
             await sync_to_async(run.mark_stopped)(
-                confirmation=f"{label}'s stream ending after the stop"
+                confirmation=f"{label}'s stream ending after the stop", proof=Proof.STREAM_END
             )
             return None
         if stopping:
@@ -660,22 +714,21 @@ class Session:
                 result = await self.provider.status(run.external_id)
             except ProviderError:
                 result = None
-            if result is not None and result.terminal == "stopped":
-                await sync_to_async(run.mark_stopped)(
-                    confirmation=f"{label}'s status ({result.provider_status}) after the "
-                    "stream ended",
-                    data={"provider_status": result.provider_status},
-                )
-                return None
             if result is not None and result.terminal is not None:
                 await self._finished(
-                    Finished(result.terminal, result.provider_status, error=result.error)
+                    Finished(
+                        result.terminal, result.provider_status, error=result.error, via="status"
+                    )
                 )
                 return None
+        # What streams from here on cannot be fetched from most providers' status: the text
+        # is kept and marked incomplete until the provider's own final text arrives.
+        self.incomplete = True
         await sync_to_async(run.record_event)(
             RunEvent.Kind.STREAM_LOST,
-            f"The connection to {label}'s stream ended early; following the run through "
-            f"{label}'s status instead.",
+            f"The connection to {label}'s stream ended early after {len(self.text):,} "
+            f"characters; following the run through {label}'s status instead.",
+            output_incomplete=True,
         )
         return FOLLOW
 

@@ -48,16 +48,20 @@ def record(provider: str, request: HttpRequest, api_key: str) -> None:
         body: Any = parse_body(request)
     except ValueError:
         body = request.body.decode(errors="replace")[:2000]
-    _log.append(
+    record_entry(
         {
             "provider": provider,
             "method": request.method,
             "path": request.path,
             "body": body,
             "api_key": mask_key(api_key) if api_key else "",
-            "at": now_iso(),
         }
     )
+
+
+def record_entry(entry: dict[str, Any]) -> None:
+    """Log something a simulator did (a request received, a webhook sent)."""
+    _log.append({**entry, "at": now_iso()})
 
 
 def requests_for(provider: str | None) -> list[dict[str, Any]]:
@@ -96,22 +100,33 @@ def key_is_valid(key: str) -> bool:
 
 
 class HourlyLimiter:
-    """Per key and endpoint, a rolling one-hour window (only for `sim-free-` keys)."""
+    """Quotas by key prefix (a tier): per key and endpoint a rolling one-hour window, and
+    `month` over all of a key's calls in the calendar month (UTC). Keys of no tier are
+    unlimited."""
 
-    def __init__(self, limits: dict[str, int]) -> None:
-        self.limits = limits
+    def __init__(self, tiers: dict[str, dict[str, int]]) -> None:
+        self.tiers = tiers
         self.calls: dict[tuple[str, str], deque[float]] = {}
+        self.monthly: dict[tuple[str, str], int] = {}
+
+    def limits(self, key: str) -> dict[str, int]:
+        return next((v for prefix, v in self.tiers.items() if key.startswith(prefix)), {})
 
     def allow(self, key: str, endpoint: str) -> bool:
-        if not key.startswith("sim-free-"):
+        limits = self.limits(key)
+        if not limits:
             return True
+        month = (key, datetime.now(UTC).strftime("%Y-%m"))
+        if "month" in limits and self.monthly.get(month, 0) >= limits["month"]:
+            return False
         window = self.calls.setdefault((key, endpoint), deque())
         cutoff = time.monotonic() - 3600
         while window and window[0] < cutoff:
             window.popleft()
-        if len(window) >= self.limits[endpoint]:
+        if endpoint in limits and len(window) >= limits[endpoint]:
             return False
         window.append(time.monotonic())
+        self.monthly[month] = self.monthly.get(month, 0) + 1
         return True
 
 

@@ -11,6 +11,7 @@ urlpatterns = [
     path("fay/api/v1/conversation/<str:request_id>/status", fay.status, name="fay-status"),
     path("fay/api/v1/conversation/<str:request_id>/output", fay.output, name="fay-output"),
     path("fay/api/v1/conversation/<str:request_id>/stop", fay.stop, name="fay-stop"),
+    path("fay/dashboard/webhooks", fay.dashboard_webhooks, name="fay-dashboard-webhooks"),
     path("dify/v1/", include("simulators.dify")),
     path("intelligencebox/", include("simulators.intelligencebox")),
     path("xpander/", include("simulators.xpander")),

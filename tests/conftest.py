@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -35,7 +37,14 @@ class Server:
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, "RUNBRAKE_EMBEDDED_WATCHER": "true" if watcher else "false"}
+        # Each server's simulated providers keep their state (Fay's registered webhooks) to
+        # themselves, as separate services would.
+        self.state_dir = tempfile.mkdtemp(prefix="runbrake-sim-")
+        full_env = {
+            **os.environ,
+            "RUNBRAKE_EMBEDDED_WATCHER": "true" if watcher else "false",
+            "RUNBRAKE_SIM_STATE_DIR": self.state_dir,
+        }
         full_env.update(env or {})
         self.log = open(ROOT / f".server-{self.port}.log", "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -92,6 +101,7 @@ class Server:
                 self.proc.wait(timeout=5)
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 def database_url(vendor: str, settings_dict: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -53,8 +54,10 @@ class Uvicorn(Server):
     def __init__(self, *, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.state_dir = tempfile.mkdtemp(prefix="runbrake-sim-")
         full_env = {
             **os.environ,
+            "RUNBRAKE_SIM_STATE_DIR": self.state_dir,
             "DATABASE_URL": database_url(),
             "DJANGO_ALLOW_ASYNC_UNSAFE": "",
             "RUNBRAKE_EMBEDDED_WATCHER": "true",

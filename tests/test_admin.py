@@ -177,7 +177,7 @@ def test_stop_stops_at_the_provider_and_reports_each_outcome(admin_client, admin
     # The superuser is in no team: the admin's stop is not scoped by memberships.
     running = start_at_provider(launch("long sim:pending=0 sim:duration=60"))
     done = launch("short")
-    done.mark_completed(output="done")
+    done.mark_completed(proof="status_read", output="done")
     response = admin_client.post(
         CHANGELIST,
         {

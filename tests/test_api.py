@@ -135,7 +135,7 @@ def test_another_teams_account_cannot_be_used(api, globex_account):
 
 def test_it_lists_runs_with_filters_and_a_cursor(api, launch, mallory, globex_account):
     runs = [launch(f"q{i}") for i in range(3)]
-    runs[0].mark_completed(output="x")
+    runs[0].mark_completed(proof="status_read", output="x")
     launch("theirs", user=mallory, account=globex_account)
     first = api("get", reverse("runs:api-runs") + "?limit=2").json()
     assert [r["id"] for r in first["results"]] == [runs[2].pk, runs[1].pk]
@@ -184,7 +184,9 @@ def test_stop_stops_at_the_provider_and_a_second_stop_makes_no_call(api, launch,
 @pytest.mark.parametrize("finish", ["completed", "failed"])
 def test_stopping_a_finished_run_is_a_409(api, launch, finish):
     run = launch()
-    run.mark_completed(output="x") if finish == "completed" else run.mark_failed(error="x")
+    run.mark_completed(
+        proof="status_read", output="x"
+    ) if finish == "completed" else run.mark_failed(proof="status_read", error="x")
     response = api("post", reverse("runs:api-stop", args=[run.pk]), {})
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "RUN_ALREADY_FINISHED"

@@ -82,7 +82,7 @@ async def test_the_run_socket_pushes_transitions_in_order_with_rising_versions(b
 
     await sync_to_async(run.mark_running)("PROCESSING")
     await sync_to_async(run.request_stop)(actor=bob, channel=Channel.BUTTON, reason="why not")
-    await sync_to_async(run.mark_stopped)(confirmation="a test")
+    await sync_to_async(run.mark_stopped)(confirmation="a test", proof="status_read")
     # Pushes are snapshots, coalesced per run: a viewer may skip a state in between, but
     # never sees one out of order, and always ends on the last.
     order = ["running", "stopping", "stopped"]
@@ -200,7 +200,7 @@ async def test_new_output_pushes_only_the_output_section_and_not_the_list_row(bo
     assert f'id="run-status-{run.pk}"' not in message
 
     # The next transition is a full push: the list hears of it, and heard nothing before.
-    await sync_to_async(run.mark_stopped)(confirmation="a test")
+    await sync_to_async(run.mark_stopped)(confirmation="a test", proof="status_read")
     row = await team.receive_from(timeout=5)
     assert f'id="run-row-{run.pk}"' in row
     assert 'data-status="stopped"' in row

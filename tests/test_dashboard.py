@@ -65,7 +65,7 @@ def completed(make_run, account, created, seconds):
     )
 
 
-def stopped(make_run, account, requested, latency_ms, confirmation="Fay's stop answer", **extra):
+def stopped(make_run, account, requested, latency_ms, proof="stop_answer", **extra):
     fields = {
         "status": Status.STOPPED,
         "created_at": requested - dt.timedelta(seconds=5),
@@ -73,7 +73,7 @@ def stopped(make_run, account, requested, latency_ms, confirmation="Fay's stop a
         "stop_requested_at": requested,
         "stop_confirmed_at": requested + dt.timedelta(milliseconds=latency_ms),
         "finished_at": requested + dt.timedelta(milliseconds=latency_ms),
-        "stop_confirmation": confirmation,
+        "proof": proof,
         **extra,
     }
     return make_run(account, **fields)
@@ -171,19 +171,19 @@ def test_it_groups_stops_by_how_they_were_confirmed(as_bob, acme, fay, dify, mak
     requested = now - dt.timedelta(hours=3)
     stopped(make_run, fay, requested, 200)
     stopped(make_run, fay, requested, 400)
-    stopped(make_run, dify, requested, 900, "Dify's stream ending after the stop")
-    # Force-marks carry the admin's reason; they still form one group.
-    stopped(make_run, fay, requested, 20_000, "an admin's force-mark, not the provider (stuck)")
-    stopped(make_run, fay, requested, 40_000, "an admin's force-mark, not the provider (gone)")
+    stopped(make_run, dify, requested, 900, "stream_end")
+    # Force-marks carry the admin's reason in their sentence; their proof is one group.
+    stopped(make_run, fay, requested, 20_000, "admin_force", stop_confirmation="force (stuck)")
+    stopped(make_run, fay, requested, 40_000, "admin_force", stop_confirmation="force (gone)")
     make_run(fay, status=Status.STOPPING, created_at=requested, stop_requested_at=requested)
 
     response = dashboard(as_bob, acme)
 
     groups = [(r.label, r.stops, r.p50_ms) for r in response.context["confirmation_rows"]]
     assert groups == [
-        ("Fay's stop answer", 2, pytest.approx(300)),
         ("an admin's force-mark, not the provider", 2, pytest.approx(30_000)),
-        ("Dify's stream ending after the stop", 1, pytest.approx(900)),
+        ("the provider's answer to the stop call", 2, pytest.approx(300)),
+        ("the provider's stream ending after the stop", 1, pytest.approx(900)),
     ]
     assert response.context["total_stops"] == 5
     assert "An admin&#x27;s force-mark, not the provider" in response.content.decode()
@@ -219,7 +219,7 @@ def test_it_measures_time_saved_against_the_providers_median_completed_run(
         stop_confirmation="never having been sent to the provider",
     )
     # Dify has stops but no completed run to compare with.
-    stopped(make_run, dify, base, 500, "Dify's stream ending after the stop")
+    stopped(make_run, dify, base, 500, "stream_end")
 
     response = dashboard(as_bob, acme)
 

@@ -48,7 +48,7 @@ def test_the_role_matrix(who, request, acme, fay_account, launch, alice, bob, ca
     mate = launch("teammate's", user=alice if who != "alice" else bob)
     # Finished runs keep the stop path off the network: the answer is about permission.
     for run in (own, mate):
-        run.mark_completed(output="done")
+        run.mark_completed(proof="status_read", output="done")
     client = client_for(user)
     token = ApiToken.issue(user)
     got = {
@@ -121,7 +121,7 @@ def test_bulk_stop_previews_then_reports_each_outcome(
 ):
     running = start_at_provider(launch("long sim:pending=0 sim:duration=60"))
     finished = launch("done")
-    finished.mark_completed(output="x")
+    finished.mark_completed(proof="status_read", output="x")
     foreign = launch("theirs", user=mallory, account=globex_account)
     client = client_for(bob)
     url = reverse("runs:bulk-stop", args=[acme.pk])
@@ -174,7 +174,7 @@ def test_the_api_stops_many_with_per_run_outcomes(
 ):
     running = start_at_provider(launch("long sim:pending=0 sim:duration=60"))
     finished = launch("done")
-    finished.mark_completed(output="x")
+    finished.mark_completed(proof="status_read", output="x")
     foreign = launch("theirs", user=mallory, account=globex_account)
     token = ApiToken.issue(bob)
     response = client.post(
@@ -230,7 +230,7 @@ def test_a_one_click_reason_is_recorded_and_filterable(acme, launch, bob):
 
 def test_run_again_launches_the_same_prompt_and_options(launch, bob):
     run = launch("again please", structured_output=True, output_schema={"type": "object"})
-    run.mark_completed(output="x")
+    run.mark_completed(proof="status_read", output="x")
     response = client_for(bob).post(reverse("runs:again", args=[run.pk]), **HTMX)
     again = Run.objects.exclude(pk=run.pk).get()
     assert response["HX-Redirect"] == again.get_absolute_url()

@@ -25,7 +25,7 @@ def test_it_launches_pending_with_a_created_event(launch, bob):
 def test_each_transition_writes_one_event_with_from_and_to(launch):
     run = launch()
     assert run.mark_running("PROCESSING")
-    assert run.mark_completed(output="done", provider_status="COMPLETED")
+    assert run.mark_completed(proof="status_read", output="done", provider_status="COMPLETED")
     events = list(run.events.order_by("at", "id").values_list("kind", "from_status", "to_status"))
     assert events[1:] == [("running", "pending", "running"), ("completed", "running", "completed")]
     run.refresh_from_db()
@@ -43,8 +43,10 @@ def test_a_disallowed_transition_loses_and_changes_nothing(launch):
 def test_terminal_states_never_change_and_late_news_is_an_event(launch, bob):
     run = launch()
     run.request_stop(actor=bob, channel=Channel.BUTTON, reason="wrong prompt")
-    assert run.mark_stopped(confirmation="a test")
-    assert run.mark_completed(output="late", provider_status="COMPLETED") is False
+    assert run.mark_stopped(proof="status_read", confirmation="a test")
+    assert (
+        run.mark_completed(proof="status_read", output="late", provider_status="COMPLETED") is False
+    )
     run.refresh_from_db()
     assert run.status == Status.STOPPED
     assert run.output == ""
@@ -67,7 +69,7 @@ def test_request_stop_is_idempotent_while_stopping_or_stopped(launch, bob):
     run = launch()
     run.request_stop(actor=bob, channel=Channel.BUTTON)
     assert run.request_stop(actor=bob, channel=Channel.BUTTON) is False
-    run.mark_stopped(confirmation="a test")
+    run.mark_stopped(proof="status_read", confirmation="a test")
     assert run.request_stop(actor=bob, channel=Channel.BUTTON) is False
     assert run.events.filter(kind="stop_requested").count() == 1
 
@@ -76,9 +78,9 @@ def test_request_stop_is_idempotent_while_stopping_or_stopped(launch, bob):
 def test_stopping_a_finished_run_is_refused(launch, bob, finish):
     run = launch()
     if finish == "completed":
-        run.mark_completed(output="x")
+        run.mark_completed(proof="status_read", output="x")
     else:
-        run.mark_failed(error="boom")
+        run.mark_failed(proof="status_read", error="boom")
     with pytest.raises(RunAlreadyFinished, match=f"already {finish}"):
         run.request_stop(actor=bob, channel=Channel.BUTTON)
 
@@ -86,7 +88,7 @@ def test_stopping_a_finished_run_is_refused(launch, bob, finish):
 def test_a_run_that_finishes_while_stopping_says_so(launch, bob):
     run = launch()
     run.request_stop(actor=bob, channel=Channel.BUTTON)
-    assert run.mark_completed(output="full report")
+    assert run.mark_completed(proof="status_read", output="full report")
     assert run.finished_before_stop
     assert "before the stop landed" in run.events.get(kind="completed").message
 

@@ -94,15 +94,17 @@ def make_machine(launch, user):
 
         @rule()
         def provider_says_stopped(self):
-            self.fresh().mark_stopped(confirmation="the provider's status")
+            self.fresh().mark_stopped(proof="status_read", confirmation="the provider's status")
 
         @rule()
         def provider_says_completed(self):
-            self.fresh().mark_completed(output="late or not", provider_status="COMPLETED")
+            self.fresh().mark_completed(
+                proof="status_read", output="late or not", provider_status="COMPLETED"
+            )
 
         @rule()
         def provider_says_failed(self):
-            self.fresh().mark_failed(error="boom", provider_status="FAILED")
+            self.fresh().mark_failed(proof="status_read", error="boom", provider_status="FAILED")
 
         @rule()
         def admin_force_marks(self):
@@ -148,7 +150,7 @@ def make_machine(launch, user):
             # Whatever happened, a provider that settles brings every run to a terminal state.
             run = self.fresh()
             if run.status in ACTIVE:
-                run.mark_stopped(confirmation="the provider settling")
+                run.mark_stopped(proof="status_read", confirmation="the provider settling")
             assert self.fresh().status in TERMINAL
 
     return RunLifecycle

@@ -70,7 +70,7 @@ def test_the_list_pages_with_a_cursor(as_bob, acme, launch, settings):
 def test_the_list_filters_by_status_provider_owner_and_text(as_bob, acme, launch, alice):
     mine = launch("mine about penguins")
     theirs = launch("alices question", user=alice)
-    theirs.mark_completed(output="x")
+    theirs.mark_completed(proof="status_read", output="x")
     url = reverse("runs:team", args=[acme.pk])
     rows = lambda q: {  # noqa: E731
         r
@@ -98,7 +98,7 @@ def test_status_counts_stop_at_the_cap_and_say_so(as_bob, acme, launch, monkeypa
     for n in range(3):
         launch(f"run {n}")
     done = launch("done")
-    done.mark_completed(output="x")
+    done.mark_completed(proof="status_read", output="x")
     page = as_bob.get(reverse("runs:team", args=[acme.pk])).content.decode()
     assert "Pending <strong>2+</strong>" in page
     assert "Completed <strong>1</strong>" in page
@@ -220,7 +220,9 @@ def test_the_run_page_shows_status_timeline_and_live_wiring(as_bob, launch):
 
 def test_markdown_output_is_rendered_safely(as_bob, launch):
     run = launch()
-    run.mark_completed(output="# Title\n<script>alert(1)</script>\n[x](javascript:alert(1))")
+    run.mark_completed(
+        proof="status_read", output="# Title\n<script>alert(1)</script>\n[x](javascript:alert(1))"
+    )
     html = as_bob.get(run.get_absolute_url()).content.decode()
     assert "<h1>Title</h1>" in html
     assert "<script>alert(1)</script>" not in html
@@ -265,7 +267,7 @@ def test_cancel_without_htmx_redirects_to_the_run(as_bob, launch, sim):
 
 def test_cancel_of_a_finished_run_says_so_and_changes_nothing(as_bob, launch):
     run = launch()
-    run.mark_completed(output="done")
+    run.mark_completed(proof="status_read", output="done")
     response = as_bob.post(reverse("runs:stop", args=[run.pk]), **HTMX)
     assert response.status_code == 200
     assert "already completed" in toast_of(response)["message"]
@@ -319,7 +321,7 @@ def test_csrf_token_from_the_page_lets_htmx_post(bob, launch):
     client.force_login(bob)
     page = client.get(run.get_absolute_url()).content.decode()
     token = page.split('"X-CSRFToken": "')[1].split('"')[0]
-    run.mark_completed(output="x")  # keeps the test off the network
+    run.mark_completed(proof="status_read", output="x")  # keeps the test off the network
     response = client.post(reverse("runs:stop", args=[run.pk]), HTTP_X_CSRFTOKEN=token, **HTMX)
     assert response.status_code == 200
 
@@ -518,7 +520,7 @@ def test_cancel_from_the_run_page_answers_with_that_pages_fragments(as_bob, laun
 
 def test_the_whole_output_is_a_text_page_for_the_team_only(client, bob, mallory, launch):
     run = launch("long")
-    run.mark_completed(output="x" * 50_000 + "THE END")
+    run.mark_completed(proof="status_read", output="x" * 50_000 + "THE END")
     client.force_login(bob)
     response = client.get(reverse("runs:output", args=[run.pk]))
     assert response.status_code == 200
@@ -533,7 +535,7 @@ def test_the_whole_output_is_a_text_page_for_the_team_only(client, bob, mallory,
 
 def test_a_structured_answer_is_its_output_page_as_json(client, bob, launch):
     run = launch("structured")
-    run.mark_completed(output="", structured_output={"editors": ["Ana"]})
+    run.mark_completed(proof="status_read", output="", structured_output={"editors": ["Ana"]})
     client.force_login(bob)
     response = client.get(reverse("runs:output", args=[run.pk]))
     assert json.loads(response.content) == {"editors": ["Ana"]}

@@ -72,14 +72,17 @@ async def test_a_rejected_key_fails_the_run_with_what_to_do(launch, fay_account)
     assert "Ask a team admin to update the key" in run.error
 
 
-async def test_rate_limits_are_one_backoff_event_and_the_run_completes(launch):
-    run = await sync_to_async(launch)(
-        f"{uuid.uuid4()} sim:pending=0 sim:duration=0.1 sim:fail=rate_limit"
-    )
-    await Watcher().watch(run.pk)
+async def test_it_queues_a_launch_fay_refuses_as_over_quota_and_sends_it_once_allowed(launch, sim):
+    prompt = f"{uuid.uuid4()} sim:pending=0 sim:duration=0.1 sim:fail=rate_limit"
+    run = await sync_to_async(launch)(prompt)
+    await Watcher(tick=0.05).watch(run.pk)
     await run.arefresh_from_db()
     assert run.status == Status.COMPLETED
-    assert (await sync_to_async(kinds)(run)).count("backoff") == 1
+    # One queued episode for the three 429s, not a failure and not one event per refusal.
+    assert (await sync_to_async(kinds)(run)).count("quota_wait") == 1
+    assert not run.quota_endpoint  # nothing waits any more
+    creates = [r for r in sim.requests() if r["path"].endswith("/conversations")]
+    assert sum(1 for r in creates if r["body"] and r["body"].get("prompt") == prompt) == 4
 
 
 async def test_a_stop_before_the_run_was_sent_never_reaches_the_provider(launch, bob, sim):
@@ -217,7 +220,7 @@ def test_a_lapsed_lease_is_taken_over_and_a_released_run_is_free_at_once(launch)
 
 def test_finished_runs_are_not_claimed(launch):
     run = launch("done sim:duration=60")
-    run.mark_failed(error="gone")
+    run.mark_failed(proof="status_read", error="gone")
     assert Run.objects.claim_watch("w", lease_seconds=30, limit=10) == []
 
 

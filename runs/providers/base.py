@@ -18,6 +18,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import email.utils
 import json
@@ -26,6 +27,7 @@ import random
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, Protocol
+from urllib.parse import quote
 
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
@@ -73,11 +75,19 @@ class ProviderError(Exception):
 
 class QuotaExhausted(ProviderError):
     """The account's budget for this kind of call is spent: nothing was sent. `retry_after`
-    says when the next call of this kind may go out."""
+    says when the next call of this kind may go out; `message` says which quota, in words."""
 
     def __init__(self, endpoint: str, retry_after: float, message: str) -> None:
         super().__init__("QUOTA_EXHAUSTED", message, retryable=True, retry_after=retry_after)
         self.endpoint = endpoint
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A budget's no: wait `seconds`, because of `reason` (a sentence naming the quota)."""
+
+    seconds: float
+    reason: str
 
 
 class Budget(Protocol):
@@ -86,39 +96,34 @@ class Budget(Protocol):
     Provider code asks before each counted call; the product implements it over the database,
     so every process shares one budget per account."""
 
-    async def take(self, endpoint: str) -> float:
-        """Count one call of this kind and return 0, or return the seconds until one may go
-        (nothing counted)."""
+    async def take(self, endpoint: str) -> Refusal | None:
+        """Count one call of this kind and return None, or refuse (nothing counted)."""
         ...
 
-    async def refused(self, endpoint: str, retry_after: float | None) -> float:
+    async def refused(self, endpoint: str, retry_after: float | None) -> Refusal:
         """The provider itself refused a call as over quota: note it for every process and
-        return the seconds to wait."""
+        say how long to wait."""
         ...
 
     async def interval(self, endpoint: str, base: float) -> float:
         """How far apart polls of this kind should be so the account's runs fit its quota."""
         ...
 
-    def describe(self, endpoint: str) -> str:
-        """The quota in words, e.g. "100 status reads an hour (Fay free tier)"."""
-        ...
-
 
 class Unlimited:
-    """The budget of an account with no known quota."""
+    """The budget of an account with no known quota (and nowhere to share a refusal)."""
 
-    async def take(self, endpoint: str) -> float:
-        return 0.0
+    async def take(self, endpoint: str) -> Refusal | None:
+        return None
 
-    async def refused(self, endpoint: str, retry_after: float | None) -> float:
-        return retry_after if retry_after is not None else 0.0
+    async def refused(self, endpoint: str, retry_after: float | None) -> Refusal:
+        return Refusal(
+            retry_after if retry_after is not None else 60.0,
+            "The provider refused the call as over its quota.",
+        )
 
     async def interval(self, endpoint: str, base: float) -> float:
         return base
-
-    def describe(self, endpoint: str) -> str:
-        return "its quota"
 
 
 # --- Normalised events ----------------------------------------------------------------------
@@ -217,6 +222,8 @@ class StopResult:
     provider_status: str
     message: str
     answer: dict[str, Any]
+    # "status" when `terminal` comes from a status read after the stop call, not its answer.
+    via: Literal["answer", "status"] = "answer"
 
 
 @dataclass(frozen=True)
@@ -233,12 +240,19 @@ class StatusResult:
 class Provider:
     kind: ClassVar[str]
     label: ClassVar[str]
+    # The provider's documented quota tiers: tier → {endpoint: calls an hour, "month": calls a
+    # calendar month}. An account picks a tier (or its own numbers) and gets a Budget for it.
+    tiers: ClassVar[dict[str, dict[str, int]]] = {}
     # Dify ends a stopped stream with the same `message_end` as a finished one: for it, a
     # normal end after a stop request is the stop's confirmation.
     normal_end_confirms_stop: ClassVar[bool] = False
     # IntelligenceBox aborts a chat when its stream's client disconnects: a watcher handing
     # such a run over must let the stream finish, or the hand-over itself would end the run.
     disconnect_aborts: ClassVar[bool] = False
+    # IntelligenceBox documents events separated by a single newline and parses them line by
+    # line: each `data:` line is an event of its own, handed over without waiting for a blank
+    # line (standard SSE parsing would hold them all until one comes, or drop them at EOF).
+    line_events: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -253,14 +267,15 @@ class Provider:
 
     async def spend(self, endpoint: str) -> None:
         """Count one call against the account's quota, or raise QuotaExhausted unsent."""
-        wait = await self.budget.take(endpoint)
-        if wait > 0:
-            raise QuotaExhausted(
-                endpoint,
-                wait,
-                f"{self.label}'s quota of {self.budget.describe(endpoint)} for this account is "
-                "used up.",
-            )
+        refusal = await self.budget.take(endpoint)
+        if refusal is not None:
+            raise QuotaExhausted(endpoint, refusal.seconds, refusal.reason)
+
+    async def over_quota(self, endpoint: str, exc: ProviderError) -> QuotaExhausted:
+        """The provider answered a call with its own quota refusal (a 429): every process
+        learns of it through the budget, and the caller waits as a QuotaExhausted says."""
+        refusal = await self.budget.refused(endpoint, exc.retry_after)
+        return QuotaExhausted(endpoint, refusal.seconds, refusal.reason)
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -281,6 +296,18 @@ class Provider:
 
     def url(self, path: str) -> str:
         return self.config.base_url.rstrip("/") + path
+
+    def segment(self, value: str) -> str:
+        """An id for one path segment: ids come from users and providers (hostile input), and
+        "../../admin" must not walk the key to another endpoint of the provider."""
+        text = str(value)
+        if not text or text in (".", "..") or any(ord(c) < 32 or c == "\x7f" for c in text):
+            raise ProviderError(
+                "VALIDATION_ERROR",
+                f"{self.label} ids cannot be empty or contain control characters; got "
+                f"{text[:40]!r}.",
+            )
+        return quote(text, safe="")
 
     async def check_destination(self) -> None:
         if not self.config.allow_private:
@@ -318,6 +345,12 @@ class Provider:
                 if not response.is_success or "text/event-stream" not in content_type:
                     await response.aread()
                     raise self.error_from(response)
+                if self.line_events:
+                    async with contextlib.aclosing(response.aiter_lines()) as lines:
+                        async for line in lines:
+                            if line.startswith("data:"):
+                                yield ServerSentEvent(data=line[5:].removeprefix(" "))
+                    return
                 async for event in source.aiter_sse():
                     yield event
         except (httpx.RemoteProtocolError, httpx.ReadError):
@@ -443,21 +476,26 @@ async def start_stream(
     refused connections), with one Waiting event per backoff episode."""
     attempt = 0
     while True:
-        stream = provider.sse(path, body)
-        try:
-            first = await anext(stream)
-        except StopAsyncIteration:
+        # Closed here whatever happens, so a caller that stops early frees the connection now.
+        async with contextlib.aclosing(provider.sse(path, body)) as stream:
+            try:
+                first = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except ProviderError as exc:
+                attempt += 1
+                if (
+                    not exc.retryable
+                    or exc.code == "PROVIDER_TIMEOUT"
+                    or attempt >= MAX_START_ATTEMPTS
+                ):
+                    raise
+                delay = exc.retry_after if exc.retry_after is not None else backoff_delay(attempt)
+                if attempt == 1:
+                    yield Waiting(exc.message, delay)
+                await asyncio.sleep(delay)
+                continue
+            yield first
+            async for event in stream:
+                yield event
             return
-        except ProviderError as exc:
-            attempt += 1
-            if not exc.retryable or exc.code == "PROVIDER_TIMEOUT" or attempt >= MAX_START_ATTEMPTS:
-                raise
-            delay = exc.retry_after if exc.retry_after is not None else backoff_delay(attempt)
-            if attempt == 1:
-                yield Waiting(exc.message, delay)
-            await asyncio.sleep(delay)
-            continue
-        yield first
-        async for event in stream:
-            yield event
-        return

@@ -1,10 +1,21 @@
-"""Fay deep research: create, poll status, fetch output, stop (shared/providers/fay.md)."""
+"""Fay deep research: create, poll status, fetch output, stop (shared/providers/fay.md,
+docs/providers/fay.md for the public source of each behaviour).
+
+Fay counts every call against hourly quotas per endpoint and a monthly one (fay-docs: each
+endpoint's "Rate Limits", api-key "100 requests per month" on the free tier), answers 429
+`RATE_LIMIT_EXCEEDED` past them with no Retry-After, and can push a run's news as signed
+webhooks instead. So every call spends from the account's budget first, a 429 is shared with
+the budget as the provider's own refusal, and polling is paced to fit the quota (and drops to a
+slow safety net when the account receives webhooks)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -12,11 +23,14 @@ import httpx
 from .base import (
     COMPLETED,
     FAILED,
+    MAX_START_ATTEMPTS,
     STOPPED,
     Event,
     Finished,
     Provider,
     ProviderError,
+    QuotaExhausted,
+    QuotaWait,
     Running,
     Started,
     StatusResult,
@@ -24,6 +38,7 @@ from .base import (
     TerminalStatus,
     Waiting,
     backoff_delay,
+    parse_json,
     retry_after_seconds,
 )
 
@@ -53,21 +68,37 @@ MESSAGES = {
     "Fay's status page.",
 }
 RETRYABLE_CODES = {"RATE_LIMIT_EXCEEDED", "INTERNAL_ERROR"}
+OVER_QUOTA = "RATE_LIMIT_EXCEEDED"
 ALREADY_TERMINAL_CODES = {
     "CONVERSATION_ALREADY_COMPLETED",
     "CONVERSATION_ALREADY_FAILED",
     "CONVERSATION_ALREADY_STOPPED",
 }
-MAX_START_ATTEMPTS = 5
+# With webhooks, a status read is only a safety net against a lost delivery (Assumption
+# (ours): Fay retries a delivery three times, so a lost one is rare; ten minutes is cheap).
+WEBHOOK_SAFETY_POLL = 600.0
 
 
 class FayProvider(Provider):
     kind = "fay"
     label = "Fay"
+    # Per key (fay-docs): hourly per endpoint, and "month" over every call (Assumption (ours):
+    # the docs say "100 requests per month" without saying which calls count; all do here).
+    tiers = {
+        "free": {"create": 10, "status": 100, "output": 50, "stop": 20, "month": 100},
+        "pro": {"create": 100, "status": 1000, "output": 500, "stop": 200, "month": 10000},
+    }
 
     @property
     def poll_interval(self) -> float:
-        return float(self.config.options.get("poll_interval", 2.0))
+        try:
+            return max(0.05, float(self.config.options.get("poll_interval", 2.0)))
+        except (TypeError, ValueError):
+            return 2.0
+
+    @property
+    def webhooks(self) -> bool:
+        return bool(self.config.options.get("webhooks"))
 
     async def call(
         self, method: str, path: str, *, json_body: Any = None, timeout: float | None = None
@@ -115,10 +146,13 @@ class FayProvider(Provider):
             body["output_schema"] = options.get("output_schema")
         attempt = 0
         while True:
+            await self.spend("create")  # raises QuotaExhausted before anything is sent
             try:
                 data = await self.call("POST", "/conversations", json_body=body)
                 break
             except ProviderError as exc:
+                if exc.code == OVER_QUOTA:
+                    raise await self.over_quota("create", exc) from None
                 # A timeout may have created the run: retrying could start it twice, so only
                 # answers that prove nothing was created (429, 5xx, refused connection) retry.
                 if not exc.retryable or exc.code == "PROVIDER_TIMEOUT":
@@ -137,19 +171,29 @@ class FayProvider(Provider):
                 "PROVIDER_BAD_RESPONSE", "Fay accepted the research but returned no request id."
             )
         yield Started(request_id)
-        async for event in self.follow(request_id, {}):
+        # Just created, it is PENDING: the first read waits one interval like the others.
+        async for event in self._poll(request_id, wait_first=True):
             yield event
 
-    async def follow(
-        self, external_id: str, refs: dict[str, Any] | None = None
-    ) -> AsyncGenerator[Event]:
-        """Poll status until terminal (docs: every 2-5 s; slower for long runs)."""
+    def follow(self, external_id: str, refs: dict[str, Any] | None = None) -> AsyncGenerator[Event]:
+        """Poll status until terminal (docs: every 2-5 s), paced to the account's quota."""
+        # Re-attached after a restart or a lost session: read now, the run may be long over.
+        return self._poll(external_id, wait_first=self.webhooks)
+
+    async def _poll(self, external_id: str, *, wait_first: bool) -> AsyncGenerator[Event]:
         started = time.monotonic()
         last_status = None
         failures = 0
+        if wait_first:
+            await asyncio.sleep(await self._poll_delay(0.0))
         while True:
             try:
                 result = await self.status(external_id)
+            except QuotaExhausted as exc:
+                # Said once per wait, then read again when the budget allows.
+                yield QuotaWait(exc.endpoint, exc.retry_after or 0.0, exc.message)
+                await asyncio.sleep(exc.retry_after or 0.0)
+                continue
             except ProviderError as exc:
                 if not exc.retryable:
                     raise
@@ -177,20 +221,27 @@ class FayProvider(Provider):
             if result.provider_status != last_status and result.provider_status != "PENDING":
                 yield Running(result.provider_status)
             last_status = result.provider_status
-            await asyncio.sleep(self._poll_delay(time.monotonic() - started))
+            await asyncio.sleep(await self._poll_delay(time.monotonic() - started))
 
-    def _poll_delay(self, elapsed: float) -> float:
-        # Free-tier keys get 100 status reads an hour: back off for long runs.
-        if elapsed > 900:
-            return max(self.poll_interval, 30.0)
-        if elapsed > 180:
-            return max(self.poll_interval, 10.0)
-        return self.poll_interval
+    async def _poll_delay(self, elapsed: float) -> float:
+        """The docs' 2-5 s, slower for long runs, never faster than the account's runs fit its
+        status quota, and only a safety net when webhooks carry the news."""
+        base = self.poll_interval
+        if self.webhooks:
+            base = max(base, WEBHOOK_SAFETY_POLL)
+        elif elapsed > 900:
+            base = max(base, 30.0)
+        elif elapsed > 180:
+            base = max(base, 10.0)
+        return await self.budget.interval("status", base)
 
     async def _output_with_retries(self, external_id: str) -> Any:
         for attempt in range(MAX_START_ATTEMPTS):
             try:
                 return await self.output(external_id)
+            except QuotaExhausted as exc:
+                # The run is complete; its report waits for the output quota, never lost.
+                await asyncio.sleep(exc.retry_after or 0.0)
             except ProviderError as exc:
                 if not exc.retryable or attempt == MAX_START_ATTEMPTS - 1:
                     raise
@@ -207,8 +258,22 @@ class FayProvider(Provider):
                 raise
         return "Fay answered and accepted the key."
 
+    async def counted(
+        self, endpoint: str, method: str, path: str, json_body: Any = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """One call that Fay counts against a quota: spent first, a 429 shared as over quota."""
+        await self.spend(endpoint)
+        try:
+            return await self.call(method, path, json_body=json_body, **kwargs)
+        except ProviderError as exc:
+            if exc.code == OVER_QUOTA:
+                raise await self.over_quota(endpoint, exc) from None
+            raise
+
     async def status(self, external_id: str) -> StatusResult:
-        data = await self.call("GET", f"/conversation/{external_id}/status")
+        data = await self.counted(
+            "status", "GET", f"/conversation/{self.segment(external_id)}/status"
+        )
         native = str(data.get("status") or "UNKNOWN")
         return StatusResult(
             provider_status=native,
@@ -217,15 +282,21 @@ class FayProvider(Provider):
         )
 
     async def output(self, external_id: str) -> Any:
-        data = await self.call("GET", f"/conversation/{external_id}/output")
+        data = await self.counted(
+            "output", "GET", f"/conversation/{self.segment(external_id)}/output"
+        )
         return data.get("output")
 
     async def stop(
         self, external_id: str, options: dict[str, Any], *, timeout: float | None = None
     ) -> StopResult:
         try:
-            data = await self.call(
-                "POST", f"/conversation/{external_id}/stop", json_body={}, timeout=timeout
+            data = await self.counted(
+                "stop",
+                "POST",
+                f"/conversation/{self.segment(external_id)}/stop",
+                json_body={},
+                timeout=timeout,
             )
         except ProviderError as exc:
             if exc.code not in ALREADY_TERMINAL_CODES:
@@ -238,6 +309,7 @@ class FayProvider(Provider):
                 provider_status=result.provider_status,
                 message=exc.message,
                 answer={"code": exc.code, "http_status": exc.http_status},
+                via="status",
             )
         native = str(data.get("status") or "")
         return StopResult(
@@ -246,3 +318,75 @@ class FayProvider(Provider):
             message=str(data.get("message") or "Fay stopped the research."),
             answer=data,
         )
+
+
+# --- Webhooks (fay-docs `webhooks`) -----------------------------------------------------------
+
+SIGNATURE_HEADER = "X-Fay-Signature"
+
+
+def signature_of(body: bytes, secret: str) -> str:
+    """`sha256=<hex HMAC-SHA256 of the raw body>`, keyed with the webhook secret (UTF-8)."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def signature_ok(body: bytes, header: str, secret: str) -> bool:
+    """Compare in constant time, over the raw bytes exactly as received: re-serialised JSON
+    has other bytes (the docs' own Express example gets this wrong)."""
+    if not secret or not header:
+        return False
+    return hmac.compare_digest(signature_of(body, secret).encode(), header.strip().encode())
+
+
+@dataclass(frozen=True)
+class WebhookNews:
+    """One delivery, read: which event (for applying it once), which run, and what it says
+    (None: nothing to apply, e.g. a Status COMPLETED whose Output carries the report)."""
+
+    event_id: str
+    kind: str
+    external_id: str
+    event: Running | Finished | None
+
+
+def parse_webhook(body: bytes) -> WebhookNews:
+    """Read a signed delivery `{id, type, created, data}`; raises ProviderError in words."""
+    payload = parse_json(body.decode("utf-8", errors="replace"))
+    if not isinstance(payload, dict):
+        raise ProviderError("BAD_WEBHOOK", "The webhook body is not a JSON object.")
+    event_id, kind, data = payload.get("id"), payload.get("type"), payload.get("data")
+    if not isinstance(event_id, str) or not event_id or len(event_id) > 200:
+        raise ProviderError("BAD_WEBHOOK", "The webhook has no event id.")
+    if not isinstance(data, dict) or not isinstance(data.get("request_id"), str):
+        raise ProviderError("BAD_WEBHOOK", "The webhook names no research request.")
+    external_id = data["request_id"][:200]
+    status = str(data.get("status") or "")
+    event: Running | Finished | None = None
+    if kind == "Output":
+        output = data.get("output")
+        event = Finished(
+            COMPLETED,
+            status or "COMPLETED",
+            output=output if isinstance(output, str) else None,
+            structured_output=output if isinstance(output, dict | list) else None,
+            via="webhook",
+        )
+    elif kind == "Error":
+        detail = data.get("error_message")
+        event = Finished(
+            FAILED,
+            status or "FAILED",
+            error=f"Fay reported the research failed: {detail}"
+            if isinstance(detail, str) and detail
+            else "Fay reported the research failed.",
+            via="webhook",
+        )
+    elif kind == "Status" and status in ("PENDING", "PROCESSING"):
+        event = Running(status)
+    elif kind == "Status" and status == "STOPPED":
+        event = Finished(STOPPED, status, via="webhook")
+    # Status COMPLETED/FAILED: the Output or Error event of the same change carries the
+    # report or the reason (Assumption (ours): Fay sends both; the docs list all three).
+    return WebhookNews(
+        event_id=event_id, kind=str(kind or ""), external_id=external_id, event=event
+    )

@@ -1,0 +1,281 @@
+"""Fay's quotas (fay-docs: each endpoint's "Rate Limits" and api-key's monthly requests): one
+budget per account, shared through the database, paces status reads to fit the hourly quota,
+keeps stops ahead of polls, and queues launches and stops it cannot send yet, in words, with
+the time they go out. Fay answers 429 `RATE_LIMIT_EXCEEDED` with no Retry-After past a quota;
+the budget keeps Runbrake from ever getting there."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.utils import timezone
+
+from runs.models import (
+    Channel,
+    ProviderAccount,
+    QuotaSpend,
+    QuotaTier,
+    Run,
+    RunEvent,
+    Status,
+    astop_runs,
+)
+from runs.providers.base import QuotaExhausted
+from runs.watcher import Watcher
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+HOUR = dt.timedelta(hours=1)
+
+
+def fay_account(acme: Any, sim: Any, tier: str, key: str, **limits: int) -> ProviderAccount:
+    return ProviderAccount.objects.create(
+        team=acme,
+        kind="fay",
+        name=f"Fay {uuid.uuid4().hex[:6]}",
+        base_url=f"{sim.url}/sim/fay/api/v1",
+        api_key=key,
+        quota_tier=tier,
+        quota_limits=limits,
+        options={"poll_interval": 0.1},
+    )
+
+
+def launch(account: ProviderAccount, user: Any, prompt: str) -> Run:
+    return Run.objects.launch(
+        account=account, user=user, prompt=prompt, options={}, timeout_seconds=600
+    )
+
+
+def creates_for(sim: Any, key_tail: str) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in sim.requests("fay")
+        if r["path"].endswith("/conversations") and r["api_key"].endswith(key_tail)
+    ]
+
+
+# --- The budget itself, on a simulated clock ----------------------------------------------------
+
+
+def poll_for_hours(account: ProviderAccount, user: Any, hours: int) -> list[dt.datetime]:
+    """Twenty runs polled on a simulated clock, each at the pace the budget sets and waiting
+    whenever it refuses; returns when each read went out."""
+    for n in range(20):
+        run = launch(account, user, f"run {n}")
+        run.record_external_id(f"req-{n}")
+    start = timezone.now()
+    next_read = dict.fromkeys(range(20), start)
+    reads: list[dt.datetime] = []
+    clock = start
+    while clock < start + hours * HOUR:
+        for n, due in next_read.items():
+            if due > clock:
+                continue
+            refusal = account.take_quota("status", now=clock)
+            if refusal is None:
+                reads.append(clock)
+                next_read[n] = clock + dt.timedelta(seconds=account.poll_interval("status", 2.0))
+            else:
+                next_read[n] = clock + dt.timedelta(seconds=refusal.seconds)
+        clock += dt.timedelta(seconds=5)
+    return reads
+
+
+def busiest_hour(reads: list[dt.datetime]) -> int:
+    window: deque[dt.datetime] = deque()
+    busiest = 0
+    for at in reads:
+        window.append(at)
+        while window[0] <= at - HOUR:
+            window.popleft()
+        busiest = max(busiest, len(window))
+    return busiest
+
+
+def test_it_keeps_twenty_open_runs_within_100_status_reads_in_any_hour(acme, sim, bob):
+    account = fay_account(acme, sim, QuotaTier.CUSTOM, "sim-x", status=100)
+    reads = poll_for_hours(account, bob, 3)
+    assert busiest_hour(reads) <= 100
+    assert len(reads) >= 250  # and the quota is used, not starved
+
+
+def test_it_keeps_a_free_key_within_its_hour_and_its_month_with_room_to_stop(acme, sim, bob):
+    """Fay's free tier: 100 status reads an hour, and 100 requests a month in all. Twenty
+    runs may read until 80 are spent; the last 20 are kept so each run can still be stopped."""
+    account = fay_account(acme, sim, QuotaTier.FREE, "sim-free-x")
+    reads = poll_for_hours(account, bob, 2)
+    assert busiest_hour(reads) <= 100
+    assert len(reads) == 80
+    for _ in range(20):
+        assert account.take_quota("stop") is None
+
+
+def test_it_refuses_the_101st_status_read_of_the_hour_with_the_time_the_next_can_go(acme, sim):
+    account = fay_account(acme, sim, QuotaTier.CUSTOM, "sim-x", status=100)
+    now = timezone.now()
+    for second in range(100):
+        at = now - HOUR + dt.timedelta(seconds=60 + second)
+        assert account.take_quota("status", now=at) is None
+    refusal = account.take_quota("status", now=now)
+    assert refusal is not None
+    # The oldest read (59 minutes ago) ages out in about a minute.
+    assert 55 <= refusal.seconds <= 65
+    assert "100 status reads an hour" in refusal.reason
+
+
+def test_it_keeps_monthly_calls_in_reserve_for_stops(acme, sim, bob):
+    account = fay_account(acme, sim, QuotaTier.CUSTOM, "sim-x", month=5)
+    run = launch(account, bob, "one")
+    run.record_external_id("req-1")  # a running run that may need one stop
+    for _ in range(4):
+        assert account.take_quota("status") is None
+    refused = account.take_quota("status")
+    assert refused is not None
+    assert "keeping 1 for stops" in refused.reason
+    assert account.take_quota("stop") is None
+
+
+def test_a_429_from_fay_blocks_every_process_and_doubles_while_it_repeats(acme, sim):
+    account = fay_account(acme, sim, QuotaTier.UNLIMITED, "sim-x")
+    now = timezone.now()
+    first = account.quota_refused("status", None, now=now)
+    assert first.seconds == pytest.approx(60)
+    assert account.take_quota("status", now=now + dt.timedelta(seconds=30)) is not None
+    second = account.quota_refused("status", None, now=now + dt.timedelta(seconds=61))
+    assert second.seconds == pytest.approx(120)
+    assert account.take_quota("status", now=now + dt.timedelta(seconds=200)) is None
+
+
+# --- Against the simulator ----------------------------------------------------------------------
+
+
+async def test_it_queues_the_eleventh_launch_of_the_hour_and_never_provokes_a_429(acme, sim, bob):
+    key = f"sim-free-{uuid.uuid4().hex[:8]}"
+    account = await sync_to_async(fay_account)(acme, sim, QuotaTier.FREE, key)
+    runs = [
+        await sync_to_async(launch)(account, bob, f"{uuid.uuid4()} sim:pending=0 sim:duration=60")
+        for _ in range(11)
+    ]
+    watcher = Watcher(tick=0.05)
+    for run in runs:
+        watcher._start_session(run.pk)
+    queued = runs[-1]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        await queued.arefresh_from_db()
+        if queued.is_queued:
+            break
+        await watcher.drain(sessions=False)
+        await _yield()
+    assert queued.is_queued, queued.status
+    assert "10 launches an hour (Fay free tier)" in queued.quota_note
+    assert "The launch is queued until" in queued.quota_note
+    # Cancelled at no cost: never sent.
+    outcome = await queued.astop(actor=bob, channel=Channel.BUTTON)
+    assert outcome.requested
+    await _until(queued, lambda r: r.status == Status.STOPPED)
+    assert queued.proof == "never_sent"
+    # Ten creates, Fay's free hourly quota: the eleventh never went out to be refused.
+    assert len(creates_for(sim, key[-4:])) == 10
+    for task in list(watcher.sessions.values()):
+        task.cancel()
+    await watcher.drain()
+
+
+async def test_a_bulk_stop_over_the_stop_quota_is_queued_with_a_time_and_sent_when_allowed(
+    acme, sim, bob
+):
+    key = f"sim-{uuid.uuid4().hex[:8]}"
+    account = await sync_to_async(fay_account)(acme, sim, QuotaTier.CUSTOM, key, stop=2)
+    runs = []
+    for _ in range(3):
+        run = await sync_to_async(launch)(
+            account, bob, f"{uuid.uuid4()} sim:pending=0 sim:duration=60"
+        )
+        provider = account.provider()
+        events = provider.run(run.prompt, {})
+        started = await anext(events)
+        await events.aclose()
+        await sync_to_async(run.record_external_id)(started.external_id)
+        await sync_to_async(run.mark_running)("PROCESSING")
+        runs.append(run)
+    # Two stop calls made 59 min 57 s ago: the window frees in about three seconds.
+    long_ago = timezone.now() - HOUR + dt.timedelta(seconds=3)
+    await QuotaSpend.objects.acreate(account=account, endpoint="stop", at=long_ago)
+    await QuotaSpend.objects.acreate(account=account, endpoint="stop", at=long_ago)
+
+    results = await astop_runs(runs, actor=bob, channel=Channel.BUTTON, reason="bulk")
+
+    assert {r.outcome for r in results} == {"queued"}
+    assert all("The stop is queued until" in r.message for r in results)
+    assert all("2 stop calls an hour" in r.message for r in results)
+    for run in runs:
+        await run.arefresh_from_db()
+        assert run.status == Status.STOPPING  # queued, not failed, not unconfirmed
+        assert not run.stop_error
+        kinds = [k async for k in run.events.values_list("kind", flat=True)]
+        assert RunEvent.Kind.STOP_QUEUED in kinds
+        assert RunEvent.Kind.STOP_FAILED not in kinds
+    assert not [
+        r for r in sim.requests("fay") if r["path"].endswith("/stop") and key[-4:] in r["api_key"]
+    ]
+
+    # The watcher sends each stop the moment the budget allows (two now, one an hour on).
+    watcher = Watcher(tick=0.1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        await watcher.tick()
+        await watcher.drain(sessions=False)
+        stopped = [
+            r async for r in Run.objects.filter(pk__in=[r.pk for r in runs], status=Status.STOPPED)
+        ]
+        if len(stopped) >= 2:
+            break
+        await _yield(0.1)
+    assert len(stopped) == 2
+    for task in list(watcher.sessions.values()):
+        task.cancel()
+    await watcher.drain()
+
+
+async def test_fay_refusing_a_status_read_as_over_quota_is_a_wait_in_words_not_a_failure(
+    acme, sim, bob
+):
+    """A key also used elsewhere: Runbrake's own count says there is room, Fay says 429."""
+    key = f"sim-free-{uuid.uuid4().hex[:8]}"
+    account = await sync_to_async(fay_account)(acme, sim, QuotaTier.UNLIMITED, key)
+    provider = account.provider()
+    run = await sync_to_async(launch)(account, bob, f"{uuid.uuid4()} sim:pending=0 sim:duration=60")
+    events = provider.run(run.prompt, {})
+    started = await anext(events)
+    await events.aclose()
+    # Someone else spends the rest of the key's month (one create and 99 reads: 100).
+    for _ in range(99):
+        await provider.status(started.external_id)
+    with pytest.raises(QuotaExhausted) as refused:
+        await provider.status(started.external_id)
+    assert refused.value.retry_after == pytest.approx(60)  # no Retry-After: a minute, then more
+    assert "Fay refused this account's status reads as over its quota" in refused.value.message
+
+
+async def _yield(seconds: float = 0.05) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+async def _until(run: Run, check: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await run.arefresh_from_db()
+        if check(run):
+            return
+        await _yield()
+    raise AssertionError(f"run {run.pk} is {run.status}")
