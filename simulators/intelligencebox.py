@@ -1,6 +1,10 @@
 """A faithful IntelligenceBox Box Server chat API (shared/providers/intelligencebox.md §5),
 served over real HTTP.
 
+The chat stream speaks one of two formats (`sim:format=`): `legacy`, the default, is the SSE
+of AI SDK v4 stream parts that the box's docs show (`text-delta` with `textDelta`); `ui` is the
+AI SDK v5+ UI message stream its current docs point to, framed as the SDK writes it.
+
 The box keys streams by the *client's* chat id in a registry that the stop and
 stream-status endpoints read. Generation runs as an asyncio task per chat that appends
 stream parts to the chat's state; the HTTP response only replays those parts. That split is
@@ -44,6 +48,119 @@ ROLES = ("user", "assistant", "system")
 faults = TransientFaults()
 
 
+class Legacy:
+    """AI SDK v4 `fullStream` parts as SSE, as the box's docs and Postman collection show
+    them (the error's and tools' fields and `usage` are the contract's Assumptions)."""
+
+    name = "legacy"
+    headers: dict[str, str] = {}
+    # The SSE stream simply ends; the docs show no end marker.
+    closing = b""
+
+    def opening(self) -> list[dict[str, Any]]:
+        return []
+
+    def tool_call(self, call_id: str, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "tool-call", "toolCallId": call_id, "toolName": name, "args": args}
+
+    def tool_result(
+        self, call_id: str, name: str, args: dict[str, Any], result: Any
+    ) -> dict[str, Any]:
+        return {
+            "type": "tool-result",
+            "toolCallId": call_id,
+            "toolName": name,
+            "args": args,
+            "result": result,
+        }
+
+    def next_step(self) -> list[dict[str, Any]]:
+        return []
+
+    def text_start(self) -> list[dict[str, Any]]:
+        return []
+
+    def text(self, chunk: str) -> dict[str, Any]:
+        return {"type": "text-delta", "textDelta": chunk}
+
+    def failure(self, message: str) -> list[dict[str, Any]]:
+        # Contract Assumption: the error ends the stream.
+        return [{"type": "error", "error": message}]
+
+    def finish(self, usage: dict[str, int]) -> list[dict[str, Any]]:
+        return [{"type": "finish", "finishReason": "stop", "usage": usage}]
+
+    def abort(self) -> list[dict[str, Any]]:
+        # Contract Assumption: a stopped chat's stream ends with no terminal part.
+        return []
+
+
+class UiMessageStream:
+    """The AI SDK v5+ UI message stream as `streamText(...).toUIMessageStreamResponse()`
+    writes it (vercel/ai ai@6.0.264: packages/ai/src/generate-text/stream-text.ts,
+    ui-message-stream/json-to-sse-transform-stream.ts, ui-message-stream-headers.ts)."""
+
+    name = "ui"
+    # UI_MESSAGE_STREAM_HEADERS, less `connection: keep-alive`, which the HTTP server owns.
+    headers = {"x-vercel-ai-ui-message-stream": "v1"}
+    # JsonToSseTransformStream.flush: written whenever the stream closes normally.
+    closing = b"data: [DONE]\n\n"
+    text_id = "txt-0"
+
+    def opening(self) -> list[dict[str, Any]]:
+        # No messageId or metadata: the SDK adds them only when the server asks for them.
+        return [{"type": "start"}, {"type": "start-step"}]
+
+    def tool_call(self, call_id: str, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "tool-input-available",
+            "toolCallId": call_id,
+            "toolName": name,
+            "input": args,
+        }
+
+    def tool_result(
+        self, call_id: str, name: str, args: dict[str, Any], result: Any
+    ) -> dict[str, Any]:
+        return {"type": "tool-output-available", "toolCallId": call_id, "output": result}
+
+    def next_step(self) -> list[dict[str, Any]]:
+        # The tool results go back to the model, whose next step writes the answer.
+        return [{"type": "finish-step"}, {"type": "start-step"}]
+
+    def text_start(self) -> list[dict[str, Any]]:
+        return [{"type": "text-start", "id": self.text_id}]
+
+    def text(self, chunk: str) -> dict[str, Any]:
+        return {"type": "text-delta", "id": self.text_id, "delta": chunk}
+
+    def failure(self, message: str) -> list[dict[str, Any]]:
+        # An in-band model error is not the end: the step and the message still finish
+        # (stream-text.test.ts snapshots). Assumption (ours): the box passes the real message
+        # on rather than the SDK's default "An error occurred.".
+        return [
+            {"type": "error", "errorText": message},
+            {"type": "finish-step"},
+            {"type": "finish", "finishReason": "error"},
+        ]
+
+    def finish(self, usage: dict[str, int]) -> list[dict[str, Any]]:
+        # No usage: the SDK sends it only if the server adds it as message metadata.
+        return [
+            {"type": "text-end", "id": self.text_id},
+            {"type": "finish-step"},
+            {"type": "finish", "finishReason": "stop"},
+        ]
+
+    def abort(self) -> list[dict[str, Any]]:
+        # What streamText enqueues when its abort signal fires, the stream's last chunk
+        # (no text-end, finish-step or finish); the reason of a bare AbortController.abort().
+        return [{"type": "abort", "reason": "This operation was aborted"}]
+
+
+WIRES: dict[str, Legacy | UiMessageStream] = {"legacy": Legacy(), "ui": UiMessageStream()}
+
+
 def iso_z(epoch: float) -> str:
     """The documented timestamp form, `2024-01-15T10:30:05.123Z`."""
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
@@ -57,6 +174,7 @@ class Chat:
     chunks: list[str]
     prompt_tokens: int
     tools: list[tuple[str, dict[str, Any], Any]] = field(default_factory=list)
+    wire: Legacy | UiMessageStream = field(default_factory=Legacy)
     status: str = "active"
     start_time: float = field(default_factory=time.time)
     last_activity: float = 0.0
@@ -105,9 +223,17 @@ class Chat:
         """What the box's AbortController does: generation stops now, without `finish`."""
         if self.done:
             return
-        self.end("aborted")
+        self.aborted()
         if self.task is not None:
             self.task.cancel()
+
+    def aborted(self) -> None:
+        """Generation was aborted: the wire's last words (if any), then status `aborted`."""
+        if self.done:
+            return
+        for part in self.wire.abort():
+            self.emit(part)
+        self.end("aborted")
 
     def as_status(self) -> dict[str, Any]:
         return {
@@ -138,49 +264,46 @@ def _prune() -> None:
 
 async def _generate(chat: Chat) -> None:
     """Produce the chat's parts at the requested pace, independent of any HTTP reader."""
+    wire = chat.wire
     try:
         delay = chat.directives.number("delay", 0.0)
         if delay:
             await asyncio.sleep(delay)
+        for part in wire.opening():
+            chat.emit(part)
         for n, (name, args, result) in enumerate(chat.tools, start=1):
             call_id = f"call_{n}"
-            chat.emit({"type": "tool-call", "toolCallId": call_id, "toolName": name, "args": args})
+            chat.emit(wire.tool_call(call_id, name, args))
             await asyncio.sleep(min(chat.interval, 0.2))
-            chat.emit(
-                {
-                    "type": "tool-result",
-                    "toolCallId": call_id,
-                    "toolName": name,
-                    "args": args,
-                    "result": result,
-                }
-            )
+            chat.emit(wire.tool_result(call_id, name, args, result))
+        if chat.tools:
+            for part in wire.next_step():
+                chat.emit(part)
+        for part in wire.text_start():
+            chat.emit(part)
         total = len(chat.chunks)
         fail_after = max(1, total // 2) if chat.directives.get("fail") == "error" else None
         for index, chunk in enumerate(chat.chunks, start=1):
-            if not chat.emit({"type": "text-delta", "textDelta": chunk}):
+            if not chat.emit(wire.text(chunk)):
                 return
             if index == fail_after:
-                chat.emit({"type": "error", "error": "Model unavailable"})
+                for part in wire.failure("Model unavailable"):
+                    chat.emit(part)
                 chat.end("error")
                 return
             await asyncio.sleep(chat.interval)
         completion = max(1, len("".join(chat.chunks)) // 4)
-        chat.emit(
-            {
-                "type": "finish",
-                "finishReason": "stop",
-                "usage": {
-                    "promptTokens": chat.prompt_tokens,
-                    "completionTokens": completion,
-                    "totalTokens": chat.prompt_tokens + completion,
-                },
-            }
-        )
+        usage = {
+            "promptTokens": chat.prompt_tokens,
+            "completionTokens": completion,
+            "totalTokens": chat.prompt_tokens + completion,
+        }
+        for part in wire.finish(usage):
+            chat.emit(part)
         chat.end("completed")
     except asyncio.CancelledError:
         # Cancelled by a stop (already marked aborted) or by server shutdown.
-        chat.end("aborted")
+        chat.aborted()
         raise
 
 
@@ -190,7 +313,8 @@ def _frame(part: dict[str, Any]) -> bytes:
 
 async def _replay(chat: Chat) -> AsyncIterator[bytes]:
     """The HTTP side: replay the chat's parts as SSE until the chat ends (or the connection
-    is dropped on purpose). An aborted chat simply ends here, with no `finish`."""
+    is dropped on purpose). An aborted chat ends here with no `finish` (after `abort` and
+    `[DONE]` in the UI message stream)."""
     drop_after = max(1, len(chat.chunks) // 2) if "drop_stream" in chat.directives.values else 0
     sent = deltas = 0
     over = False
@@ -209,6 +333,8 @@ async def _replay(chat: Chat) -> AsyncIterator[bytes]:
                         return
             if chat.done:
                 over = True
+                if chat.wire.closing:
+                    yield chat.wire.closing
                 return
             await chat._changed.wait()
     finally:
@@ -385,6 +511,7 @@ async def chat(request: HttpRequest) -> HttpResponseBase:
         directives=directives,
         chunks=answer_chunks(prompt, count),
         prompt_tokens=max(1, sum(len(m["content"]) for m in messages) // 4),
+        wire=WIRES.get(directives.get("format"), WIRES["legacy"]),
     )
     run.tools = _tools(prompt, directives, body)
     _prune()
@@ -398,6 +525,8 @@ async def chat(request: HttpRequest) -> HttpResponseBase:
     response = StreamingHttpResponse(_replay(run), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
+    for name, value in run.wire.headers.items():
+        response[name] = value
     return response
 
 

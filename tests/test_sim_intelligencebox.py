@@ -419,3 +419,177 @@ async def test_it_aborts_generation_when_the_client_disconnects(box: str) -> Non
         # Leaving the block closed the connection mid-stream.
         final = await wait_status(client, box, cid, "aborted", timeout=5)
     assert final["isActive"] is False
+
+
+# --- sim:format=ui: the AI SDK UI message stream ---------------------------------------------
+
+
+async def raw_stream(
+    client: httpx.AsyncClient, box: str, payload: dict[str, Any]
+) -> tuple[httpx.Headers, list[str]]:
+    """The response headers and the raw SSE frames (blank-line separated) of one chat."""
+    async with client.stream("POST", f"{box}/api/ai/chat", json=payload, headers=HEADERS) as r:
+        assert r.status_code == 200
+        raw = "".join([chunk async for chunk in r.aiter_text()])
+    # Every frame, [DONE] included, is one `data:` line and a blank line.
+    assert raw.endswith("\n\n")
+    return r.headers, raw.removesuffix("\n\n").split("\n\n")
+
+
+def chunks_of(frames: list[str]) -> list[dict[str, Any]]:
+    """The JSON chunks of UI stream frames, checking they are written as the SDK writes them
+    (`data: ` + compact JSON, one line)."""
+    parts = []
+    for frame in frames:
+        assert frame.startswith("data: ")
+        assert "\n" not in frame
+        part = json.loads(frame[6:])
+        assert frame[6:] == json.dumps(part, separators=(",", ":"))
+        parts.append(part)
+    return parts
+
+
+def ui_text(parts: list[dict[str, Any]]) -> str:
+    return "".join(p["delta"] for p in parts if p["type"] == "text-delta")
+
+
+async def test_it_speaks_the_ui_message_stream_with_format_ui(box: str) -> None:
+    cid = chat_id()
+    async with httpx.AsyncClient(timeout=10) as client:
+        headers, frames = await raw_stream(
+            client,
+            box,
+            body("Harbour cranes sim:format=ui sim:duration=0.4 sim:chunks=4", cid, box),
+        )
+        final = await status_of(client, box, cid)
+    assert headers["content-type"].startswith("text/event-stream")
+    assert headers["x-vercel-ai-ui-message-stream"] == "v1"
+    assert headers["cache-control"] == "no-cache"
+    assert headers["x-accel-buffering"] == "no"
+    assert frames[-1] == "data: [DONE]"
+    parts = chunks_of(frames[:-1])
+    assert [p["type"] for p in parts] == [
+        "start",
+        "start-step",
+        "text-start",
+        *["text-delta"] * 4,
+        "text-end",
+        "finish-step",
+        "finish",
+    ]
+    block = parts[2]["id"]
+    assert all(p["id"] == block for p in parts[2:8])
+    assert all(set(p) == {"type", "id", "delta"} for p in parts[3:7])
+    assert parts[-1] == {"type": "finish", "finishReason": "stop"}
+    assert ui_text(parts).startswith("## Harbour cranes")
+    assert final["status"] == "completed"
+    assert final["messageCount"] == len(parts)
+
+
+async def test_it_keeps_the_legacy_format_by_default_and_with_format_legacy(box: str) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        for prompt in ("Plain sim:duration=0.2 sim:chunks=2", "Old sim:format=legacy sim:chunks=2"):
+            headers, frames = await raw_stream(
+                client, box, body(f"{prompt} sim:duration=0.2", chat_id(), box)
+            )
+            assert "x-vercel-ai-ui-message-stream" not in headers
+            assert "data: [DONE]" not in frames
+            assert [p["type"] for p in chunks_of(frames)] == ["text-delta"] * 2 + ["finish"]
+
+
+async def test_it_ends_a_stopped_ui_stream_with_abort_then_done(box: str) -> None:
+    cid = chat_id()
+    seen: list[str] = []
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with aconnect_sse(
+            client,
+            "POST",
+            f"{box}/api/ai/chat",
+            json=body("Long essay sim:format=ui sim:duration=30", cid, box),
+            headers=HEADERS,
+        ) as source:
+            events = source.aiter_sse()
+            while seen.count("text-delta") < 2:
+                seen.append(json.loads((await anext(events)).data)["type"])
+            r = await client.post(f"{box}/api/ai/chat/{cid}/stop", headers=HEADERS)
+            assert r.json() == {"success": True, "message": "Stream stopped successfully"}
+            async with asyncio.timeout(10):
+                rest = [e.data async for e in events]
+        final = await status_of(client, box, cid)
+    assert rest[-1] == "[DONE]"
+    tail = [json.loads(data) for data in rest[:-1]]
+    assert tail[-1] == {"type": "abort", "reason": "This operation was aborted"}
+    # The abort is the last chunk: no text-end, finish-step or finish anywhere.
+    assert {p["type"] for p in tail[:-1]} <= {"text-delta"}
+    assert final["status"] == "aborted"
+    assert final["messageCount"] == len(seen) + len(tail)
+
+
+async def test_it_sends_error_then_a_finish_with_reason_error_in_the_ui_stream(box: str) -> None:
+    cid = chat_id()
+    async with httpx.AsyncClient(timeout=10) as client:
+        _, frames = await raw_stream(
+            client,
+            box,
+            body("Doomed sim:format=ui sim:fail=error sim:duration=0.5 sim:chunks=6", cid, box),
+        )
+        final = await status_of(client, box, cid)
+    assert frames[-1] == "data: [DONE]"
+    parts = chunks_of(frames[:-1])
+    assert [p["type"] for p in parts] == [
+        "start",
+        "start-step",
+        "text-start",
+        *["text-delta"] * 3,
+        "error",
+        "finish-step",
+        "finish",
+    ]
+    assert parts[-3] == {"type": "error", "errorText": "Model unavailable"}
+    assert parts[-1] == {"type": "finish", "finishReason": "error"}
+    assert final["status"] == "error"
+
+
+async def test_it_sends_tool_pairs_in_their_own_step_in_the_ui_stream(box: str) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        _, frames = await raw_stream(
+            client,
+            box,
+            body("Ports sim:format=ui sim:tools sim:duration=0.2 sim:chunks=2", chat_id(), box),
+        )
+    parts = chunks_of(frames[:-1])
+    assert [p["type"] for p in parts] == [
+        "start",
+        "start-step",
+        "tool-input-available",
+        "tool-output-available",
+        "finish-step",
+        "start-step",
+        "text-start",
+        "text-delta",
+        "text-delta",
+        "text-end",
+        "finish-step",
+        "finish",
+    ]
+    call, result = parts[2], parts[3]
+    assert call["toolCallId"] == result["toolCallId"]
+    assert call["toolName"] == "webSearch"
+    assert call["input"] == {"query": "Ports"}
+    assert "results" in result["output"]
+
+
+async def test_it_drops_a_ui_stream_without_done(box: str) -> None:
+    cid = chat_id()
+    async with httpx.AsyncClient(timeout=10) as client:
+        _, frames = await raw_stream(
+            client,
+            box,
+            body("Dropped sim:format=ui sim:drop_stream sim:duration=1 sim:chunks=10", cid, box),
+        )
+        assert (await status_of(client, box, cid))["status"] == "active"
+        await wait_status(client, box, cid, "completed")
+    assert "data: [DONE]" not in frames
+    parts = chunks_of(frames)
+    assert [p["type"] for p in parts][-5:] == ["text-delta"] * 5
+    assert "finish" not in {p["type"] for p in parts}

@@ -1,11 +1,21 @@
 """IntelligenceBox Box Server: streamed chat, stop and stream-status
-(shared/providers/intelligencebox.md)."""
+(shared/providers/intelligencebox.md, docs/providers/intelligencebox.md).
+
+A box speaks one of two stream formats, and nothing in a request chooses which: the older
+SSE of AI SDK v4 stream parts (`text-delta` with `textDelta`, `error` with `error`) that the
+box's docs and Postman collection show, or the AI SDK v5+ UI message stream its current docs
+point to (`text-delta` with `id`/`delta`, `error` with `errorText`, `abort`, `data: [DONE]`).
+Each chunk is read by its own fields, so one client follows either box.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -25,6 +35,7 @@ from .base import (
     StopResult,
     StreamEnded,
     TerminalStatus,
+    Usage,
     Waiting,
     parse_json,
     retry_after_seconds,
@@ -38,6 +49,142 @@ STREAM_STATUS: dict[str, TerminalStatus | None] = {
     "error": FAILED,
 }
 STATUS_POLL = 1.0
+# The UI message stream's last line (the AI SDK writes it when its stream closes normally).
+DONE = "[DONE]"
+# Since ai@5.0.244 / 6.0.x the SDK sends this instead of the real message unless the server
+# sets its own onError: it says nothing about what went wrong.
+GENERIC_ERROR = "An error occurred."
+MAX_ERROR_CHARS = 500
+# finishReason goes into provider_status (40 chars): only a short word is taken from the box.
+FINISH_REASON = re.compile(r"[a-z][a-z-]{0,19}")
+# Steps the box takes without writing text: counted as progress, so a long tool call does not
+# look like a stall. Deltas of a tool's input or of reasoning are not (one write each).
+PROGRESS_PARTS = frozenset(
+    {
+        # the older format
+        "tool-call",
+        "tool-result",
+        # the UI message stream
+        "tool-input-available",
+        "tool-input-error",
+        "tool-output-available",
+        "tool-output-error",
+        "tool-output-denied",
+        "tool-approval-request",
+        "reasoning-start",
+        "reasoning-end",
+    }
+)
+MAX_TOKENS = 10**12
+
+
+@dataclass
+class Reading:
+    """What one chat stream has said so far."""
+
+    running: bool = False
+    steps: int = 0
+    # The id of the UI stream text block that last wrote text.
+    text_id: str | None = None
+
+
+def read_part(part: dict[str, Any], seen: Reading) -> Iterator[Event]:
+    """The events one stream chunk means, in either format (decided by its own fields)."""
+    if not seen.running:
+        seen.running = True
+        yield Running("active")
+    kind = part.get("type")
+    if kind == "text-delta":
+        text = first_string(part, "delta", "textDelta")
+        if not text:
+            return
+        # UI stream text comes in blocks with ids (a new one after a tool step): a blank
+        # line between two blocks keeps "I'll look that up." off the answer that follows.
+        block = part.get("id")
+        if isinstance(block, str):
+            if seen.text_id not in (None, block):
+                yield OutputDelta("\n\n")
+            seen.text_id = block
+        yield OutputDelta(text)
+    elif kind == "finish":
+        reason = part.get("finishReason")
+        reason = reason if isinstance(reason, str) and FINISH_REASON.fullmatch(reason) else None
+        usage = usage_of(part)
+        if reason == "error":
+            # A finish that itself says "error", with no error chunk before it.
+            yield Finished(
+                FAILED,
+                "finish:error",
+                error="The IntelligenceBox ended the answer with an error and gave no detail.",
+                usage=usage,
+            )
+        else:
+            # ai@5.0.0 to 5.0.91 send `finish` with no finishReason: still a normal end.
+            yield Finished(COMPLETED, f"finish:{reason}" if reason else "finish", usage=usage)
+    elif kind == "error":
+        yield Finished(FAILED, "error", error=error_in_words(part))
+    elif kind == "abort":
+        # The box's own word that it aborted the chat (its stop, or its own abort signal).
+        yield Finished(STOPPED, "abort", via="stream")
+    elif kind in PROGRESS_PARTS:
+        seen.steps += 1
+        yield Running("active", progress=f"step {seen.steps}")
+
+
+def first_string(part: dict[str, Any], *names: str) -> str | None:
+    for name in names:
+        value = part.get(name)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def error_in_words(part: dict[str, Any]) -> str:
+    """The box's error in its own words: `errorText` (UI stream) or `error` (older format,
+    a string or an object with a message)."""
+    nested = part.get("error")
+    text = first_string(part, "errorText", "error") or (
+        first_string(nested, "message") if isinstance(nested, dict) else None
+    )
+    text = (text or "").strip()
+    if not text or text == GENERIC_ERROR:
+        return (
+            "The IntelligenceBox reported an error but gave no detail (its AI SDK hides "
+            "server errors from clients unless the box is set to pass them on)."
+        )
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + "…"
+    return f"The IntelligenceBox reported an error: {text}"
+
+
+def usage_of(part: dict[str, Any]) -> Usage | None:
+    """Token counts from a `finish`: `usage` (older format: promptTokens, completionTokens,
+    totalTokens) or the UI stream's `messageMetadata` when the box puts usage there (the AI
+    SDK docs' examples: `totalUsage` with inputTokens/outputTokens/totalTokens, or a bare
+    `totalTokens`). Only non-negative integers are taken."""
+    metadata = part.get("messageMetadata")
+    places = [part.get("usage")]
+    if isinstance(metadata, dict):
+        places += [metadata.get("totalUsage"), metadata.get("usage"), metadata]
+    for place in places:
+        if not isinstance(place, dict):
+            continue
+        usage = Usage(
+            prompt_tokens=count(place, "promptTokens", "inputTokens"),
+            completion_tokens=count(place, "completionTokens", "outputTokens"),
+            total_tokens=count(place, "totalTokens"),
+        )
+        if usage != Usage():
+            return usage
+    return None
+
+
+def count(place: dict[str, Any], *names: str) -> int | None:
+    for name in names:
+        value = place.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_TOKENS:
+            return value
+    return None
 
 
 class IntelligenceBoxProvider(Provider):
@@ -89,33 +236,32 @@ class IntelligenceBoxProvider(Provider):
         }
         # The id is ours, so it is known before the box answers: a stop can go out at once.
         yield Started(chat_id)
-        running = False
-        async for sse in start_stream(self, "/api/ai/chat", body):
-            if isinstance(sse, Waiting):
-                yield sse
-                continue
-            # The documented examples separate events by a single newline, which standard SSE
-            # parsing folds into one multi-line data field: take it line by line.
-            for line in (sse.data or "").splitlines():
-                part = parse_json(line.removeprefix("data:").strip())
-                if not isinstance(part, dict):
+        seen = Reading()
+        # Returning mid-stream (finish, error, abort) must close the stream generators here,
+        # not leave them to the garbage collector.
+        async with contextlib.aclosing(start_stream(self, "/api/ai/chat", body)) as stream:
+            async for sse in stream:
+                if isinstance(sse, Waiting):
+                    yield sse
                     continue
-                if not running:
-                    running = True
-                    yield Running("active")
-                kind = part.get("type")
-                if kind == "text-delta":
-                    yield OutputDelta(str(part.get("textDelta") or ""))
-                elif kind == "finish":
-                    yield Finished(COMPLETED, f"finish:{part.get('finishReason') or 'stop'}")
-                    return
-                elif kind == "error":
-                    yield Finished(
-                        FAILED,
-                        "error",
-                        error=f"The IntelligenceBox reported an error: {part.get('error')}",
-                    )
-                    return
+                # The documented examples of the older format separate events by a single
+                # newline, which SSE parsing folds into one multi-line data field (once a
+                # blank line comes): take it line by line.
+                for line in (sse.data or "").splitlines():
+                    data = line.removeprefix("data:").strip()
+                    if data == DONE:
+                        # No finish or abort came before it: the box ended without saying how.
+                        yield StreamEnded()
+                        return
+                    part = parse_json(data)
+                    if not isinstance(part, dict):
+                        continue
+                    for event in read_part(part, seen):
+                        yield event
+                        if isinstance(event, Finished):
+                            # An error ends the run even though a UI stream still sends
+                            # finish {finishReason: "error"} after it: useChat stops there too.
+                            return
         yield StreamEnded()
 
     async def follow(self, external_id: str, refs: dict[str, Any]) -> AsyncGenerator[Event]:
@@ -129,7 +275,9 @@ class IntelligenceBoxProvider(Provider):
                     "expired); the text received so far is kept.",
                 )
             if result.terminal is not None:
-                yield Finished(result.terminal, result.provider_status, error=result.error)
+                yield Finished(
+                    result.terminal, result.provider_status, error=result.error, via="status"
+                )
                 return
             yield Running(result.provider_status, progress=result.progress)
             await asyncio.sleep(STATUS_POLL)
