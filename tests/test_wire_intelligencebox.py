@@ -94,11 +94,6 @@ async def test_it_reads_the_documented_legacy_stream_with_single_newlines(replay
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="base.Provider.sse hands over an event only at a blank line (httpx-sse), so a box "
-    "that never sends one is read as an empty stream; the fix belongs in base.py",
-)
 async def test_it_reads_a_legacy_stream_that_never_sends_a_blank_line(replay: Replay) -> None:
     # The docs' example byte for byte: one newline after each event, then the end.
     raw = fixture("intelligencebox/legacy_completion.sse")
@@ -343,12 +338,6 @@ async def test_it_closes_the_stream_it_returns_from_on_a_finish(replay: Replay) 
     assert "start_stream" not in abandoned
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="base.start_stream does not close the Provider.sse generator it iterates when it is "
-    "closed itself, so the HTTP response waits for the garbage collector; the fix belongs in "
-    "base.py",
-)
 async def test_it_leaves_none_of_our_stream_generators_to_the_garbage_collector(
     replay: Replay,
 ) -> None:

@@ -191,6 +191,8 @@ class IntelligenceBoxProvider(Provider):
     kind = "intelligencebox"
     label = "IntelligenceBox"
     disconnect_aborts = True
+    # The box's docs show events separated by a single newline and parse line by line.
+    line_events = True
 
     def auth_headers(self) -> dict[str, str]:
         return {"x-api-key": self.config.api_key}
