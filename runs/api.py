@@ -120,6 +120,7 @@ def run_json(run: Run) -> dict[str, Any]:
             "attempts": run.stop_attempts,
             "confirmed_at": iso(run.stop_confirmed_at),
             "confirmation": run.stop_confirmation or None,
+            "proof": run.proof or None,
             "latency_ms": run.stop_latency_ms,
             "finished_before_stop": run.finished_before_stop,
         }
@@ -135,8 +136,21 @@ def run_json(run: Run) -> dict[str, Any]:
         "timeout_seconds": run.timeout_seconds,
         "no_progress_seconds": run.no_progress_seconds,
         "output": run.output,
+        # The stream was lost and the provider gave no text after that point.
+        "output_incomplete": run.output_incomplete,
         "structured_output": run.structured_output,
         "error": run.error or None,
+        # What proved the final state (a Proof value), once there is one.
+        "proof": run.proof or None,
+        "usage": run.usage,
+        "queued": run.is_queued,
+        "quota_wait": {
+            "endpoint": run.quota_endpoint,
+            "until": iso(run.quota_until),
+            "reason": run.quota_reason,
+        }
+        if run.quota_endpoint
+        else None,
         "created_by": run.created_by.get_username() if run.created_by else None,
         "created_at": iso(run.created_at),
         "started_at": iso(run.started_at),
@@ -162,6 +176,9 @@ async def provider_accounts(request: HtmxHttpRequest) -> JsonResponse:
                     "name": a.name,
                     "base_url": a.base_url,
                     "api_key": a.masked_key,
+                    "quota_tier": a.quota_tier,
+                    "quota": a.limits,
+                    "webhooks": a.receives_webhooks,
                 }
                 async for a in accounts
             ]

@@ -219,6 +219,20 @@ class ProviderAccount(models.Model):
         )
         return get_provider(self.kind, config, client=shared_client(), budget=AccountBudget(self))
 
+    @property
+    def quota_summary(self) -> str:
+        """ "10 launches, 100 status reads, 50 output reads and 20 stop calls an hour; 100
+        calls a month" — or that no quota is known."""
+        limits = self.limits
+        hourly = [f"{limits[e]:,} {words}" for e, words in QUOTA_ENDPOINTS.items() if limits.get(e)]
+        parts = []
+        if hourly:
+            joined = ", ".join(hourly[:-1]) + (" and " if len(hourly) > 1 else "") + hourly[-1]
+            parts.append(f"{joined} an hour")
+        if limits.get("month"):
+            parts.append(f"{limits['month']:,} calls a month")
+        return "; ".join(parts) or "no known quota: calls are not paced"
+
     # --- The account's quota budget (shared by every run and every process) ------------------
 
     def quota_words(self, endpoint: str) -> str:
@@ -900,6 +914,24 @@ class Run(models.Model):
     @property
     def can_be_stopped(self) -> bool:
         return self.status in (Status.PENDING, Status.RUNNING)
+
+    @property
+    def usage_summary(self) -> str:
+        """What the provider says the run consumed, e.g. "1,161 tokens (18 in, 1,143 out) ·
+        0.0081 USD"; "" when it said nothing."""
+        usage = self.usage if isinstance(self.usage, dict) else {}
+        parts = []
+        total = usage.get("total_tokens")
+        if isinstance(total, int):
+            split = ""
+            if isinstance(usage.get("prompt_tokens"), int) and isinstance(
+                usage.get("completion_tokens"), int
+            ):
+                split = f" ({usage['prompt_tokens']:,} in, {usage['completion_tokens']:,} out)"
+            parts.append(f"{total:,} tokens{split}")
+        if isinstance(usage.get("price"), str):
+            parts.append(f"{usage['price']} {usage.get('currency') or ''}".strip())
+        return " · ".join(parts)
 
     @property
     def is_queued(self) -> bool:

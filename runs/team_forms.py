@@ -9,7 +9,14 @@ from urllib.parse import urlsplit
 from django import forms
 from django.contrib.auth import get_user_model
 
-from .models import Membership, ProviderAccount, ProviderKind, Role, Team
+from .models import (
+    Membership,
+    ProviderAccount,
+    ProviderKind,
+    QuotaTier,
+    Role,
+    Team,
+)
 
 ROLE_HELP = (
     "Viewers watch runs. Members launch runs and stop their own (and teammates', if the team "
@@ -89,11 +96,40 @@ class ProviderAccountForm(forms.ModelForm):
         required=False,
         widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false", "placeholder": "{}"}),
     )
+    # Custom quota numbers, one per kind of call the provider counts (used with "Custom").
+    quota_create = forms.IntegerField(label="Launches an hour", required=False, min_value=1)
+    quota_status = forms.IntegerField(label="Status reads an hour", required=False, min_value=1)
+    quota_output = forms.IntegerField(label="Output reads an hour", required=False, min_value=1)
+    quota_stop = forms.IntegerField(label="Stop calls an hour", required=False, min_value=1)
+    quota_month = forms.IntegerField(label="Calls a month", required=False, min_value=1)
+    # Like the key: written once, never shown back; empty on an edit keeps it.
+    webhook_secret = forms.CharField(
+        label="Webhook secret",
+        required=False,
+        max_length=500,
+        widget=forms.PasswordInput(
+            render_value=False, attrs={"autocomplete": "new-password", "spellcheck": "false"}
+        ),
+        help_text="Fay shows it once when you register this account's webhook URL in its "
+        "dashboard (Settings → Webhooks). With it, runs learn their end from Fay at once and "
+        "status reads drop to a slow safety net.",
+    )
+    forget_webhook_secret = forms.BooleanField(
+        label="Stop receiving webhooks (forget the secret)", required=False
+    )
+
+    QUOTA_FIELDS = ("quota_create", "quota_status", "quota_output", "quota_stop", "quota_month")
 
     class Meta:
         model = ProviderAccount
-        fields = ["kind", "name", "base_url"]
-        labels = {"base_url": "Base URL"}
+        fields = ["kind", "name", "base_url", "quota_tier"]
+        labels = {"base_url": "Base URL", "quota_tier": "Quota"}
+        help_texts = {
+            "quota_tier": "The plan of this key at the provider. Runbrake paces its calls to "
+            "fit it, queues launches and stops past it, and says so. Fay: free 10 launches, "
+            "100 status reads and 20 stops an hour and 100 calls a month; pro ten times that "
+            "(10,000 a month)."
+        }
         widgets = {
             "base_url": forms.URLInput(
                 attrs={"placeholder": "https://api.example.com/v1", "spellcheck": "false"}
@@ -107,8 +143,15 @@ class ProviderAccountForm(forms.ModelForm):
         kind_field = self.fields["kind"]
         assert isinstance(kind_field, forms.ChoiceField)
         kind_field.choices = [("", "Choose…"), *ProviderKind.choices]
-        # Validation writes the typed values onto the instance; the title keeps the old name.
+        # Validation writes the typed values onto the instance; the title keeps the old name
+        # and the check below the URL the stored key belongs to.
         self.original_name = self.instance.name
+        self.original_base_url = self.instance.base_url
+        # Forms posted without the quota keep the account's (new accounts: no known quota).
+        self.fields["quota_tier"].required = False
+        if not self.is_bound and self.instance.quota_tier == QuotaTier.CUSTOM:
+            for name in self.QUOTA_FIELDS:
+                self.initial[name] = (self.instance.quota_limits or {}).get(name[6:])
         key = self.fields["api_key"]
         if self.editing:
             key.help_text = (
@@ -171,17 +214,61 @@ class ProviderAccountForm(forms.ModelForm):
             raise forms.ValidationError("The provider's API key is required.")
         return key
 
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        assert cleaned is not None
+        base_url = cleaned.get("base_url")
+        if (
+            self.editing
+            and base_url
+            and base_url != self.original_base_url
+            and not cleaned.get("api_key")
+        ):
+            # The stored key belongs to the old host: never send it anywhere else.
+            self.add_error(
+                "api_key",
+                "The base URL changed, so type the key again: Runbrake never sends a stored "
+                "key to a new address.",
+            )
+        if not cleaned.get("quota_tier"):
+            cleaned["quota_tier"] = self.instance.quota_tier or QuotaTier.UNLIMITED
+            self.instance.quota_tier = cleaned["quota_tier"]
+        limits = {
+            name[6:]: cleaned[name] for name in self.QUOTA_FIELDS if cleaned.get(name) is not None
+        }
+        if cleaned.get("quota_tier") == QuotaTier.CUSTOM and not limits:
+            self.add_error("quota_tier", "Enter at least one number for a custom quota.")
+        kind = cleaned.get("kind")
+        tier = cleaned.get("quota_tier")
+        if tier in (QuotaTier.FREE, QuotaTier.PRO) and kind and kind != ProviderKind.FAY:
+            self.add_error(
+                "quota_tier",
+                "Only Fay documents free and pro quotas; use Custom numbers for this provider.",
+            )
+        cleaned["quota_limits"] = limits if cleaned.get("quota_tier") == QuotaTier.CUSTOM else {}
+        if cleaned.get("webhook_secret") and kind and kind != ProviderKind.FAY:
+            self.add_error("webhook_secret", "Only Fay sends webhooks.")
+        return cleaned
+
     def save(self, commit: bool = True) -> ProviderAccount:
         account = super().save(commit=False)
         account.team = self.team
         account.options = self.cleaned_data["options"]
+        account.quota_limits = self.cleaned_data["quota_limits"]
         new_key = self.cleaned_data["api_key"]
         if new_key:
             account.api_key = new_key
+        fields = ["kind", "name", "base_url", "options", "quota_tier", "quota_limits"]
+        if self.cleaned_data.get("forget_webhook_secret"):
+            account.webhook_secret = ""
+            fields.append("webhook_secret")
+        elif self.cleaned_data.get("webhook_secret"):
+            account.webhook_secret = self.cleaned_data["webhook_secret"]
+            fields.append("webhook_secret")
         if commit:
             if self.editing and not new_key:
-                # Leave the stored ciphertext alone: the key was not touched.
-                account.save(update_fields=["kind", "name", "base_url", "options"])
+                # Leave the stored key's ciphertext alone: the key was not touched.
+                account.save(update_fields=fields)
             else:
                 account.save()
         return account

@@ -26,7 +26,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
-from .models import Membership, ProviderAccount, Role, Team
+from .models import Membership, ProviderAccount, ProviderKind, Role, Team
 from .providers import ProviderError
 from .team_forms import AddMemberForm, ProviderAccountForm, RoleForm, TeamSettingsForm
 from .views import HtmxHttpRequest, _refused, membership_for, toast
@@ -243,14 +243,25 @@ def _account(team: Team, raw: str | None) -> ProviderAccount:
     return get_object_or_404(ProviderAccount.objects.filter(team=team), pk=pk)
 
 
-def _accounts_context(membership: Membership, form: ProviderAccountForm) -> dict[str, Any]:
+def _accounts_context(
+    request: HtmxHttpRequest, membership: Membership, form: ProviderAccountForm
+) -> dict[str, Any]:
     team = membership.team
     return {
         "team": team,
         "membership": membership,
         "section": "accounts",
         "rows": [
-            (account, json.dumps(account.options, ensure_ascii=False))
+            (
+                account,
+                json.dumps(account.options, ensure_ascii=False),
+                # What to paste into Fay's dashboard: this account's own address.
+                request.build_absolute_uri(
+                    reverse("runs:fay-webhook", args=[account.webhook_token])
+                )
+                if account.kind == ProviderKind.FAY
+                else "",
+            )
             for account in ProviderAccount.objects.filter(team=team).order_by("name")
         ],
         "form": form,
@@ -267,7 +278,9 @@ def accounts(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
 
     if request.method == "GET":
         editing = _account(team, request.GET["edit"]) if "edit" in request.GET else None
-        context = _accounts_context(membership, ProviderAccountForm(instance=editing, team=team))
+        context = _accounts_context(
+            request, membership, ProviderAccountForm(instance=editing, team=team)
+        )
         if request.htmx:
             return render(request, "runs/accounts.html#account-form", context)
         return render(request, "runs/accounts.html", context)
@@ -278,7 +291,7 @@ def accounts(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
     instance = _account(team, request.POST.get("account")) if action == "edit" else None
     form = ProviderAccountForm(request.POST, instance=instance, team=team)
     if not form.is_valid():
-        context = _accounts_context(membership, form)
+        context = _accounts_context(request, membership, form)
         if not request.htmx:
             return render(request, "runs/accounts.html", context, status=400)
         response = render(request, "runs/accounts.html#account-form", context)
@@ -292,7 +305,7 @@ def accounts(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
     if not request.htmx:
         messages.success(request, message)
         return redirect("runs:accounts", team_id=team_id)
-    context = _accounts_context(membership, ProviderAccountForm(team=team))
+    context = _accounts_context(request, membership, ProviderAccountForm(team=team))
     context["highlight"] = account.pk
     response = render(request, "runs/accounts.html#accounts-panel", context)
     # The form asked for itself to be swapped; a saved account refreshes the list too, and

@@ -614,3 +614,96 @@ def test_test_connection_by_a_member_is_refused(client, cast, fay_account, sim, 
 def test_test_connection_is_post_only(client, cast, fay_account):
     client.force_login(cast["alice"])
     assert client.get(check_url(fay_account)).status_code == 405
+
+
+# --- Quotas and webhooks of an account --------------------------------------------------------
+
+
+def account_post(account, **changes):
+    return {
+        "action": "edit",
+        "account": account.pk,
+        "kind": account.kind,
+        "name": account.name,
+        "base_url": account.base_url,
+        "api_key": "",
+        "options": "",
+        **changes,
+    }
+
+
+def test_changing_the_base_url_requires_the_key_again(client, cast, acme, fay_account):
+    """The stored key belongs to the host it was entered for: it is never sent elsewhere."""
+    client.force_login(cast["alice"])
+    response = client.post(
+        accounts_url(acme), account_post(fay_account, base_url="https://evil.example/api"), **HTMX
+    )
+    assert "type the key again" in response.content.decode()
+    account = ProviderAccount.objects.get(pk=fay_account.pk)
+    assert account.base_url == fay_account.base_url
+    response = client.post(
+        accounts_url(acme),
+        account_post(fay_account, base_url="https://fay.example/api/v1", api_key="sim-new-key"),
+        **HTMX,
+    )
+    assert toast_of(response)["level"] == "success"
+    account.refresh_from_db()
+    assert (account.base_url, account.api_key) == ("https://fay.example/api/v1", "sim-new-key")
+
+
+def test_an_admin_picks_a_documented_tier_or_custom_numbers(client, cast, acme, fay_account):
+    client.force_login(cast["alice"])
+    client.post(accounts_url(acme), account_post(fay_account, quota_tier="free"), **HTMX)
+    fay_account.refresh_from_db()
+    assert fay_account.limits == {
+        "create": 10,
+        "status": 100,
+        "output": 50,
+        "stop": 20,
+        "month": 100,
+    }
+    page = client.get(accounts_url(acme)).content.decode()
+    assert "10 launches, 100 status reads, 50 output reads and 20 stop calls an hour" in page
+    assert "100 calls a month" in page
+    client.post(
+        accounts_url(acme),
+        account_post(fay_account, quota_tier="custom", quota_status="500", quota_stop="40"),
+        **HTMX,
+    )
+    fay_account.refresh_from_db()
+    assert fay_account.limits == {"status": 500, "stop": 40}
+    empty = client.post(accounts_url(acme), account_post(fay_account, quota_tier="custom"), **HTMX)
+    assert "at least one number" in empty.content.decode()
+
+
+def test_only_fay_has_documented_tiers_and_webhooks(client, cast, acme, sim):
+    from tests.conftest import sim_account
+
+    dify = sim_account(acme, sim, "dify")
+    client.force_login(cast["alice"])
+    response = client.post(
+        accounts_url(acme), account_post(dify, quota_tier="pro", webhook_secret="x"), **HTMX
+    )
+    html = response.content.decode()
+    assert "Only Fay documents free and pro quotas" in html
+    assert "Only Fay sends webhooks" in html
+
+
+def test_a_fay_account_shows_its_webhook_url_and_never_its_secret(client, cast, acme, fay_account):
+    client.force_login(cast["alice"])
+    client.post(
+        accounts_url(acme), account_post(fay_account, webhook_secret="whsec_topsecret"), **HTMX
+    )
+    fay_account.refresh_from_db()
+    assert fay_account.webhook_secret == "whsec_topsecret"
+    page = client.get(accounts_url(acme)).content.decode()
+    assert f"http://testserver/hooks/fay/{fay_account.webhook_token}" in page
+    assert "Receiving Fay's webhooks" in page
+    assert "whsec_topsecret" not in page
+    # Blank keeps it; the box forgets it.
+    client.post(accounts_url(acme), account_post(fay_account), **HTMX)
+    fay_account.refresh_from_db()
+    assert fay_account.webhook_secret == "whsec_topsecret"
+    client.post(accounts_url(acme), account_post(fay_account, forget_webhook_secret="on"), **HTMX)
+    fay_account.refresh_from_db()
+    assert fay_account.webhook_secret == ""

@@ -346,10 +346,10 @@ class Provider:
                     await response.aread()
                     raise self.error_from(response)
                 if self.line_events:
-                    async with contextlib.aclosing(response.aiter_lines()) as lines:
-                        async for line in lines:
-                            if line.startswith("data:"):
-                                yield ServerSentEvent(data=line[5:].removeprefix(" "))
+                    # The response (and its lines) close with the context around it.
+                    async for line in response.aiter_lines():
+                        if line.startswith("data:"):
+                            yield ServerSentEvent(data=line[5:].removeprefix(" "))
                     return
                 async for event in source.aiter_sse():
                     yield event

@@ -4,8 +4,10 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
+from django.urls import reverse
 
-from runs.models import Membership, ProviderAccount, ProviderKind, Role, Team
+from runs.models import Membership, ProviderAccount, ProviderKind, QuotaTier, Role, Team
+from simulators.fay import register_webhook
 
 TEAMS = {
     "Acme Research": [("alice", Role.ADMIN), ("bob", Role.MEMBER), ("carol", Role.VIEWER)],
@@ -13,16 +15,37 @@ TEAMS = {
 }
 
 
-# One simulator account per provider, in every demo team.
+# One simulator account per provider in every demo team, plus a Fay free-tier key to show
+# quota pacing: (name, kind, path, options, key prefix, quota tier, receives webhooks).
 ACCOUNTS = [
-    ("Fay (simulator)", ProviderKind.FAY, "/sim/fay/api/v1", {}),
-    ("Dify (simulator)", ProviderKind.DIFY, "/sim/dify/v1", {}),
-    ("IntelligenceBox (simulator)", ProviderKind.INTELLIGENCEBOX, "/sim/intelligencebox", {}),
+    ("Fay (simulator)", ProviderKind.FAY, "/sim/fay/api/v1", {}, "sim-pro", QuotaTier.PRO, True),
+    (
+        "Fay free tier (simulator)",
+        ProviderKind.FAY,
+        "/sim/fay/api/v1",
+        {},
+        "sim-free",
+        QuotaTier.FREE,
+        False,
+    ),
+    ("Dify (simulator)", ProviderKind.DIFY, "/sim/dify/v1", {}, "sim", QuotaTier.UNLIMITED, False),
+    (
+        "IntelligenceBox (simulator)",
+        ProviderKind.INTELLIGENCEBOX,
+        "/sim/intelligencebox",
+        {},
+        "sim",
+        QuotaTier.UNLIMITED,
+        False,
+    ),
     (
         "xpander.ai (simulator)",
         ProviderKind.XPANDER,
         "/sim/xpander",
         {"agent_id": "research-agent"},
+        "sim",
+        QuotaTier.UNLIMITED,
+        False,
     ),
 ]
 
@@ -57,15 +80,23 @@ class Command(BaseCommand):
                         team=team, user=user, defaults={"role": role}
                     )
                 slug = team_name.lower().split()[0]
-                for name, kind, path, options in ACCOUNTS:
-                    ProviderAccount.objects.update_or_create(
+                for name, kind, path, options, prefix, tier, hooks in ACCOUNTS:
+                    key = f"{prefix}-{slug}-{kind}-demo-key"
+                    account, _ = ProviderAccount.objects.update_or_create(
                         team=team,
                         name=name,
                         defaults={
                             "kind": kind,
                             "base_url": f"{base}{path}",
-                            "api_key": f"sim-{slug}-{kind}-demo-key",
+                            "api_key": key,
                             "options": options,
+                            "quota_tier": tier,
                         },
                     )
+                    if hooks:
+                        # As an admin would: register the account's URL in Fay's dashboard
+                        # (the simulator's), then keep the secret it shows once.
+                        url = base + reverse("runs:fay-webhook", args=[account.webhook_token])
+                        account.webhook_secret = register_webhook(key, url)
+                        account.save(update_fields=["webhook_secret"])
         self.stdout.write(self.style.SUCCESS("Demo data ready."))
