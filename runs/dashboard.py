@@ -13,6 +13,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.contrib.auth.decorators import login_required
@@ -228,6 +229,12 @@ class SavedRow:
     median_elapsed_s: float | None
     usual_s: float | None
     saved_s: float | None
+    # Spend, where the provider reports a price (Dify's message_end): what the stopped runs
+    # cost, what a completed one usually costs, and the difference over the stops.
+    currency: str = ""
+    spent: Decimal | None = None
+    usual_spend: Decimal | None = None
+    saved_spend: Decimal | None = None
 
     @property
     def median_elapsed(self) -> str:
@@ -240,6 +247,34 @@ class SavedRow:
     @property
     def saved(self) -> str:
         return format_seconds(self.saved_s) if self.saved_s is not None else "—"
+
+    @property
+    def saved_money(self) -> str:
+        if self.saved_spend is None:
+            return ""
+        return f"{format_money(self.saved_spend)} {self.currency}"
+
+
+def format_money(amount: Decimal) -> str:
+    """Enough digits to tell small token prices apart, no float rounding on the way."""
+    if amount == 0:
+        return "0"
+    if abs(amount) >= 1:
+        return f"{amount:,.2f}"
+    return f"{amount.normalize():f}"
+
+
+def price_of(usage: Any) -> tuple[Decimal, str] | None:
+    """(price, currency) from a run's usage, if the provider gave a readable one."""
+    if not isinstance(usage, dict) or not isinstance(usage.get("price"), str):
+        return None
+    try:
+        price = Decimal(usage["price"])
+    except InvalidOperation:
+        return None
+    if not price.is_finite() or price < 0:
+        return None
+    return price, str(usage.get("currency") or "")
 
 
 @dataclass
@@ -330,6 +365,24 @@ def _seconds(later: dt.datetime | None, earlier: dt.datetime | None) -> float | 
     return (later - earlier).total_seconds()
 
 
+def _add_spend(
+    row: SavedRow, at_stop: list[tuple[Decimal, str]], completed: list[tuple[Decimal, str]]
+) -> None:
+    """Spend saved, only where every price is in one currency (never mixed, never guessed):
+    each priced stop against the median price of a completed run."""
+    currencies = {c for _, c in at_stop + completed}
+    if not at_stop or len(currencies) != 1:
+        return
+    row.currency = currencies.pop()
+    row.spent = sum((p for p, _ in at_stop), Decimal(0))
+    if completed:
+        ordered = sorted(p for p, _ in completed)
+        row.usual_spend = ordered[(len(ordered) - 1) // 2]
+        row.saved_spend = sum(
+            (max(Decimal(0), row.usual_spend - p) for p, _ in at_stop), Decimal(0)
+        )
+
+
 def build_dashboard(team: Team, period: str, now: dt.datetime | None = None) -> dict[str, Any]:
     now = now or timezone.now()
     span, period_label = PERIODS[period]
@@ -349,19 +402,23 @@ def build_dashboard(team: Team, period: str, now: dt.datetime | None = None) -> 
             "stop_confirmed_at",
             "started_at",
             "created_at",
+            "usage",
         )[:MAX_SAMPLES]
     )
     completed = list(
         runs.filter(status=Status.COMPLETED, finished_at__isnull=False)
         .order_by("-created_at")
-        .values_list("provider", "finished_at", "started_at", "created_at")[:MAX_SAMPLES]
+        .values_list("provider", "finished_at", "started_at", "created_at", "usage")[:MAX_SAMPLES]
     )
 
     # Stop latency: from the stop being requested to the provider confirming it.
     latencies: dict[str, list[float]] = defaultdict(list)
     latencies_by_confirmation: dict[str, list[float]] = defaultdict(list)
     elapsed_at_stop: dict[str, list[float]] = defaultdict(list)
-    for provider, proof, requested, confirmed, started, created in stops:
+    spent_at_stop: dict[str, list[tuple[Decimal, str]]] = defaultdict(list)
+    for provider, proof, requested, confirmed, started, created, usage in stops:
+        if (price := price_of(usage)) is not None:
+            spent_at_stop[provider].append(price)
         latency = _seconds(confirmed, requested)
         if latency is not None:
             latencies[provider].append(latency * 1000)
@@ -417,7 +474,10 @@ def build_dashboard(team: Team, period: str, now: dt.datetime | None = None) -> 
 
     # Time saved: each stop against the provider's usual (median completed) run length.
     durations: dict[str, list[float]] = defaultdict(list)
-    for provider, finished, started, created in completed:
+    prices: dict[str, list[tuple[Decimal, str]]] = defaultdict(list)
+    for provider, finished, started, created, usage in completed:
+        if (price := price_of(usage)) is not None:
+            prices[provider].append(price)
         seconds = _seconds(finished, started or created)
         if seconds is not None:
             durations[provider].append(max(0.0, seconds))
@@ -425,18 +485,18 @@ def build_dashboard(team: Team, period: str, now: dt.datetime | None = None) -> 
     for kind in _provider_order(elapsed_at_stop):
         usual = percentile(durations.get(kind, []), 0.5)
         at_stop = elapsed_at_stop[kind]
-        saved_rows.append(
-            SavedRow(
-                provider=kind,
-                label=short_provider(kind),
-                stops=len(at_stop),
-                completed=len(durations.get(kind, [])),
-                median_elapsed_s=percentile(at_stop, 0.5),
-                usual_s=usual,
-                # A stop after the usual length saved nothing, rather than negative time.
-                saved_s=None if usual is None else sum(max(0.0, usual - e) for e in at_stop),
-            )
+        saved_row = SavedRow(
+            provider=kind,
+            label=short_provider(kind),
+            stops=len(at_stop),
+            completed=len(durations.get(kind, [])),
+            median_elapsed_s=percentile(at_stop, 0.5),
+            usual_s=usual,
+            # A stop after the usual length saved nothing, rather than negative time.
+            saved_s=None if usual is None else sum(max(0.0, usual - e) for e in at_stop),
         )
+        _add_spend(saved_row, spent_at_stop.get(kind, []), prices.get(kind, []))
+        saved_rows.append(saved_row)
     with_baseline = [r.saved_s for r in saved_rows if r.saved_s is not None]
 
     return {

@@ -5,6 +5,7 @@ and the period switch."""
 from __future__ import annotations
 
 import datetime as dt
+from decimal import Decimal
 
 import pytest
 from django.urls import reverse
@@ -234,6 +235,46 @@ def test_it_measures_time_saved_against_the_providers_median_completed_run(
     html = response.content.decode()
     assert 'data-figure="saved">1 min 10 s<' in html
     assert "not enough completed runs" in html
+
+
+def test_it_adds_the_spend_saved_where_the_provider_reports_a_price(
+    as_bob, acme, fay, dify, make_run, now
+):
+    base = now - dt.timedelta(hours=2)
+    usd = lambda price: {"total_tokens": 100, "price": price, "currency": "USD"}  # noqa: E731
+    for seconds, price in ((60, "0.0030"), (90, "0.0050"), (120, "0.0090")):
+        run = completed(make_run, dify, base, seconds)
+        Run.objects.filter(pk=run.pk).update(usage=usd(price))
+    # Two stops that cost less than the usual 0.0050, one that cost more (saved nothing).
+    stopped(make_run, dify, base, 300, "stream_end", usage=usd("0.0010"))
+    stopped(make_run, dify, base, 300, "stream_end", usage=usd("0.0020"))
+    stopped(make_run, dify, base, 300, "stream_end", usage=usd("0.0070"))
+    # Fay reports no price: no spend, and nothing made up.
+    completed(make_run, fay, base, 60)
+    stopped(make_run, fay, base, 300)
+
+    response = dashboard(as_bob, acme)
+
+    rows = {row.provider: row for row in response.context["saved_rows"]}
+    assert rows["dify"].usual_spend == Decimal("0.0050")
+    assert rows["dify"].spent == Decimal("0.0100")
+    assert rows["dify"].saved_spend == Decimal("0.0070")
+    assert rows["dify"].saved_money == "0.007 USD"
+    assert rows["fay"].saved_spend is None
+    html = response.content.decode()
+    assert "0.007 USD" in html
+    assert "not reported" in html
+
+
+def test_it_never_adds_prices_in_different_currencies(as_bob, acme, dify, make_run, now):
+    base = now - dt.timedelta(hours=2)
+    run = completed(make_run, dify, base, 60)
+    Run.objects.filter(pk=run.pk).update(usage={"price": "1.00", "currency": "EUR"})
+    stopped(make_run, dify, base, 300, "stream_end", usage={"price": "0.10", "currency": "USD"})
+
+    rows = {row.provider: row for row in dashboard(as_bob, acme).context["saved_rows"]}
+    assert rows["dify"].saved_spend is None
+    assert rows["dify"].spent is None
 
 
 def test_it_says_there_are_not_enough_completed_runs_when_no_provider_has_any(
