@@ -11,6 +11,11 @@ drain stream attached now): when a turn ends, not stopped, and such a stream is 
 next queued message becomes the next turn on that same stream. With no stream attached (the
 client went away, or `sim:drop_stream`), queued messages wait for *Drain Queue* or the next
 run-turn, as they do after a stop.
+
+`sim:subtask=async|sync` makes the router hand the work to a sub-task (its own task record,
+`parent_execution` = the router) whose lifecycle and text are forwarded onto the router's
+stream. An async sub-task keeps working after the router's `task_finished`, and the stream
+stays open until it ends; a sync one runs inline before the router finishes.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ PROVIDER = "xpander"
 DEFAULT_DURATION = 20.0
 CHUNKS_PER_SECOND = 15
 DEFAULT_STOP_DELAY = 3.0
+# With a sub-task, the router only acknowledges (in a few chunks, quickly); the sub-task does
+# the work, over `sim:duration`.
+ACK_CHUNKS = 3
+ACK_SECONDS = 0.3
+SUBTASK_MODES = ("sync", "async")
 # The gateway family and its renamed "Conversations" twin: same operations, same semantics.
 PREFIXES = ("gateway/conversations", "conversations")
 OUTPUT_FORMATS = ("text", "markdown", "json", "voice")
@@ -216,14 +226,10 @@ class QueuedMessage:
         return {"text": self.text, "files": self.files, "user": self.user or None}
 
 
-@dataclass(eq=False)
-class Turn:
-    conversation: Conversation
-    text: str
-    files: list[str]
-    user: dict[str, Any] | None
-    output_format: str = "text"
-    source: str = "sdk"
+@dataclass(eq=False, kw_only=True)
+class Work:
+    """One execution (a router turn or a sub-task): its status, its text, and its stop."""
+
     status: str = "pending"
     created: float = field(default_factory=time.time)
     started: float | None = None
@@ -231,10 +237,43 @@ class Turn:
     result: str | None = None
     stop_reason: str | None = None  # "manual" (stop call) or "preempted" (a newer run-turn)
     parts: list[str] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    next: Turn | None = None  # the queued follow-up this turn's stream drains into
     task: asyncio.Task[None] | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def live(self) -> bool:
+        return self.finished is None
+
+    def say(self, piece: str) -> None:
+        raise NotImplementedError
+
+    def request_stop(self, reason: str, delay: float = 0.0) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self._stop.set)
+        else:
+            self._stop.set()
+
+    async def stop_within(self, seconds: float) -> bool:
+        """Wait up to `seconds` for a stop to take effect; True when it did."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+        return self._stop.is_set()
+
+
+@dataclass(eq=False, kw_only=True)
+class Turn(Work):
+    conversation: Conversation
+    text: str
+    files: list[str]
+    user: dict[str, Any] | None
+    output_format: str = "text"
+    source: str = "sdk"
+    events: list[dict[str, Any]] = field(default_factory=list)
+    next: Turn | None = None  # the queued follow-up this turn's stream drains into
+    child: SubTask | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -242,11 +281,16 @@ class Turn:
         self.duration = self.directives.number("duration", DEFAULT_DURATION)
         default_chunks = max(1, round(self.duration * CHUNKS_PER_SECOND))
         count = int(self.directives.number("chunks", default_chunks, lo=1, hi=100_000))
-        self.chunks = answer_chunks(self.text, count)
+        mode = self.directives.get("subtask")
+        self.mode = mode if mode in SUBTASK_MODES else ""
+        # The answer: the turn's own text, or with a sub-task the sub-task's.
+        self.work_chunks = answer_chunks(self.text, count)
+        self.chunks = ack_chunks(self.text) if self.mode else self.work_chunks
 
     @property
-    def live(self) -> bool:
-        return self.finished is None
+    def busy(self) -> bool:
+        """The router still answering, or its sub-task still working."""
+        return self.live or (self.child is not None and self.child.live)
 
     def as_task(self) -> dict[str, Any]:
         conversation = self.conversation
@@ -266,44 +310,63 @@ class Turn:
             "is_manually_stopped": self.status == "stopped" and self.stop_reason == "manual",
             "output_format": self.output_format,
             "source": self.source,
-            "sub_executions": [],
-            "finished_sub_executions": [],
+            "parent_execution": None,
+            "sub_executions": [self.child.id] if self.child else [],
+            "finished_sub_executions": [self.child.id]
+            if self.child and not self.child.live
+            else [],
             "tokens": {
                 "prompt_tokens": len(self.text.split()),
                 "completion_tokens": len(self.parts),
             },
         }
 
-    def emit(self, kind: str, data: Any) -> None:
-        self.events.append(self.conversation.event(kind, data))
+    def emit(self, kind: str, data: Any, *, task_id: str | None = None) -> None:
+        self.events.append(self.conversation.event(kind, data, task_id=task_id))
         # Wake every reader waiting on the old event; later readers wait on the new one.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def request_stop(self, reason: str, delay: float = 0.0) -> None:
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        if delay > 0:
-            asyncio.get_running_loop().call_later(delay, self._stop.set)
-        else:
-            self._stop.set()
+    def say(self, piece: str) -> None:
+        self.parts.append(piece)
+        self.emit("chunk", piece)
 
-    async def stop_within(self, seconds: float) -> bool:
-        """Wait up to `seconds` for a stop to take effect; True when it did."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._stop.wait()
-        return self._stop.is_set()
+    def request_stop(self, reason: str, delay: float = 0.0) -> None:
+        # The documented stop: "the in-flight turn (router plus any child sub-execution)".
+        super().request_stop(reason, delay)
+        if self.child is not None and self.child.live:
+            self.child.request_stop(reason, delay)
 
     async def settled(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                while self.live:
+                while self.busy:
                     await self._changed.wait()
+
+    def hand_off(self) -> SubTask:
+        """Trigger the worker agent and create its sub-task (mirrored onto this stream)."""
+        self.child = child = SubTask(turn=self, chunks=self.work_chunks)
+        subtasks[child.id] = child
+        self.emit(
+            "sub_agent_trigger",
+            {
+                "id": str(uuid.uuid4()),
+                "created_at": _iso(time.time()),
+                "agent_id": child.agent_id,
+                "query": topic_of(self.text),
+                "files": [],
+                "reasoning": None,
+            },
+        )
+        self.emit("sub_task_created", child.as_task())
+        return child
 
     def end(self, status: str) -> None:
         if not self.live:
             return
+        if status == "stopped" and self.child is not None and self.child.live:
+            # The child's stop is reported before the router's.
+            self.child.end("stopped")
         self.status = status
         self.finished = time.time()
         self.result = FAILURE if status == "failed" else "".join(self.parts)
@@ -317,6 +380,66 @@ class Turn:
             # The live stream drains the queue: the next message becomes the next turn on it.
             self.next = conversation.start_turn(**conversation.queue.pop(0).as_input())
         self.emit("task_finished", self.as_task())
+
+
+@dataclass(eq=False, kw_only=True)
+class SubTask(Work):
+    """A sub-execution: its own task record, whose `parent_execution` is the router. Its
+    `sub_task_*` events carry the router's task id with the sub-task as `data`; its text
+    comes as `chunk`s under its own task id."""
+
+    turn: Turn
+    chunks: list[str]
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    @property
+    def agent_id(self) -> str:
+        return f"{self.turn.conversation.agent_id}-worker"
+
+    def as_task(self) -> dict[str, Any]:
+        conversation = self.turn.conversation
+        return {
+            "id": self.id,
+            "agent_id": self.agent_id,
+            "organization_id": conversation.organization_id,
+            "input": {"text": topic_of(self.turn.text), "files": [], "user": None},
+            "status": self.status,
+            "internal_status": None,
+            "result": self.result,
+            "created_at": _iso(self.created),
+            "started_at": _iso(self.started),
+            "paused_at": None,
+            "finished_at": _iso(self.finished),
+            "is_manually_stopped": self.status == "stopped" and self.stop_reason == "manual",
+            "output_format": "text",
+            "source": "task",
+            "parent_execution": conversation.id,
+            "triggering_agent_id": conversation.agent_id,
+            "sub_executions": [],
+            "finished_sub_executions": [],
+            "tokens": {"prompt_tokens": 0, "completion_tokens": len(self.parts)},
+        }
+
+    def say(self, piece: str) -> None:
+        self.parts.append(piece)
+        self.turn.emit("chunk", piece, task_id=self.id)
+
+    def begin(self) -> None:
+        self.status = "executing"
+        self.started = time.time()
+        self.turn.emit("sub_task_updated", self.as_task())
+
+    def end(self, status: str) -> None:
+        if not self.live:
+            return
+        self.status = status
+        self.finished = time.time()
+        self.result = FAILURE if status == "failed" else "".join(self.parts)
+        self._stop.set()  # whoever ended it, its generation stops here
+        self.turn.emit("sub_task_finished", self.as_task())
+
+
+subtasks: dict[str, SubTask] = {}
 
 
 @dataclass(eq=False)
@@ -339,10 +462,11 @@ class Conversation:
         turn = self.current
         return turn if turn is not None and turn.live else None
 
-    def event(self, kind: str, data: Any, *, task_id: str | None = "") -> dict[str, Any]:
+    def event(self, kind: str, data: Any, *, task_id: str | None = None) -> dict[str, Any]:
+        # Every field is a string, as the SDK's TaskUpdateEvent requires (task_id: str).
         return {
             "type": kind,
-            "task_id": self.id if task_id == "" else task_id,
+            "task_id": self.id if task_id is None else task_id,
             "organization_id": self.organization_id,
             "time": _iso(time.time()),
             "data": data,
@@ -355,16 +479,25 @@ class Conversation:
         turn.task = asyncio.get_running_loop().create_task(_generate(turn))
         return turn
 
+    def active_child(self) -> SubTask | None:
+        for turn in reversed(self.turns):
+            if turn.child is not None and turn.child.live:
+                return turn.child
+        return None
+
     def run_state(self) -> dict[str, Any]:
         running = self.running is not None
         current = self.current
+        child = self.active_child()
         return {
             "conversation_id": self.id,
             "is_running": running,
             # Our assumption: a live router turn can always be steered.
             "is_steerable": running,
             "steer_target": "router" if running else "none",
-            "active_child_id": None,
+            # Our assumption (the adversarial reading): a sub-task outliving the router is
+            # not `is_running`; only `active_child_id` shows it.
+            "active_child_id": child.id if child else None,
             "queue_depth": len(self.queue),
             "queued_messages": [message.preview() for message in self.queue],
             "execution_status": current.status if current else None,
@@ -392,22 +525,57 @@ async def _generate(turn: Turn) -> None:
         turn.status = "executing"
         turn.started = time.time()
         turn.emit("task_updated", turn.as_task())
-        interval = turn.duration / len(turn.chunks)
+        seconds = ACK_SECONDS if turn.mode else turn.duration
+        interval = seconds / len(turn.chunks)
         fail_at = len(turn.chunks) // 2 if directives.get("fail") == "error" else None
-        for index, piece in enumerate(turn.chunks):
-            if index == fail_at:
-                turn.end("failed")
-                return
-            if index and await turn.stop_within(interval):
-                turn.end("stopped")
-                return
-            turn.parts.append(piece)
-            turn.emit("chunk", piece)
+        if ended := await _speak(turn, turn.chunks, interval, fail_at):
+            turn.end(ended)
+            return
+        if turn.mode == "sync":
+            # The router waits for a sync sub-task, then answers.
+            child = turn.hand_off()
+            await _work(child)
+            turn.end("stopped" if child.status == "stopped" else "completed")
+            return
         # The last chunk also takes its share of the duration before the turn completes.
-        turn.end("stopped" if await turn.stop_within(interval) else "completed")
+        if await turn.stop_within(interval):
+            turn.end("stopped")
+            return
+        if turn.mode == "async":
+            # The router answers at once; its sub-task works on after `task_finished`.
+            child = turn.hand_off()
+            turn.end("completed")
+            child.task = asyncio.get_running_loop().create_task(_work(child))
+            return
+        turn.end("completed")
     except asyncio.CancelledError:
         turn.end("stopped")  # server shutdown
         raise
+
+
+async def _work(child: SubTask) -> None:
+    """A sub-task's work: the answer, over the turn's `sim:duration`."""
+    try:
+        child.begin()
+        interval = child.turn.duration / len(child.chunks)
+        failing = child.turn.directives.get("fail") == "subtask"
+        fail_at = len(child.chunks) // 2 if failing else None
+        ended = await _speak(child, child.chunks, interval, fail_at)
+        child.end(ended or ("stopped" if await child.stop_within(interval) else "completed"))
+    except asyncio.CancelledError:
+        child.end("stopped")  # server shutdown
+        raise
+
+
+async def _speak(work: Work, pieces: list[str], interval: float, fail_at: int | None) -> str:
+    """Say the pieces `interval` seconds apart; the status it ended early with, or ""."""
+    for index, piece in enumerate(pieces):
+        if index == fail_at:
+            return "failed"
+        if (index and await work.stop_within(interval)) or not work.live:
+            return "stopped"
+        work.say(piece)
+    return ""
 
 
 def _frame(event: dict[str, Any]) -> bytes:
@@ -415,19 +583,23 @@ def _frame(event: dict[str, Any]) -> bytes:
 
 
 async def _follow(
-    conversation: Conversation, turn: Turn | None, token: object
+    conversation: Conversation, turn: Turn | None, token: object, connected_id: str
 ) -> AsyncIterator[bytes]:
     """The HTTP side: `connected`, then replay the turn's events and any drained follow-ups.
 
-    Ends after a turn's `task_finished` with nothing drained, or early with no terminal
-    event for `sim:drop_stream`. Leaving (for any reason, including the client going away)
-    gives up the drain, so queued messages then wait for Drain Queue or the next run-turn.
+    Ends after a turn's `task_finished` (or its async sub-task's `sub_task_finished`) with
+    nothing drained, or early with no terminal event for `sim:drop_stream`. Leaving (for any
+    reason, including the client going away) gives up the drain, so queued messages then
+    wait for Drain Queue or the next run-turn.
     """
     try:
-        yield _frame(conversation.event("connected", None, task_id=None))
+        # Sent before anything is persisted, so a new conversation has no id yet: "" (a
+        # string, as the SDK's model requires), else the conversation being continued.
+        yield _frame(conversation.event("connected", None, task_id=connected_id))
         while turn is not None:
             drop = "drop_stream" in turn.directives.values
-            drop_after = max(1, len(turn.chunks) // 2) if drop else 0
+            # With a sub-task the stream drops halfway through the sub-task's text.
+            drop_after = max(1, len(turn.work_chunks) // 2) if drop else 0
             sent = chunks = 0
             while True:
                 changed = turn._changed
@@ -435,11 +607,13 @@ async def _follow(
                     event = turn.events[sent]
                     sent += 1
                     yield _frame(event)
-                    if event["type"] == "chunk":
+                    if event["type"] == "chunk" and (
+                        not turn.mode or event["task_id"] != conversation.id
+                    ):
                         chunks += 1
                         if chunks == drop_after:
                             return  # the connection ends; the turn goes on server-side
-                if not turn.live:
+                if not turn.busy:
                     break
                 await changed.wait()
             turn = turn.next
@@ -448,9 +622,11 @@ async def _follow(
             conversation.owner = None
 
 
-def _stream(conversation: Conversation, turn: Turn | None, token: object) -> StreamingHttpResponse:
+def _stream(
+    conversation: Conversation, turn: Turn | None, token: object, connected_id: str
+) -> StreamingHttpResponse:
     response = StreamingHttpResponse(
-        _follow(conversation, turn, token), content_type="text/event-stream"
+        _follow(conversation, turn, token, connected_id), content_type="text/event-stream"
     )
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
@@ -563,7 +739,7 @@ async def invoke_stream(request: HttpRequest, agent_id: str) -> HttpResponseBase
     turn = conversation.start_turn(
         text=text, files=files, user=user, output_format=output_format, source=source
     )
-    return _stream(conversation, turn, token)
+    return _stream(conversation, turn, token, conversation.id if conversation_id else "")
 
 
 @csrf_exempt
@@ -642,10 +818,10 @@ async def drain_stream(
     if conversation.running or conversation.owner is not None or not conversation.queue:
         # No-op (a live turn or stream already owns the drain, or nothing is queued): a bare
         # `connected` and an immediate close.
-        return _stream(conversation, None, token)
+        return _stream(conversation, None, token, conversation.id)
     conversation.owner = token
     turn = conversation.start_turn(**conversation.queue.pop(0).as_input())
-    return _stream(conversation, turn, token)
+    return _stream(conversation, turn, token, conversation.id)
 
 
 @csrf_exempt
@@ -665,20 +841,21 @@ async def stop(request: HttpRequest, agent_id: str, conversation_id: str) -> Jso
 
     if clear_queue:
         conversation.queue.clear()
-    live = conversation.running
-    if live is not None:
-        mode = live.directives.get("stop")
+    # The live turn, and any async sub-task still working after its router answered.
+    busy = [turn for turn in conversation.turns if turn.busy]
+    for turn in busy:
+        mode = turn.directives.get("stop")
         if mode == "slow":
-            delay = live.directives.number("stop_delay", DEFAULT_STOP_DELAY, hi=600)
-            live.request_stop("manual", delay)
+            delay = turn.directives.number("stop_delay", DEFAULT_STOP_DELAY, hi=600)
+            turn.request_stop("manual", delay)
         elif mode != "ignore":  # sim:stop=ignore: answered as documented, the turn goes on
-            live.request_stop("manual")
+            turn.request_stop("manual")
             # A prompt stop is confirmed by the time the call returns: run-state agrees.
-            await live.settled(1.0)
+            await turn.settled(1.0)
     return json_response(
         {
             "conversation_id": conversation.id,
-            "stopped": live is not None,
+            "stopped": bool(busy),
             "cleared_queue": clear_queue,
             "queue_depth": len(conversation.queue),
         }
@@ -717,10 +894,14 @@ async def cancel_queued(
 
 @csrf_exempt
 async def task(request: HttpRequest, task_id: str) -> JsonResponse:
-    """A turn's task record; for a conversation id (every router turn's id), its latest turn."""
+    """A task record: a sub-task's, or for a conversation id (every router turn's id) its
+    latest turn's."""
     key, refused = _guard(request, "GET")
     if refused:
         return refused
+    child = subtasks.get(task_id)
+    if child is not None and child.turn.conversation.api_key == key:
+        return json_response(child.as_task())
     found = conversations.get(task_id)
     if found is None or found.api_key != key or found.current is None:
         return detail(404, "Task not found")
@@ -741,6 +922,17 @@ TOKEN = re.compile(r"\S+\s*")
 def topic_of(text: str) -> str:
     words = [word for word in text.split() if not word.startswith("sim:")]
     return " ".join(words)[:120].strip() or "your request"
+
+
+def ack_chunks(text: str) -> list[str]:
+    """The router's acknowledgement when it hands the work to a sub-task."""
+    ack = (
+        f"I've asked a worker agent to research **{topic_of(text)}**; "
+        "its findings follow in this conversation as it works."
+    )
+    tokens = TOKEN.findall(ack)
+    bounds = [round(i * len(tokens) / ACK_CHUNKS) for i in range(ACK_CHUNKS + 1)]
+    return ["".join(tokens[bounds[i] : bounds[i + 1]]) for i in range(ACK_CHUNKS)]
 
 
 def answer_chunks(text: str, count: int) -> list[str]:

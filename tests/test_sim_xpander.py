@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -91,7 +92,7 @@ async def test_it_streams_a_turn_with_the_documented_events(
     for event in seen:
         assert set(event) == {"type", "task_id", "organization_id", "time", "data"}
         assert event["time"].endswith("Z")
-    assert seen[0]["task_id"] is None
+    assert seen[0]["task_id"] == ""  # a new conversation has no id yet (a string all the same)
     assert seen[0]["data"] is None
     conversation_id = seen[1]["task_id"]
     assert uuid.UUID(conversation_id).version == 4
@@ -565,3 +566,325 @@ async def test_it_answers_unknown_routes_and_methods_like_fastapi(
     response = await client.get(invoke_url(base))
     assert response.status_code == 405
     assert response.json() == {"detail": "Method Not Allowed"}
+
+
+# --- Sub-tasks (sim:subtask) ------------------------------------------------------------------
+
+
+def child_id_of(seen: list[dict[str, Any]]) -> str:
+    return next(e["data"]["id"] for e in seen if e["type"] == "sub_task_created")
+
+
+async def test_it_runs_an_async_sub_task_on_after_the_routers_task_finished(
+    base: str, client: httpx.AsyncClient
+) -> None:
+    states: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+
+    async def on_event(event: dict[str, Any], seen: list[dict[str, Any]]) -> None:
+        if event["type"] == "task_finished":
+            # Only the sub-task is working now: what run-state and the records say.
+            router, child = event["task_id"], event["data"]["sub_executions"][0]
+            states.append((await client.get(f"{conv_url(base, router)}/run-state")).json())
+            records.append((await client.get(f"{base}/v1/tasks/{child}")).json())
+
+    seen = await events(
+        client,
+        invoke_url(base),
+        body("Audit supplier contracts sim:subtask=async sim:duration=0.4 sim:chunks=4"),
+        on_event,
+    )
+
+    assert kinds(seen) == (
+        ["connected", "task_created", "task_updated", "chunk", "chunk", "chunk"]
+        + ["sub_agent_trigger", "sub_task_created", "task_finished", "sub_task_updated"]
+        + ["chunk"] * 4
+        + ["sub_task_finished"]
+    )
+    router, child = seen[1]["task_id"], child_id_of(seen)
+    assert child != router
+    # Lifecycle events carry the router's id with the sub-task as data; its text its own id.
+    for index, event in enumerate(seen[1:], start=1):
+        expected = child if event["type"] == "chunk" and index > 9 else router
+        assert event["task_id"] == expected, event
+    ack = "".join(e["data"] for e in seen[3:6])
+    assert "worker agent" in ack
+    trigger = seen[6]["data"]
+    assert trigger["agent_id"] == f"{AGENT}-worker"
+    assert trigger["query"].startswith("Audit supplier contracts")
+    created, finished, updated, done = (seen[i]["data"] for i in (7, 8, 9, 14))
+    assert created["status"] == "pending"
+    assert created["parent_execution"] == router
+    assert finished["id"] == router
+    assert finished["status"] == "completed"
+    assert finished["result"] == ack
+    assert finished["parent_execution"] is None
+    assert finished["sub_executions"] == [child]
+    assert finished["finished_sub_executions"] == []
+    assert updated["status"] == "executing"
+    assert done["status"] == "completed"
+    assert done["result"] == "".join(e["data"] for e in seen[10:14])
+    assert "Audit supplier contracts" in done["result"]
+
+    # While only the sub-task ran (our assumption): not `is_running`, but an active child.
+    assert states[0]["is_running"] is False
+    assert states[0]["active_child_id"] == child
+    assert states[0]["execution_status"] == "completed"
+    assert records[0]["parent_execution"] == router
+    assert records[0]["status"] in ("pending", "executing")
+
+    state = (await client.get(f"{conv_url(base, router)}/run-state")).json()
+    assert (state["is_running"], state["active_child_id"]) == (False, None)
+    record = (await client.get(f"{base}/v1/tasks/{child}")).json()
+    assert record["status"] == "completed"
+    assert record["result"] == done["result"]
+    parent = (await client.get(f"{base}/v1/tasks/{router}")).json()
+    assert parent["sub_executions"] == parent["finished_sub_executions"] == [child]
+
+
+async def test_it_runs_a_sync_sub_task_inline_before_the_router_finishes(
+    base: str, client: httpx.AsyncClient
+) -> None:
+    seen = await events(
+        client, invoke_url(base), body("Inline sim:subtask=sync sim:duration=0.3 sim:chunks=3")
+    )
+
+    assert kinds(seen) == (
+        ["connected", "task_created", "task_updated", "chunk", "chunk", "chunk"]
+        + ["sub_agent_trigger", "sub_task_created", "sub_task_updated"]
+        + ["chunk"] * 3
+        + ["sub_task_finished", "task_finished"]
+    )
+    child = child_id_of(seen)
+    assert [e["task_id"] for e in seen if e["type"] == "chunk"][3:] == [child] * 3
+    finished = seen[-1]["data"]
+    assert finished["status"] == "completed"
+    assert finished["sub_executions"] == finished["finished_sub_executions"] == [child]
+
+
+async def test_it_stops_an_async_sub_task_after_its_router_answered(
+    sim: Any, base: str, client: httpx.AsyncClient
+) -> None:
+    stop: dict[str, Any] = {}
+
+    async def on_event(event: dict[str, Any], seen: list[dict[str, Any]]) -> None:
+        if event["type"] == "chunk" and event["task_id"] != seen[1]["task_id"] and not stop:
+            url = f"{conv_url(base, seen[1]['task_id'])}/stop"
+            stop["response"] = await client.post(url, json={"clear_queue": True})
+            stop["state"] = (await client.get(url.replace("/stop", "/run-state"))).json()
+
+    seen = await events(
+        client, invoke_url(base), body("Long audit sim:subtask=async sim:duration=20"), on_event
+    )
+
+    router, child = seen[1]["task_id"], child_id_of(seen)
+    assert stop["response"].json()["stopped"] is True
+    # Confirmed by the time the call returned: nothing runs, no child is active.
+    assert (stop["state"]["is_running"], stop["state"]["active_child_id"]) == (False, None)
+    assert seen[-1]["type"] == "sub_task_finished"  # then the stream closed
+    assert seen[-1]["task_id"] == router
+    assert seen[-1]["data"]["status"] == "stopped"
+    assert seen[-1]["data"]["is_manually_stopped"] is True
+    record = (await client.get(f"{base}/v1/tasks/{child}")).json()
+    assert record["status"] == "stopped"
+    assert record["result"] == "".join(
+        e["data"] for e in seen if e["type"] == "chunk" and e["task_id"] == child
+    )
+    # The router had answered before the stop: its own record is unchanged.
+    assert (await client.get(f"{base}/v1/tasks/{router}")).json()["status"] == "completed"
+    assert len(sim.stop_calls(router, "xpander")) == 1
+
+
+async def test_it_stops_the_router_and_its_sub_task_together(
+    base: str, client: httpx.AsyncClient
+) -> None:
+    async def on_event(event: dict[str, Any], seen: list[dict[str, Any]]) -> None:
+        if event["type"] == "sub_task_updated":
+            url = f"{conv_url(base, seen[1]['task_id'])}/stop"
+            assert (await client.post(url, json={"clear_queue": True})).status_code == 200
+
+    seen = await events(
+        client, invoke_url(base), body("Inline sim:subtask=sync sim:duration=20"), on_event
+    )
+
+    assert kinds(seen)[-2:] == ["sub_task_finished", "task_finished"]
+    assert seen[-2]["data"]["status"] == seen[-1]["data"]["status"] == "stopped"
+    assert seen[-1]["data"]["is_manually_stopped"] is True
+
+
+async def test_it_drops_the_stream_while_the_sub_task_works(
+    base: str, client: httpx.AsyncClient
+) -> None:
+    seen = await events(
+        client,
+        invoke_url(base),
+        body("Flaky sim:subtask=async sim:drop_stream sim:duration=1 sim:chunks=10"),
+    )
+
+    router, child = seen[1]["task_id"], child_id_of(seen)
+    assert "task_finished" in kinds(seen)
+    assert "sub_task_finished" not in kinds(seen)
+    assert [e["task_id"] for e in seen if e["type"] == "chunk"][3:] == [child] * 5
+    state = (await client.get(f"{conv_url(base, router)}/run-state")).json()
+    assert (state["is_running"], state["active_child_id"]) == (False, child)
+
+    async def child_done() -> bool:
+        record = (await client.get(f"{base}/v1/tasks/{child}")).json()
+        return bool(record["status"] == "completed")
+
+    await wait_for(child_done)
+    state = (await client.get(f"{conv_url(base, router)}/run-state")).json()
+    assert state["active_child_id"] is None
+    parent = (await client.get(f"{base}/v1/tasks/{router}")).json()
+    assert parent["finished_sub_executions"] == [child]
+
+
+async def test_it_fails_only_the_sub_task_with_sim_fail_subtask(
+    base: str, client: httpx.AsyncClient
+) -> None:
+    seen = await events(
+        client,
+        invoke_url(base),
+        body("Doomed sim:subtask=async sim:fail=subtask sim:duration=0.4 sim:chunks=4"),
+    )
+    assert seen[-1]["type"] == "sub_task_finished"
+    assert seen[-1]["data"]["status"] == "failed"
+    assert next(e for e in seen if e["type"] == "task_finished")["data"]["status"] == "completed"
+
+
+# --- The official SDK's event model -------------------------------------------------------------
+
+# xpander-ai/xpander-sdk, src/xpander_sdk/modules/tasks/sub_modules/task.py (v2.0.266):
+#     class TaskUpdateEvent(XPanderSharedModel):   # a plain pydantic BaseModel
+#         type: TaskUpdateEventType
+#         task_id: str
+#         organization_id: str
+#         time: datetime
+#         data: Any
+# Every field is required and none is Optional: `"task_id": null` fails `string_type`, and
+# `Task.aevents()` lets that error end the iteration. pydantic is not installed here, so the
+# same checks are made by hand. The values of TaskUpdateEventType are the newer
+# src/xpander_sdk/models/events.py (the one with `connected` and the sub-task events).
+SDK_EVENT_TYPES = {
+    "connected",
+    "task_created",
+    "task_updated",
+    "task_finished",
+    "chunk",
+    "auth_event",
+    "tool_call_request",
+    "tool_call_result",
+    "sub_agent_trigger",
+    "think",
+    "analyze",
+    "plan_updated",
+    "task_compactization",
+    "context_status",
+    "agent_gateway_decision",
+    "gateway_steer_applied",
+    "ask_user_questions",
+    "sub_task_created",
+    "sub_task_updated",
+    "sub_task_finished",
+    "invite_member",
+    "member_invited",
+    "ask_for_secret",
+    "secret_saved",
+    "live_surface_created",
+    "inline_card",
+}
+# AgentExecutionStatus (src/xpander_sdk/modules/tasks/models/task.py).
+SDK_STATUSES = {"pending", "executing", "paused", "error", "failed", "completed", "stopped"}
+
+
+def sdk_datetime(value: Any) -> bool:
+    # pydantic's datetime accepts ISO 8601 with a "Z"; so does fromisoformat since 3.11.
+    if not isinstance(value, str):
+        return False
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
+def sdk_event_errors(event: dict[str, Any]) -> list[str]:
+    """What the SDK's TaskUpdateEvent (and, for task events, its Task) would reject."""
+    errors = [f"{name}: missing" for name in SDK_FIELDS if name not in event]
+    if event.get("type") not in SDK_EVENT_TYPES:
+        errors.append(f"type: {event.get('type')!r} is not a TaskUpdateEventType")
+    for name in ("task_id", "organization_id"):
+        if name in event and not isinstance(event[name], str):
+            errors.append(f"{name}: {event[name]!r} is not a string")
+    if "time" in event and not sdk_datetime(event["time"]):
+        errors.append(f"time: {event['time']!r} is not a datetime")
+    if str(event.get("type")).startswith(("task_", "sub_task_")):
+        # Task: id, agent_id, organization_id: str; input; created_at: datetime (required).
+        task = event.get("data")
+        if not isinstance(task, dict):
+            return [*errors, "data: not a Task"]
+        for name in ("id", "agent_id", "organization_id"):
+            if not isinstance(task.get(name), str):
+                errors.append(f"data.{name}: {task.get(name)!r} is not a string")
+        if not isinstance(task.get("input"), dict):
+            errors.append("data.input: missing")
+        if not sdk_datetime(task.get("created_at")):
+            errors.append("data.created_at: not a datetime")
+        if task.get("status") not in SDK_STATUSES:
+            errors.append(f"data.status: {task.get('status')!r}")
+        if not isinstance(task.get("parent_execution"), str | None):
+            errors.append("data.parent_execution: not a string or null")
+        if not all(isinstance(s, str) for s in task.get("sub_executions") or []):
+            errors.append("data.sub_executions: not a list of strings")
+    return errors
+
+
+SDK_FIELDS = ("type", "task_id", "organization_id", "time", "data")
+
+
+def test_it_checks_events_the_way_the_sdk_model_does() -> None:
+    # The check itself rejects what the SDK rejects (our old `connected`), or it proves nothing.
+    ok = {"type": "chunk", "task_id": "", "organization_id": "o", "time": "2026-03-23T00:46:03Z"}
+    assert sdk_event_errors({**ok, "data": "x"}) == []
+    assert sdk_event_errors({**ok, "type": "connected", "task_id": None, "data": None}) == [
+        "task_id: None is not a string"
+    ]
+    assert sdk_event_errors(ok) == ["data: missing"]
+    assert sdk_event_errors({**ok, "data": "x", "type": "content_chunk"})
+    assert sdk_event_errors({**ok, "data": "x", "time": "yesterday"})
+
+
+async def test_it_streams_only_events_the_sdk_model_accepts(
+    base: str, client: httpx.AsyncClient
+) -> None:
+    streams = [
+        await events(client, invoke_url(base), body("Plain sim:duration=0.2 sim:chunks=2")),
+        await events(client, invoke_url(base), body("A sim:subtask=async sim:duration=0.2")),
+        await events(client, invoke_url(base), body("S sim:subtask=sync sim:duration=0.2")),
+        await events(client, invoke_url(base), body("F sim:fail=error sim:duration=0.2")),
+    ]
+    conversation_id = streams[0][1]["task_id"]
+
+    async def steer_then_stop(event: dict[str, Any], seen: list[dict[str, Any]]) -> None:
+        if event["type"] == "chunk" and kinds(seen).count("chunk") == 1:
+            url = conv_url(base, conversation_id)
+            await client.post(f"{url}/messages", json={"text": "shorter", "mode": "steer"})
+            await client.post(f"{url}/stop", json={"clear_queue": True})
+
+    # Continuing a conversation: `connected` carries its id.
+    continued = await events(
+        client,
+        invoke_url(base),
+        body("More sim:subtask=async sim:duration=20", conversation_id),
+        steer_then_stop,
+    )
+    assert continued[0]["type"] == "connected"
+    assert continued[0]["task_id"] == conversation_id
+    assert "gateway_steer_applied" in kinds(continued)
+    assert streams[0][0]["task_id"] == ""  # a new conversation: no id yet, still a string
+    drained = await events(client, f"{conv_url(base, conversation_id)}/drain/stream", None)
+    assert kinds(drained) == ["connected"]
+
+    for seen in [*streams, continued, drained]:
+        for event in seen:
+            assert sdk_event_errors(event) == [], event
