@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 from urllib.parse import urlencode
@@ -21,6 +22,10 @@ OPTIONS_BY_KIND: dict[str, tuple[str, ...]] = {
     ProviderKind.XPANDER: ("agent_id", "clear_queue"),
 }
 JSON_FIELDS = ("output_schema", "inputs", "messages")
+
+
+# What an xpander agent id looks like (UUIDs and slugs): one URL path segment, never "..".
+AGENT_ID = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._-]{1,200}")
 
 
 class AccountChoiceField(forms.ModelChoiceField):
@@ -201,6 +206,13 @@ class LaunchForm(forms.Form):
             and not (data.get("agent_id") or (account.options or {}).get("agent_id"))
         ):
             self.add_error("agent_id", "An xpander run needs the id of the agent to run.")
+        agent = data.get("agent_id") or ""
+        if agent and not AGENT_ID.fullmatch(agent):
+            # It becomes a segment of the provider's URL path: no "/", "..", spaces or controls.
+            self.add_error(
+                "agent_id",
+                "An agent id is letters, digits, '-', '_' and '.', as xpander shows it.",
+            )
         return data
 
     def run_options(self) -> dict[str, Any]:

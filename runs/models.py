@@ -372,6 +372,12 @@ class ProviderAccount(models.Model):
 HOUR = dt.timedelta(hours=1)
 
 
+def _provider_words(status: Any) -> str:
+    """A provider's status as the run keeps it: its words, cut to the column (hostile input
+    has no length limit)."""
+    return str(status or "")[: Run._meta.get_field("provider_status").max_length]
+
+
 class AccountBudget:
     """The provider-facing Budget (runs/providers/base.py) of one account, over the
     database so that every web and watcher process shares it."""
@@ -989,6 +995,8 @@ class Run(models.Model):
             current = (
                 Run.objects.select_for_update().filter(pk=self.pk).values_list("status", flat=True)
             ).first()
+            if "provider_status" in fields:
+                fields["provider_status"] = _provider_words(fields["provider_status"])
             if new in TERMINAL:
                 # Nothing waits for a quota once the run is over.
                 fields = {"quota_endpoint": "", "quota_until": None, "quota_reason": "", **fields}
@@ -1079,6 +1087,7 @@ class Run(models.Model):
         """The provider showed progress without new text (a polled run, a stream followed
         through its status): move the "no progress" deadline, and show a new provider status.
         """
+        provider_status = _provider_words(provider_status)
         changed = bool(provider_status) and provider_status != self.provider_status
         if not changed and not self.no_progress_seconds:
             return False

@@ -711,7 +711,7 @@ class Session:
             return None
         if stopping:
             try:
-                result = await self.provider.status(run.external_id)
+                result = await self.provider.status(run.external_id, run.provider_refs)
             except ProviderError:
                 result = None
             if result is not None and result.terminal is not None:

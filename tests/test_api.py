@@ -9,7 +9,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.urls import reverse
 
-from runs.models import ApiToken, Run, Status
+from runs.models import ApiToken, ProviderAccount, Run, Status
 from tests.conftest import start_at_provider
 
 
@@ -281,3 +281,24 @@ def test_it_records_when_a_token_was_last_used_to_the_minute(api, token):
     stored.refresh_from_db()
     assert stored.last_used_at > first - dt.timedelta(seconds=1)
     assert stored.last_used_at <= timezone.now()
+
+
+def test_an_xpander_agent_id_that_walks_the_url_path_is_refused(api, acme):
+    """A security finding: `../../../../internal/admin?x=` sent the team's key elsewhere."""
+    account = ProviderAccount.objects.create(
+        team=acme,
+        kind="xpander",
+        name="xpander",
+        base_url="http://127.0.0.1:9/sim/xpander",
+        api_key="sim-acme-xpander",
+    )
+    for agent in ("../../../../internal/admin?x=", "..", "a/b", "agent one"):
+        response = api(
+            "post",
+            reverse("runs:api-runs"),
+            {"provider_account": account.pk, "prompt": "hi", "options": {"agent_id": agent}},
+        )
+        assert response.status_code == 400, agent
+        assert response.json()["error"]["field"] == "options"
+        assert "agent id" in response.json()["error"]["message"]
+    assert not Run.objects.exists()

@@ -7,7 +7,8 @@ Contract:
   user understands (`message`), whether trying again later may succeed (`retryable`) and, when
   the provider said so, how long to wait (`retry_after`, seconds).
 - `run()` starts a run and yields normalised events; `follow()` re-attaches to a run whose id
-  we already know (after a restart or a lost stream) without starting anything new.
+  we already know (after a restart or a lost stream) without starting anything new;
+  `status()` reads where it stands once. Both take the ids `Started.refs` carried.
 - `stop()` calls the provider's stop endpoint and says whether the answer itself proves the
   run's final state (`StopResult.terminal`); when it does not, the caller confirms by other
   means.
@@ -414,7 +415,7 @@ class Provider:
     def follow(self, external_id: str, refs: dict[str, Any]) -> AsyncGenerator[Event]:
         raise NotImplementedError
 
-    async def status(self, external_id: str) -> StatusResult:
+    async def status(self, external_id: str, refs: dict[str, Any] | None = None) -> StatusResult:
         raise NotImplementedError
 
     async def stop(

@@ -188,7 +188,7 @@ class DifyProvider(Provider):
         name, mode = info.get("name") or "(unnamed)", info.get("mode") or "unknown mode"
         return f"Dify answered: app {name} ({mode})."
 
-    async def status(self, external_id: str) -> StatusResult:
+    async def status(self, external_id: str, refs: dict[str, Any] | None = None) -> StatusResult:
         raise ProviderError("NO_STATUS", "Dify has no status endpoint for chat tasks.")
 
     async def stop(

@@ -270,7 +270,7 @@ class FayProvider(Provider):
                 raise await self.over_quota(endpoint, exc) from None
             raise
 
-    async def status(self, external_id: str) -> StatusResult:
+    async def status(self, external_id: str, refs: dict[str, Any] | None = None) -> StatusResult:
         data = await self.counted(
             "status", "GET", f"/conversation/{self.segment(external_id)}/status"
         )

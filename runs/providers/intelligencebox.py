@@ -289,7 +289,7 @@ class IntelligenceBoxProvider(Provider):
         result = await self.status("runbrake-connection-check")
         return f"The IntelligenceBox answered and accepted the key ({result.provider_status})."
 
-    async def status(self, external_id: str) -> StatusResult:
+    async def status(self, external_id: str, refs: dict[str, Any] | None = None) -> StatusResult:
         response = await self.request("GET", f"/api/ai/chat/{external_id}/stream-status")
         if not response.is_success:
             raise self.error_from(response)

@@ -493,8 +493,10 @@ class XpanderProvider(Provider):
             raise self.error_from(response)
         return parse_json(response.text)
 
-    async def status(self, external_id: str, *, agent_id: str | None = None) -> StatusResult:
-        snapshot = await self.snapshot(external_id, agent_id or self.agent_of({}))
+    async def status(self, external_id: str, refs: dict[str, Any] | None = None) -> StatusResult:
+        # The run's own agent (its refs), else the account's.
+        agent_id = str((refs or {}).get("agent_id") or self.agent_of({}))
+        snapshot = await self.snapshot(external_id, agent_id)
         if snapshot.outcome is None:
             return StatusResult(provider_status=snapshot.provider_status, terminal=None)
         finished = snapshot.outcome.finished()
