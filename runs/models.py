@@ -372,6 +372,12 @@ class ProviderAccount(models.Model):
 HOUR = dt.timedelta(hours=1)
 
 
+def _seconds_words(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min"
+
+
 def _provider_words(status: Any) -> str:
     """A provider's status as the run keeps it: its words, cut to the column (hostile input
     has no length limit)."""
@@ -940,6 +946,27 @@ class Run(models.Model):
         return " · ".join(parts)
 
     @property
+    def pacing_note(self) -> str:
+        """How often Runbrake reads a polled run's status, and why (the account's quota), in
+        words; "" where the provider streams or no quota paces it."""
+        account = self.provider_account
+        if not self.is_active or self.provider != ProviderKind.FAY:
+            return ""
+        if account.receives_webhooks:
+            return (
+                "Fay pushes this run's news (webhooks); its status is read only every 10 "
+                "minutes, as a safety net."
+            )
+        limit = account.limits.get("status")
+        if not limit:
+            return ""
+        every = account.poll_interval("status", 2.0)
+        return (
+            f"Fay's status is read about every {_seconds_words(every)}, so that this account's "
+            f"running runs fit its {limit:,} status reads an hour."
+        )
+
+    @property
     def is_queued(self) -> bool:
         """Launched, but held back until the account's create quota allows sending it."""
         return self.status == Status.PENDING and self.quota_endpoint == "create"
@@ -1376,7 +1403,7 @@ class Run(models.Model):
             or (
                 "Completed — the run finished before the stop landed."
                 if before_stop
-                else "Completed."
+                else f"Completed — known from {Proof(proof).label}."
             ),
             data={"proof": proof},
             finished_at=timezone.now(),

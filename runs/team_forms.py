@@ -123,7 +123,7 @@ class ProviderAccountForm(forms.ModelForm):
     class Meta:
         model = ProviderAccount
         fields = ["kind", "name", "base_url", "quota_tier"]
-        labels = {"base_url": "Base URL", "quota_tier": "Quota"}
+        labels = {"base_url": "Base URL", "quota_tier": "Plan at the provider"}
         help_texts = {
             "quota_tier": "The plan of this key at the provider. Runbrake paces its calls to "
             "fit it, queues launches and stops past it, and says so. Fay: free 10 launches, "
