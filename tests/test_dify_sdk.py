@@ -60,7 +60,9 @@ def test_it_streams_stops_and_reads_history_with_the_official_sdk(client, sim):
     (sent,) = [
         r
         for r in sim.requests("dify")
-        if r["path"].endswith("/chat-messages") and (r["body"] or {}).get("query") == query
+        if r["path"].endswith("/chat-messages")
+        and isinstance(r["body"], dict)
+        and r["body"].get("query") == query
     ]
     assert sent["body"] == {
         "inputs": {},
