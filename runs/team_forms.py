@@ -74,7 +74,8 @@ class TeamSettingsForm(forms.ModelForm):
 
 OPTIONS_HELP = {
     ProviderKind.FAY: '{"poll_interval": 2} — seconds between status reads.',
-    ProviderKind.DIFY: '{"user": "runbrake"} — the default end-user id.',
+    ProviderKind.DIFY: '{"user": "runbrake", "max_execution_seconds": 1200} — the default '
+    "end-user id; the app's APP_MAX_EXECUTION_TIME, if changed.",
     ProviderKind.INTELLIGENCEBOX: '{"box_address": "…"} — if it differs from the base URL.',
     ProviderKind.XPANDER: '{"agent_id": "…"} — the agent runs go to (required to launch).',
 }

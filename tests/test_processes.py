@@ -141,12 +141,13 @@ def test_a_watcher_killed_mid_stream_hands_its_runs_to_another_that_still_stops_
     seen = {run.pk: len(run.output) for run in orphaned}
 
     def taken_over_and_followed() -> bool:
-        # Dify's history shows the answer so far, so a followed Dify run visibly grows.
+        # Dify's history shows no answer until the reply ends, so a Dify run followed through
+        # it shows Dify's "generating" (a run the survivor re-attached to, not the old stream).
         for run in orphaned:
             run.refresh_from_db()
             if holder_pid(run) != survivor.pid:
                 return False
-            if run.provider == "dify" and len(run.output) <= seen[run.pk]:
+            if run.provider == "dify" and run.provider_status != "generating":
                 return False
         return True
 
@@ -323,10 +324,11 @@ def test_a_watcher_stopped_while_its_start_call_is_out_waits_for_the_id_then_han
     run.refresh_from_db()
     assert run.external_id, "the shutting-down watcher did not wait for the provider's id"
     assert run.status in (Status.PENDING, Status.RUNNING), run.status
+    # Dify's history shows no answer until the reply ends: the follower says "generating".
     wait_until(
         lambda: (
             holder_pid(run) == other.pid
-            and Run.objects.filter(pk=run.pk).exclude(output="").exists()
+            and Run.objects.filter(pk=run.pk, provider_status="generating").exists()
         ),
         "the other watcher to follow the run",
     )

@@ -28,7 +28,10 @@ USAGE_FIELDS = {
     "total_price",
     "currency",
     "latency",
+    "time_to_first_token",
+    "time_to_generate",
 }
+UUID_NIL = "00000000-0000-0000-0000-000000000000"
 
 
 @pytest.fixture
@@ -70,14 +73,18 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 5.0) 
         await asyncio.sleep(0.05)
 
 
-async def history(api: httpx.AsyncClient, conversation_id: str, user: str = "alice") -> Any:
-    r = await api.get("/messages", params={"conversation_id": conversation_id, "user": user})
+async def history(
+    api: httpx.AsyncClient, conversation_id: str, user: str = "alice", **kw: Any
+) -> Any:
+    r = await api.get("/messages", params={"conversation_id": conversation_id, "user": user}, **kw)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-async def stop(api: httpx.AsyncClient, task_id: str, user: str = "alice") -> httpx.Response:
-    return await api.post(f"/chat-messages/{task_id}/stop", json={"user": user})
+async def stop(
+    api: httpx.AsyncClient, task_id: str, user: str = "alice", **kw: Any
+) -> httpx.Response:
+    return await api.post(f"/chat-messages/{task_id}/stop", json={"user": user}, **kw)
 
 
 # --- streaming -------------------------------------------------------------------------------
@@ -105,9 +112,17 @@ async def test_it_streams_message_deltas_then_message_end(api, sim):
     for event in parsed:
         for field in ("task_id", "id", "message_id", "conversation_id", "created_at"):
             assert event[field] == first[field]
+    assert {d["from_variable_selector"] for d in deltas} == {None}
     assert end["event"] == "message_end"
-    assert set(end["metadata"]["usage"]) == USAGE_FIELDS
-    assert end["metadata"]["usage"]["currency"] == "USD"
+    # EasyUI's message_end: files null without files, annotation_reply null, full usage.
+    assert end["files"] is None
+    assert list(end["metadata"]) == ["annotation_reply", "retriever_resources", "usage"]
+    assert end["metadata"]["annotation_reply"] is None
+    usage = end["metadata"]["usage"]
+    assert set(usage) == USAGE_FIELDS
+    assert usage["currency"] == "USD"
+    assert all(isinstance(usage[k], str) for k in USAGE_FIELDS if k.endswith(("price", "_unit")))
+    assert (usage["time_to_first_token"], usage["time_to_generate"]) == (None, None)
     answer = "".join(d["answer"] for d in deltas)
     assert answer.startswith("### Quantum computing\n\n")
     assert "sim:" not in answer
@@ -125,6 +140,11 @@ async def test_it_writes_difys_wire_format_with_bare_pings(api):
     assert all(b == "event: ping" or b.startswith("data: {") for b in blocks)
     assert blocks.count("event: ping") >= 2
     assert json.loads(blocks[-1].removeprefix("data: "))["event"] == "message_end"
+    # orjson's compact output: no spaces after separators, non-ASCII written raw.
+    for block in blocks:
+        if block.startswith("data: "):
+            text = block.removeprefix("data: ")
+            assert text == json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False)
 
 
 async def test_it_answers_in_one_json_in_blocking_mode(api):
@@ -158,12 +178,24 @@ async def test_it_waits_before_the_first_event_with_sim_delay(api):
 async def test_it_streams_agent_messages_for_agent_apps(api):
     agent = {"Authorization": "Bearer sim-agent-acme"}
     events = await events_of(api, body("Agent sim:duration=0.2"), headers=agent)
-    assert {e["event"] for e in data(events)} == {"agent_message", "message_end"}
+    names = [e["event"] for e in data(events)]
+    assert set(names) == {"agent_thought", "agent_message", "message_end"}
+    assert names[-1] == "message_end"
+    assert "message" not in names  # agent-chat sends no closing full answer
+    thoughts = data(events, "agent_thought")
+    assert thoughts[-1]["thought"] == "".join(e["answer"] for e in data(events, "agent_message"))
+    # AgentChatAppGenerator raises a ValueError: invalid_param, not bad_request.
     r = await api.post(
         "/chat-messages", json=body("Agent", response_mode="blocking"), headers=agent
     )
-    assert r.status_code == 400
-    assert r.json()["code"] == "bad_request"
+    assert (r.status_code, r.json()) == (
+        400,
+        {
+            "code": "invalid_param",
+            "message": "Agent Chat App does not support blocking mode",
+            "status": 400,
+        },
+    )
     info = await api.get("/info", headers=agent)
     assert info.json()["mode"] == "agent-chat"
 
@@ -204,16 +236,7 @@ async def test_it_answers_auth_errors_with_difys_exact_bodies(sim, authorization
         ({"user": None}, 400, "invalid_param", "Arg user must be provided."),
         ({"user": ""}, 400, "invalid_param", "Arg user must be provided."),
         ({"query": ""}, 400, "invalid_param", "query is required"),
-        ({"query": None}, 400, "invalid_param", "query is required"),
-        ({"inputs": None}, 400, "invalid_param", "inputs is required"),
-        ({"inputs": []}, 400, "invalid_param", "inputs must be an object"),
-        (
-            {"response_mode": "fast"},
-            400,
-            "invalid_param",
-            "response_mode must be 'streaming' or 'blocking'",
-        ),
-        ({"conversation_id": "42"}, 400, "invalid_param", "conversation_id must be a valid UUID"),
+        ({"query": "\x00"}, 400, "invalid_param", "query is required"),
         ({"conversation_id": str(uuid.uuid4())}, 404, "not_found", "Conversation Not Exists."),
     ],
 )
@@ -224,6 +247,43 @@ async def test_it_validates_the_chat_request(api, change, status, code, message)
         status,
         {"code": code, "message": message, "status": status},
     )
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "problem"),
+    [
+        ({"inputs": None}, "inputs", "Field required [type=missing"),
+        ({"inputs": []}, "inputs", "Input should be a valid dictionary [type=dict_type"),
+        ({"query": None}, "query", "Field required [type=missing"),
+        ({"query": 7}, "query", "Input should be a valid string [type=string_type"),
+        ({"files": "x"}, "files", "Input should be a valid list [type=list_type"),
+        (
+            {"response_mode": "fast"},
+            "response_mode",
+            "Input should be 'blocking' or 'streaming' [type=literal_error",
+        ),
+        (
+            {"conversation_id": "42"},
+            "conversation_id",
+            "Value error, conversation_id must be a valid UUID [type=value_error",
+        ),
+    ],
+)
+async def test_it_refuses_a_malformed_payload_in_pydantics_words(api, change, field, problem):
+    # ChatRequestPayload.model_validate: a ValidationError is a ValueError, so invalid_param
+    # with pydantic's own text (not a message of Dify's).
+    payload = {k: v for k, v in (body("Validate me") | change).items() if v is not None}
+    r = await api.post("/chat-messages", json=payload)
+    assert r.status_code == 400
+    assert r.json()["code"] == "invalid_param"
+    lines = r.json()["message"].split("\n")
+    assert lines[:2] == ["1 validation error for ChatRequestPayload", field]
+    assert lines[2].startswith(f"  {problem}")
+
+
+async def test_it_accepts_files_null_as_the_official_sdk_sends(api):
+    events = await events_of(api, body("With files null sim:duration=0.1", files=None))
+    assert data(events)[-1]["event"] == "message_end"
 
 
 async def test_it_hides_another_users_conversation(api):
@@ -260,18 +320,23 @@ async def test_it_refuses_chat_routes_for_a_workflow_app(api):
 
 
 @pytest.mark.parametrize(
-    ("kind", "status", "code"),
-    [("rate_limit", 429, "too_many_requests"), ("server_error", 500, "internal_server_error")],
+    ("kind", "status", "code", "message"),
+    [
+        # AppInvokeQuotaExceededError subclasses ValueError: the ValueError handler wins.
+        ("rate_limit", 400, "invalid_param", "Too many requests. Please try again later."),
+        ("rate_limit_429", 429, "too_many_requests", "Too many requests. Please try again later."),
+        ("server_error", 500, "internal_server_error", "Internal Server Error"),
+    ],
 )
-async def test_it_fails_the_first_three_calls_then_streams(api, kind, status, code):
+async def test_it_fails_the_first_three_calls_then_streams(api, kind, status, code, message):
     payload = body(unique(f"Flaky sim:fail={kind} sim:duration=0.1"))
     for _ in range(3):
         r = await api.post("/chat-messages", json=payload)
         assert r.status_code == status
         assert r.json()["code"] == code
         assert r.json()["status"] == status
-        if kind == "rate_limit":
-            assert r.headers["retry-after"] == "1"
+        assert r.json()["message"].startswith(message)
+        assert "retry-after" not in r.headers  # Dify never sends one
     events = await events_of(api, payload)
     assert data(events)[-1]["event"] == "message_end"
 
@@ -301,7 +366,8 @@ async def test_it_sends_an_error_event_halfway_with_sim_fail_error(api):
     stored = (await history(api, failure["conversation_id"]))["data"][0]
     assert stored["status"] == "error"
     assert stored["error"] == failure["message"]
-    assert stored["answer"] == "".join(e["answer"] for e in parsed[:3])
+    # handle_error saves no partial text (this test used to expect the partial answer).
+    assert stored["answer"] == ""
 
     r = await api.post(
         "/chat-messages", json=body("Doomed sim:fail=error sim:duration=0.2", response_mode=None)
@@ -321,8 +387,9 @@ async def test_it_drops_the_stream_halfway_and_keeps_generating(api):
     conversation_id = parsed[0]["conversation_id"]
 
     during = (await history(api, conversation_id))["data"][0]
-    assert during["status"] == "normal"
-    assert len(during["answer"]) < len(full)
+    # Dify writes the answer only when the reply ends (this test used to expect the answer
+    # so far).
+    assert (during["status"], during["answer"]) == ("normal", "")
 
     async def finished() -> bool:
         return (await history(api, conversation_id))["data"][0]["answer"] == full
@@ -349,7 +416,8 @@ async def test_it_stops_mid_stream_with_message_end_and_keeps_the_partial_answer
     assert end["metadata"]["usage"]["completion_tokens"] == len(first["answer"]) // 4
 
     stored = await history(api, first["conversation_id"])
-    assert stored["data"][0]["answer"] == first["answer"]
+    # _save_message saves the partial text, stripped.
+    assert stored["data"][0]["answer"] == first["answer"].strip()
     assert stored["data"][0]["status"] == "normal"
     assert stored["data"][0]["error"] is None
     # A second stop of the now finished task: the same success, nothing else.
@@ -424,7 +492,10 @@ async def test_it_ends_late_after_a_stop_with_sim_stop_slow(api):
 # --- history ---------------------------------------------------------------------------------
 
 
-async def test_it_lists_history_newest_first_with_the_answer_so_far(api):
+async def test_it_lists_history_oldest_first_with_no_answer_until_the_end(api):
+    # Both used to be the other way round (newest first, the answer so far), as our old
+    # contract said; Dify's pagination_by_first_id reverses each page, and _save_message
+    # writes the answer only when the reply ends.
     user = unique("history-user")
     one = await events_of(api, body("First question sim:duration=0.1", user=user))
     conversation_id = data(one)[0]["conversation_id"]
@@ -439,19 +510,36 @@ async def test_it_lists_history_newest_first_with_the_answer_so_far(api):
         page = await history(api, conversation_id, user)
         assert page["limit"] == 20
         assert page["has_more"] is False
-        newest, oldest = page["data"]
+        oldest, newest = page["data"]
         assert newest["id"] == seen["message_id"]
         assert newest["query"] == "Second question sim:duration=2 sim:chunks=20"
-        assert newest["status"] == "normal"
-        assert newest["answer"].startswith(seen["answer"])  # the answer so far
-        assert newest["parent_message_id"] == oldest["id"]
-        assert oldest["answer"] == first_answer
-        assert oldest["parent_message_id"] is None
-        for field in ("message_files", "retriever_resources", "agent_thoughts"):
+        assert (newest["status"], newest["answer"], newest["error"]) == ("normal", "", None)
+        assert oldest["answer"] == first_answer.strip()
+        assert {oldest["parent_message_id"], newest["parent_message_id"]} == {UUID_NIL}
+        assert list(newest) == [
+            "id",
+            "conversation_id",
+            "parent_message_id",
+            "inputs",
+            "query",
+            "answer",
+            "feedback",
+            "retriever_resources",
+            "created_at",
+            "agent_thoughts",
+            "message_files",
+            "status",
+            "error",
+            "extra_contents",
+        ]
+        for field in ("message_files", "retriever_resources", "agent_thoughts", "extra_contents"):
             assert newest[field] == []
         await stop(api, seen["task_id"], user=user)
         rest = [sse async for sse in events]
     assert data(rest)[-1]["event"] == "message_end"
+    streamed = seen["answer"] + "".join(e["answer"] for e in data(rest, "message"))
+    after = (await history(api, conversation_id, user))["data"][-1]
+    assert after["answer"] == streamed.strip()  # the partial text, once stopped
 
     paged = await api.get(
         "/messages", params={"conversation_id": conversation_id, "user": user, "limit": 1}
@@ -463,6 +551,31 @@ async def test_it_lists_history_newest_first_with_the_answer_so_far(api):
         params={"conversation_id": conversation_id, "user": user, "first_id": newest["id"]},
     )
     assert [m["id"] for m in older.json()["data"]] == [oldest["id"]]
+    assert older.json()["has_more"] is False
+
+
+async def test_it_lists_no_messages_for_an_empty_conversation_id(api):
+    r = await api.get("/messages", params={"conversation_id": "", "user": "alice", "limit": 5})
+    assert (r.status_code, r.json()) == (200, {"limit": 5, "has_more": False, "data": []})
+
+
+@pytest.mark.parametrize(
+    ("params", "field", "problem"),
+    [
+        ({}, "conversation_id", "Field required [type=missing"),
+        ({"conversation_id": "42"}, "conversation_id", "Value error, conversation_id must be"),
+        ({"conversation_id": "", "limit": "0"}, "limit", "Input should be greater than or equal"),
+        ({"conversation_id": "", "limit": "101"}, "limit", "Input should be less than or equal"),
+        ({"conversation_id": "", "first_id": "x"}, "first_id", "Value error, first_id must be"),
+    ],
+)
+async def test_it_refuses_a_malformed_history_query_in_pydantics_words(api, params, field, problem):
+    r = await api.get("/messages", params={"user": "alice", **params})
+    assert r.status_code == 400
+    assert r.json()["code"] == "invalid_param"
+    lines = r.json()["message"].split("\n")
+    assert lines[:2] == ["1 validation error for MessageListQuery", field]
+    assert lines[2].startswith(f"  {problem}")
 
 
 async def test_it_lists_the_users_conversations_most_recent_first(api):
@@ -505,3 +618,223 @@ async def test_it_describes_the_app(api):
         "mode": "chat",
         "author_name": "Runbrake",
     }
+
+
+async def test_it_describes_each_kind_of_app_by_its_key(api):
+    for key, mode in (
+        ("sim-agent-acme", "agent-chat"),
+        ("sim-newagent-acme", "agent"),
+        ("sim-chatflow-acme", "advanced-chat"),
+        ("sim-workflow-acme", "workflow"),
+    ):
+        r = await api.get("/info", headers={"Authorization": f"Bearer {key}"})
+        assert r.json()["mode"] == mode
+
+
+async def test_it_serves_the_app_parameters(api):
+    r = await api.get("/parameters", params={"user": "alice"})
+    assert r.status_code == 200
+    assert r.json()["user_input_form"] == []
+    assert "system_parameters" in r.json()
+
+
+# --- message_file ----------------------------------------------------------------------------
+
+
+async def test_it_labels_chat_text_message_file_once_the_message_has_a_file(api):
+    # get_message_event_type: text chunks of a message with a file go out as message_file
+    # carrying `answer` (the 1.12 trace in LangBot #1964).
+    events = await events_of(api, body("Vision sim:message_file sim:duration=0.3 sim:chunks=4"))
+    parsed = data(events)
+    assert [e["event"] for e in parsed] == ["message"] + ["message_file"] * 3 + ["message_end"]
+    for chunk in parsed[1:4]:
+        assert set(chunk) == {
+            "event",
+            "conversation_id",
+            "message_id",
+            "created_at",
+            "task_id",
+            "id",
+            "answer",
+            "from_variable_selector",
+        }
+    text = "".join(e["answer"] for e in parsed[:4])
+    assert text.startswith("### Vision")
+    end = parsed[-1]
+    assert [f["transfer_method"] for f in end["files"]] == ["remote_url"]
+    stored = (await history(api, end["conversation_id"]))["data"][-1]
+    assert stored["answer"] == text.strip()
+    assert [f["belongs_to"] for f in stored["message_files"]] == ["user"]
+
+
+# --- New Agent -------------------------------------------------------------------------------
+
+NEW_AGENT = {"Authorization": "Bearer sim-newagent-acme"}
+
+
+async def test_it_streams_a_new_agent_reply_then_one_closing_message(api):
+    payload = body("Commute sim:duration=0.3 sim:chunks=4")
+    del payload["response_mode"]  # New Agent streams when response_mode is omitted
+    events = await events_of(api, payload, headers=NEW_AGENT)
+    parsed = data(events)
+    names = [e["event"] for e in parsed]
+    assert names == ["agent_thought", "agent_message"] * 4 + ["message", "message_end"]
+    deltas = "".join(e["answer"] for e in data(events, "agent_message"))
+    closing = parsed[-2]
+    assert closing["answer"] == deltas  # the whole answer again: replace, never append
+    assert closing["from_variable_selector"] is None
+    assert len({e["id"] for e in data(events, "agent_thought")}) == 1  # one answer row
+    stored = (await history(api, closing["conversation_id"], headers=NEW_AGENT))["data"][-1]
+    assert stored["answer"] == deltas.strip()
+
+    r = await api.post(
+        "/chat-messages", json=body("Blocking", response_mode="blocking"), headers=NEW_AGENT
+    )
+    assert (r.status_code, r.json()["code"]) == (400, "bad_request")
+
+
+async def test_it_ends_a_stopped_new_agent_reply_without_a_closing_message(api):
+    payload = body("Long agent sim:duration=20 sim:chunks=4")
+    async with aconnect_sse(api, "POST", "/chat-messages", json=payload, headers=NEW_AGENT) as s:
+        events = s.aiter_sse()
+        thought = json.loads((await anext(events)).data)
+        first = json.loads((await anext(events)).data)
+        assert (thought["event"], first["event"]) == ("agent_thought", "agent_message")
+        await stop(api, first["task_id"], headers=NEW_AGENT)
+        rest = data([sse async for sse in events])
+    assert [e["event"] for e in rest] == ["message_end"]
+    stored = (await history(api, first["conversation_id"], headers=NEW_AGENT))["data"][-1]
+    assert stored["answer"] == first["answer"].strip()
+
+
+async def test_it_sends_a_new_agent_tool_file_then_the_closing_answer_as_message_file(api):
+    events = await events_of(
+        api, body("Chart sim:message_file sim:duration=0.2 sim:chunks=2"), headers=NEW_AGENT
+    )
+    parsed = data(events)
+    names = [e["event"] for e in parsed]
+    assert names[:3] == ["agent_thought", "agent_thought", "message_file"]
+    assert names[-2:] == ["message_file", "message_end"]
+    made = parsed[2]
+    assert (made["type"], made["belongs_to"]) == ("image", "assistant")
+    assert "answer" not in made
+    assert "/files/tools/" in made["url"]
+    deltas = "".join(e["answer"] for e in data(events, "agent_message"))
+    assert parsed[-2]["answer"] == deltas
+    assert parsed[-1]["files"][0]["related_id"] == made["id"]
+
+
+# --- Chatflow --------------------------------------------------------------------------------
+
+CHATFLOW = {"Authorization": "Bearer sim-chatflow-acme"}
+
+
+async def raw_blocks(api: httpx.AsyncClient, payload: dict[str, Any], **kw: Any) -> list[str]:
+    async with api.stream("POST", "/chat-messages", json=payload, **kw) as response:
+        raw = "".join([text async for text in response.aiter_text()])
+    assert raw.endswith("\n\n")
+    return raw.split("\n\n")[:-1]
+
+
+async def test_it_streams_a_chatflow_and_closes_at_workflow_finished(api):
+    blocks = await raw_blocks(api, body("Memo sim:duration=0.3 sim:chunks=3"), headers=CHATFLOW)
+    assert blocks[0] == "event: ping"  # at once, before anything else
+    parsed = [json.loads(b.removeprefix("data: ")) for b in blocks if b != "event: ping"]
+    names = [e["event"] for e in parsed]
+    assert names[:4] == ["workflow_started", "node_started", "node_finished", "node_started"]
+    assert names[-2:] == ["message_end", "workflow_finished"]  # message_end first
+    assert names.count("message") == 3
+    deltas = [e for e in parsed if e["event"] == "message"]
+    assert {tuple(d["from_variable_selector"]) for d in deltas} == {("1782899000001", "text")}
+    started = parsed[0]
+    assert started["data"]["reason"] == "initial"
+    assert started["workflow_run_id"] == parsed[-1]["workflow_run_id"]
+    nodes = [e["data"]["title"] for e in parsed if e["event"] == "node_started"]
+    assert nodes == ["Start", "LLM", "Answer"]
+    finished = parsed[-1]["data"]
+    text = "".join(d["answer"] for d in deltas)
+    assert (finished["status"], finished["error"]) == ("succeeded", None)
+    assert finished["outputs"] == {"answer": text}
+    end = parsed[-2]
+    assert end["files"] == []
+    assert isinstance(end["metadata"]["usage"]["time_to_first_token"], float)
+    stored = (await history(api, end["conversation_id"], headers=CHATFLOW))["data"][-1]
+    assert stored["answer"] == text
+
+
+async def chatflow_stopped(api: httpx.AsyncClient, query: str, stopper: str) -> list[Any]:
+    async with aconnect_sse(
+        api, "POST", "/chat-messages", json=body(query), headers=CHATFLOW
+    ) as source:
+        events = source.aiter_sse()
+        first = None
+        async for sse in events:
+            if sse.event != "ping" and json.loads(sse.data)["event"] == "message":
+                first = json.loads(sse.data)
+                break
+        assert first is not None
+        assert (await stop(api, first["task_id"], user=stopper, headers=CHATFLOW)).json() == {
+            "result": "success"
+        }
+        return [first, *data([sse async for sse in events])]
+
+
+async def test_it_stops_a_chatflow_with_workflow_finished_stopped_and_closes(api):
+    first, *rest = await chatflow_stopped(api, "Long flow sim:duration=20 sim:chunks=4", "alice")
+    # The reader returns on workflow_finished: the message_end published after it never
+    # reaches the client.
+    assert [e["event"] for e in rest] == ["workflow_finished"]
+    assert (rest[0]["data"]["status"], rest[0]["data"]["error"]) == ("stopped", "Stopped by user.")
+    stored = (await history(api, first["conversation_id"], headers=CHATFLOW))["data"][-1]
+    assert (stored["status"], stored["answer"]) == ("normal", first["answer"])
+
+
+async def test_it_aborts_a_chatflow_with_sim_stop_abort(api):
+    first, *rest = await chatflow_stopped(
+        api, "Abort flow sim:stop=abort sim:duration=20 sim:chunks=4", "alice"
+    )
+    assert [e["event"] for e in rest] == ["workflow_finished"]
+    assert rest[0]["data"]["status"] == "failed"
+    assert rest[0]["data"]["error"] == "Aborted: User requested stop"
+    stored = (await history(api, first["conversation_id"], headers=CHATFLOW))["data"][-1]
+    assert (stored["status"], stored["answer"]) == ("error", "")
+
+
+async def test_it_aborts_a_chatflow_even_for_a_stop_from_another_user(api):
+    # send_stop_command reaches the graph engine "without user validation".
+    _first, *rest = await chatflow_stopped(api, "Flow sim:duration=20 sim:chunks=4", "mallory")
+    assert rest[0]["data"]["error"] == "Aborted: User requested stop"
+
+
+async def test_it_keeps_a_chatflow_stream_open_after_a_pre_run_error(api):
+    started = time.monotonic()
+    blocks = await raw_blocks(
+        api,
+        body("Broken flow sim:fail=prerun sim:idle_timeout=0.6 sim:ping_interval=0.2"),
+        headers=CHATFLOW,
+    )
+    parsed = [json.loads(b.removeprefix("data: ")) for b in blocks if b != "event: ping"]
+    # workflow_execute_task._publish_error_event: no code and no ids; then nothing terminal,
+    # so Dify's reader waits until its idle timeout (dify #37197).
+    assert parsed == [{"event": "error", "message": "query is required", "status": 500}]
+    assert time.monotonic() - started >= 0.55
+    assert blocks[0] == "event: ping"
+
+
+# --- history while an agent works ------------------------------------------------------------
+
+
+async def test_it_shows_an_agents_thoughts_growing_in_history(api):
+    agent = {"Authorization": "Bearer sim-agent-acme"}
+    payload = body("Thinking sim:duration=20 sim:chunks=4")
+    async with aconnect_sse(api, "POST", "/chat-messages", json=payload, headers=agent) as source:
+        events = source.aiter_sse()
+        call = json.loads((await anext(events)).data)
+        assert call["event"] == "agent_thought"
+        stored = (await history(api, call["conversation_id"], headers=agent))["data"][-1]
+        assert stored["answer"] == ""
+        assert [t["tool"] for t in stored["agent_thoughts"]] == ["current_time"]
+        assert stored["agent_thoughts"][0]["observation"] == ""
+        await stop(api, call["task_id"], headers=agent)
+        rest = data([sse async for sse in events])
+    assert rest[-1]["event"] == "message_end"
