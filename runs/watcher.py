@@ -675,7 +675,12 @@ class Session:
             finished.status == "completed"
             and self.provider.normal_end_confirms_stop
             and run.stop_sent_at
-            and run.status == Status.STOPPING
+            and (
+                run.status == Status.STOPPING
+                # Past the deadline a normal end may be the run finishing despite the stop,
+                # unless it ended with no text at all: stopped before its first word.
+                or (run.status == Status.STOP_UNCONFIRMED and not self.text)
+            )
         ):
             # Dify ends a stopped reply exactly like a finished one (its stream's message_end,
             # or its history's saved answer).

@@ -11,8 +11,8 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.utils import timezone
 
-from runs.models import Channel, Run, Status
-from runs.providers.base import Running, Started
+from runs.models import Channel, ProviderAccount, Run, Status
+from runs.providers.base import Finished, Running, Started
 from runs.watcher import Session, Watcher
 from tests.conftest import sim_account, start_at_provider
 
@@ -354,3 +354,47 @@ async def test_shutdown_lets_an_intelligencebox_stream_finish(acme, bob, sim, se
     await watcher.shutdown()
     await run.arefresh_from_db()
     assert run.status == Status.COMPLETED, run.status
+
+
+async def _dify_run_with_an_unconfirmed_stop(acme, sim, bob) -> Run:
+    account = await sync_to_async(sim_account)(acme, sim, "dify")
+    launched = await sync_to_async(Run.objects.launch)(
+        account=account, user=bob, prompt="q", options={}, timeout_seconds=600
+    )
+    run = await Run.objects.select_related("provider_account").aget(pk=launched.pk)
+    await sync_to_async(run.record_external_id)(
+        "task-1", {"conversation_id": "c", "message_id": "m"}
+    )
+    await sync_to_async(run.request_stop)(actor=bob, channel=Channel.BUTTON)
+    await sync_to_async(run.mark_stop_unconfirmed)()
+    return run
+
+
+async def test_a_dify_reply_that_ended_with_no_answer_after_the_stop_is_stopped(acme, sim, bob):
+    """Dify saves an empty answer for a reply stopped before its first word, exactly like one
+    still generating; once its record settles empty after the stop, the stop landed."""
+    run = await _dify_run_with_an_unconfirmed_stop(acme, sim, bob)
+    session = Session(
+        run, (await ProviderAccount.objects.aget(pk=run.provider_account_id)).provider()
+    )
+    await session.apply(Finished("completed", "history:no_answer", via="history"))
+    await run.arefresh_from_db()
+    assert run.status == Status.STOPPED
+    assert run.proof == "history"
+    assert "record of the message" in run.stop_confirmation
+
+
+async def test_a_dify_reply_with_text_after_an_unconfirmed_stop_completed_despite_it(
+    acme, sim, bob
+):
+    run = await _dify_run_with_an_unconfirmed_stop(acme, sim, bob)
+    session = Session(
+        run, (await ProviderAccount.objects.aget(pk=run.provider_account_id)).provider()
+    )
+    await session.apply(
+        Finished("completed", "history:answer", output="The whole answer.", via="history")
+    )
+    await run.arefresh_from_db()
+    assert run.status == Status.COMPLETED
+    assert run.output == "The whole answer."
+    assert "despite the stop" in (await run.events.alast()).message

@@ -25,6 +25,7 @@ import email.utils
 import json
 import math
 import random
+import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, Protocol
@@ -32,6 +33,9 @@ from urllib.parse import quote
 
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
+
+# What may not appear in an id that goes into a URL path.
+UNSAFE_SEGMENT = re.compile(r"/|\.\.|[\x00-\x1f\x7f]")
 
 COMPLETED: Final = "completed"
 FAILED: Final = "failed"
@@ -298,15 +302,17 @@ class Provider:
     def url(self, path: str) -> str:
         return self.config.base_url.rstrip("/") + path
 
-    def segment(self, value: str) -> str:
-        """An id for one path segment: ids come from users and providers (hostile input), and
-        "../../admin" must not walk the key to another endpoint of the provider."""
+    def segment(self, value: str, what: str = "id") -> str:
+        """One URL path segment. Ids come from users and providers (hostile input): one that
+        could climb out of its segment is refused before any request carries the key (an
+        xpander agent id of `../../internal/admin?x=` once did), the rest is quoted."""
         text = str(value)
-        if not text or text in (".", "..") or any(ord(c) < 32 or c == "\x7f" for c in text):
+        if not text or UNSAFE_SEGMENT.search(text):
             raise ProviderError(
                 "VALIDATION_ERROR",
-                f"{self.label} ids cannot be empty or contain control characters; got "
-                f"{text[:40]!r}.",
+                f"The {what} {text[:80]!r} cannot be sent to {self.label}: it is empty or "
+                "contains '/', '..' or a control character. Check the id on the run or the "
+                "provider account.",
             )
         return quote(text, safe="")
 

@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import httpx
 
@@ -87,18 +87,6 @@ class DifyProvider(Provider):
     kind = "dify"
     label = "Dify"
     normal_end_confirms_stop = True
-
-    def segment(self, value: str) -> str:
-        """An id for one path segment (hostile input: "../" must not reach another endpoint).
-        Same as base.Provider.segment on main; this copy goes when that lands here."""
-        text = str(value)
-        if not text or text in (".", "..") or any(ord(c) < 32 or c == "\x7f" for c in text):
-            raise ProviderError(
-                "VALIDATION_ERROR",
-                f"{self.label} ids cannot be empty or contain control characters; got "
-                f"{text[:40]!r}.",
-            )
-        return quote(text, safe="")
 
     def error_from(self, response: httpx.Response) -> ProviderError:
         payload = parse_json(response.text) if response.content else None

@@ -290,7 +290,9 @@ class IntelligenceBoxProvider(Provider):
         return f"The IntelligenceBox answered and accepted the key ({result.provider_status})."
 
     async def status(self, external_id: str, refs: dict[str, Any] | None = None) -> StatusResult:
-        response = await self.request("GET", f"/api/ai/chat/{external_id}/stream-status")
+        response = await self.request(
+            "GET", f"/api/ai/chat/{self.segment(external_id, 'chat id')}/stream-status"
+        )
         if not response.is_success:
             raise self.error_from(response)
         payload = parse_json(response.text)
@@ -307,7 +309,9 @@ class IntelligenceBoxProvider(Provider):
     async def stop(
         self, external_id: str, options: dict[str, Any], *, timeout: float | None = None
     ) -> StopResult:
-        response = await self.request("POST", f"/api/ai/chat/{external_id}/stop", timeout=timeout)
+        response = await self.request(
+            "POST", f"/api/ai/chat/{self.segment(external_id, 'chat id')}/stop", timeout=timeout
+        )
         payload = parse_json(response.text)
         if response.status_code in (401, 403) or not isinstance(payload, dict):
             raise self.error_from(response)

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 
@@ -17,6 +15,7 @@ from .base import (
     COMPLETED,
     FAILED,
     STOPPED,
+    UNSAFE_SEGMENT,
     Event,
     Finished,
     OutputDelta,
@@ -61,7 +60,6 @@ LIFECYCLE = (
     "task_updated",
     "task_finished",
 )
-UNSAFE_SEGMENT = re.compile(r"/|\.\.|[\x00-\x1f\x7f]")
 
 
 def native_status(value: Any) -> str:
@@ -72,18 +70,6 @@ def native_status(value: Any) -> str:
 
 def is_over(status: str) -> bool:
     return status == ENDED or TASK_STATUS.get(status) is not None
-
-
-def segment(value: str, what: str) -> str:
-    """One URL path segment. An id that could climb out of its segment is refused before any
-    request carries the API key (an agent id of `../../internal/admin?x=` once did)."""
-    if not value or UNSAFE_SEGMENT.search(value):
-        raise ProviderError(
-            "VALIDATION_ERROR",
-            f"The {what} {value[:80]!r} cannot be sent to xpander.ai: it is empty or contains "
-            "'/', '..' or a control character. Check the id on the run or the provider account.",
-        )
-    return quote(value, safe="")
 
 
 def safe_id(value: Any) -> str | None:
@@ -363,16 +349,16 @@ class XpanderProvider(Provider):
             raise ProviderError(
                 "VALIDATION_ERROR", "An xpander run needs an agent id (on the run or account)."
             )
-        segment(str(agent), "agent id")
+        self.segment(str(agent), "agent id")
         return str(agent)
 
     def conversation_path(self, agent_id: str, conversation_id: str) -> str:
         prefix = self.config.options.get("path_prefix") or "gateway/conversations"
-        agent = segment(agent_id, "agent id")
-        return f"/v1/agents/{agent}/{prefix}/{segment(conversation_id, 'conversation id')}"
+        agent = self.segment(agent_id, "agent id")
+        return f"/v1/agents/{agent}/{prefix}/{self.segment(conversation_id, 'conversation id')}"
 
     def task_path(self, task_id: str) -> str:
-        return f"/v1/tasks/{segment(task_id, 'task id')}"
+        return f"/v1/tasks/{self.segment(task_id, 'task id')}"
 
     async def run(self, prompt: str, options: dict[str, Any]) -> AsyncGenerator[Event]:
         agent_id = self.agent_of(options)
@@ -381,7 +367,7 @@ class XpanderProvider(Provider):
             body["input"]["user"] = options["user"]
         if options.get("conversation_id"):
             body["id"] = options["conversation_id"]
-        path = f"/v1/agents/{segment(agent_id, 'agent id')}/gateway/invoke/stream"
+        path = f"/v1/agents/{self.segment(agent_id, 'agent id')}/gateway/invoke/stream"
         reader = TurnReader(refs={"agent_id": agent_id})
         async with contextlib.aclosing(start_stream(self, path, body)) as stream:
             async for sse in stream:
