@@ -478,3 +478,28 @@ async def test_it_never_puts_a_sub_task_id_from_the_stream_into_a_url(
 
     assert result.terminal == COMPLETED
     assert all("admin" not in r.path for r in replay.received)
+
+
+async def test_it_falls_back_to_the_documented_invoke_stream_when_the_gateway_path_is_unknown(
+    replay: Replay, xpander: XpanderProvider
+) -> None:
+    """The gateway's run-turn-stream path is our assumption (its page does not show it); a
+    gateway that does not know it answers 404 before anything starts, and the documented
+    Invoke Agent stream takes the same body and streams the same events."""
+    replay.on("POST", INVOKE, Answer.json({"detail": "Not Found"}, status=404))
+    replay.on("POST", "/v1/agents/agt-1/invoke/stream", Answer.sse(sse("simple_turn.sse")))
+    events = await collect(xpander.run("What is the population of Paris?", {}))
+    assert finished(events).status == COMPLETED
+    assert [r.path for r in replay.received] == [INVOKE, "/v1/agents/agt-1/invoke/stream"]
+    assert replay.received[0].json() == replay.received[1].json()
+
+
+async def test_an_unknown_agent_is_a_404_in_words_after_both_paths(
+    replay: Replay, xpander: XpanderProvider
+) -> None:
+    replay.on("POST", ".*", Answer.json({"detail": "Agent not found"}, status=404))
+    with pytest.raises(ProviderError) as refused:
+        await collect(xpander.run("hi", {}))
+    assert refused.value.code == "NOT_FOUND"
+    assert "Agent not found" in refused.value.message
+    assert len(replay.received) == 2

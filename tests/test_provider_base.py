@@ -1,0 +1,75 @@
+"""What every provider client shares (runs/providers/base.py): provider headers and ids are
+hostile input."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from asgiref.sync import sync_to_async
+
+from runs.models import Channel, ProviderAccount, Run, RunEvent, Status
+from runs.providers.base import MAX_RETRY_AFTER, ProviderConfig, ProviderError, retry_after_seconds
+from runs.providers.fay import FayProvider
+from tests.wire import Answer, fixture
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("3", 3.0),
+        ("0.5", 0.5),
+        ("-5", 0.0),
+        ("inf", None),
+        ("-inf", None),
+        ("nan", None),
+        ("1e400", None),
+        ("99999999", MAX_RETRY_AFTER),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date in the past: now
+        ("soon", None),
+        ("", None),
+    ],
+)
+def test_a_retry_after_header_is_bounded_or_ignored(header, seconds):
+    response = httpx.Response(429, headers={"Retry-After": header})
+    assert retry_after_seconds(response) == seconds
+
+
+def test_an_id_that_leaves_its_path_segment_is_refused_and_others_are_quoted():
+    provider = FayProvider(ProviderConfig(base_url="http://127.0.0.1:9", api_key="k"))
+    for bad in ("../admin", "a/b", "..", "", "x\x00y", "tab\there"):
+        with pytest.raises(ProviderError) as refused:
+            provider.segment(bad)
+        assert refused.value.code == "VALIDATION_ERROR"
+    assert provider.segment("run 1?x=%") == "run%201%3Fx%3D%25"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_stop_answered_with_retry_after_inf_is_queued_not_a_crash(replay, acme, bob):
+    """A hostile provider's `Retry-After: inf` once broke the stop path (an OverflowError, the
+    failure not recorded, the watcher crashing every 10 s)."""
+    replay.on(
+        "POST",
+        "/conversation/req-1/stop",
+        Answer(
+            status=429,
+            headers={"content-type": "application/json", "retry-after": "inf"},
+            chunks=[fixture("fay/rate_limited.json")],
+        ),
+    )
+    account = await ProviderAccount.objects.acreate(
+        team=acme, kind="fay", name="Fay", base_url=replay.url, api_key="k"
+    )
+    run = await sync_to_async(Run.objects.launch)(
+        account=account, user=bob, prompt="q", options={}, timeout_seconds=600
+    )
+    await sync_to_async(run.record_external_id)("req-1")
+    outcome = await run.astop(actor=bob, channel=Channel.BUTTON)
+    assert outcome.requested
+    await run.arefresh_from_db()
+    assert run.status == Status.STOPPING
+    assert run.quota_endpoint == "stop"
+    # No Retry-After worth reading: Runbrake's own first wait, a minute.
+    wait = (run.quota_until - run.stop_requested_at).total_seconds()
+    assert 55 < wait < 65
+    assert await run.events.filter(kind=RunEvent.Kind.STOP_QUEUED).aexists()
+    assert len(replay.requests_to("POST", "/conversation/req-1/stop")) == 1
