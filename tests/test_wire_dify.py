@@ -284,14 +284,18 @@ async def test_it_reports_a_stream_that_ends_without_a_terminal_event(replay):
     assert events[-1] == StreamEnded()
 
 
-async def test_it_quotes_the_task_id_in_the_stop_path(replay):
+async def test_it_refuses_a_task_id_that_leaves_its_path_segment_and_quotes_others(replay):
     replay.on("POST", r"/chat-messages/.*/stop", Answer.json({"result": "success"}))
     provider = dify(replay)
-    result = await provider.stop("../../apps/1", {"user": "runbrake-user-7"})
+    with pytest.raises(ProviderError) as refused:
+        await provider.stop("../../apps/1", {"user": "runbrake-user-7"})
+    assert refused.value.code == "VALIDATION_ERROR"
+    assert replay.received == []  # the key went nowhere
+    result = await provider.stop("task 1?x", {"user": "runbrake-user-7"})
     await provider.aclose()
     assert result.terminal is None
     (sent,) = replay.requests_to("POST", r"/chat-messages/.*/stop")
-    assert sent.path == "/chat-messages/..%2F..%2Fapps%2F1/stop"
+    assert sent.path == "/chat-messages/task%201%3Fx/stop"
     assert sent.json() == {"user": "runbrake-user-7"}
 
 
