@@ -150,7 +150,7 @@ def test_it_computes_stop_latency_p50_and_p95_per_provider(as_bob, acme, fay, di
     requested = now - dt.timedelta(hours=2)
     for ms in range(100, 2001, 100):  # 20 stops: 100 ms, 200 ms, … 2000 ms
         stopped(make_run, fay, requested, ms)
-    stopped(make_run, dify, requested, 300, "Dify's stream ending after the stop")
+    stopped(make_run, dify, requested, 300, "stream_end")
     # Asked to stop but never confirmed: no latency to count.
     make_run(fay, status=Status.STOP_UNCONFIRMED, stop_requested_at=requested)
 
