@@ -34,7 +34,12 @@ $(VENV)/.synced: $(UV) pyproject.toml uv.lock
 	$(UV) sync --frozen --python $(PYTHON)
 	@touch $@
 
-setup: $(VENV)/.synced
+# A development checkout's settings, so README commands work in a new terminal (settings.py
+# reads .env for what the environment does not set; production has none).
+.env:
+	@printf '# Development settings, written by make (not for production; see docs/DEPLOY.md).\nDEBUG=true\n' > $@
+
+setup: $(VENV)/.synced .env
 
 run: setup
 	$(PY) manage.py migrate --no-input -v0

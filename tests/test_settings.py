@@ -85,3 +85,22 @@ def test_rotated_keys_still_decrypt_old_rows(settings):
         assert crypto.decrypt(crypto.rotate(token)) == "sim-secret"
     finally:
         crypto._fernet.cache_clear()
+
+
+def test_a_dev_env_file_fills_in_what_the_environment_lacks_and_never_overrides_it(tmp_path):
+    """`make` writes .env with DEBUG=true, so README commands work in a new terminal."""
+    env_file = tmp_path / "dev.env"
+    env_file.write_text("# written by make\nDEBUG=true\n\nexport RUNBRAKE_STOP_GRACE_SECONDS='12'\n")
+    assert manage("check", RUNBRAKE_ENV_FILE=str(env_file)).returncode == 0
+    production = manage("check", RUNBRAKE_ENV_FILE=str(env_file), DEBUG="false")
+    assert production.returncode != 0
+    assert "SECRET_KEY must be set" in production.stderr
+    assert manage("check", RUNBRAKE_ENV_FILE="").returncode != 0  # no file: DEBUG is off
+
+
+def test_a_malformed_env_file_stops_start_up_naming_the_line(tmp_path):
+    env_file = tmp_path / "bad.env"
+    env_file.write_text("DEBUG=true\nthis is not a setting\n")
+    result = manage("check", RUNBRAKE_ENV_FILE=str(env_file))
+    assert result.returncode != 0
+    assert "line 2: expected NAME=value" in result.stderr

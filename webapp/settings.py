@@ -3,6 +3,11 @@
 Defaults make `make run` work on a fresh clone (DEBUG, SQLite, in-memory channel layer,
 simulators mounted). Production sets DEBUG=false and must then provide SECRET_KEY and
 RUNBRAKE_ENCRYPTION_KEYS; anything malformed stops start-up with ImproperlyConfigured.
+
+A `.env` file beside manage.py (`NAME=value` lines; `make` writes one with `DEBUG=true` for
+development) supplies variables the environment does not set, so a development checkout's
+commands work in a new terminal. The environment always wins; `RUNBRAKE_ENV_FILE` names
+another file, or none when empty.
 """
 
 import base64
@@ -14,6 +19,29 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+
+def _load_env_file(path: Path) -> None:
+    """NAME=value lines (blank lines and # comments allowed) for what the environment lacks."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        name, sep, value = text.partition("=")
+        name = name.strip().removeprefix("export ").strip()
+        if not sep or not name.replace("_", "").isalnum():
+            raise ImproperlyConfigured(f"{path}, line {number}: expected NAME=value")
+        os.environ.setdefault(name, value.strip().strip("'\""))
+
+
+_env_file = os.environ.get("RUNBRAKE_ENV_FILE", str(BASE_DIR / ".env"))
+if _env_file:
+    _load_env_file(Path(_env_file))
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
