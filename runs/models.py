@@ -308,6 +308,8 @@ class ProviderAccount(models.Model):
         month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
         used = QuotaSpend.objects.filter(account_id=self.pk, at__gte=month_start).count()
         reserve = 0 if endpoint == "stop" else self._stop_reserve(limits)
+        if endpoint == "create":
+            reserve += 1  # the stop of the run this launch creates
         if used + reserve < limit:
             return None
         next_month = (month_start + dt.timedelta(days=32)).replace(day=1)
@@ -332,7 +334,8 @@ class ProviderAccount(models.Model):
     ) -> Refusal:
         """The provider answered a call of this kind as over quota: every process waits. Fay
         sends no Retry-After, so without one the wait starts at a minute and doubles while
-        refusals repeat within the hour (to an hour)."""
+        refusals repeat within the hour (to an hour). A Retry-After of 0 or a date already
+        past still waits a second: the provider just said no."""
         now = now or timezone.now()
         with transaction.atomic():
             block = (
@@ -342,31 +345,42 @@ class ProviderAccount(models.Model):
             )
             recent = block is not None and block.until > now - HOUR
             strikes = (block.strikes + 1) if (block is not None and recent) else 1
-            seconds = (
-                retry_after if retry_after is not None else min(3600.0, 60.0 * 2 ** (strikes - 1))
-            )
+            seconds = retry_after if retry_after is not None else 60.0 * 2 ** (strikes - 1)
+            seconds = min(3600.0, max(1.0, seconds))
             QuotaBlock.objects.update_or_create(
                 account_id=self.pk,
                 endpoint=endpoint,
                 defaults={"until": now + dt.timedelta(seconds=seconds), "strikes": strikes},
             )
-        refusal = self._blocked(endpoint, now)
-        assert refusal is not None
-        return refusal
+        label = PROVIDERS[self.kind].label if self.kind in PROVIDERS else self.kind
+        words = QUOTA_ENDPOINTS.get(endpoint, f"{endpoint} calls")
+        return Refusal(seconds, f"{label} refused this account's {words} as over its quota.")
 
-    def poll_interval(self, endpoint: str, base: float) -> float:
+    def poll_interval(self, endpoint: str, base: float, now: dt.datetime | None = None) -> float:
         """Seconds between polls of this kind per run, so all the account's running runs fit
-        in 90 % of its hourly quota (the rest is slack for launches' first reads)."""
-        limit = self.limits.get(endpoint)
-        if not limit:
+        90 % of its hourly quota, and the month's remaining calls (less the stops held in
+        reserve) last until the month ends."""
+        limits = self.limits
+        hourly, monthly = limits.get(endpoint), limits.get("month")
+        if not hourly and not monthly:
             return base
+        now = now or timezone.now()
         sharing = max(
             1,
             Run.objects.filter(provider_account_id=self.pk, status__in=ACTIVE)
             .exclude(external_id="")
             .count(),
         )
-        return max(base, 3600.0 * sharing / (0.9 * limit))
+        every = base
+        if hourly:
+            every = max(every, 3600.0 * sharing / (0.9 * hourly))
+        if monthly:
+            month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+            next_month = (month_start + dt.timedelta(days=32)).replace(day=1)
+            used = QuotaSpend.objects.filter(account_id=self.pk, at__gte=month_start).count()
+            left = max(1, monthly - used - self._stop_reserve(limits))
+            every = max(every, (next_month - now).total_seconds() * sharing / left)
+        return every
 
 
 HOUR = dt.timedelta(hours=1)
@@ -605,7 +619,11 @@ class RunQuerySet(models.QuerySet["Run"]):
         return self.filter(status=Status.STOPPING, stop_deadline__lt=now)
 
     def past_timeout(self, now: dt.datetime) -> RunQuerySet:
-        return self.filter(status__in=(Status.PENDING, Status.RUNNING), deadline__lt=now)
+        """Runs past their own time limit; a launch queued for its provider's quota has not
+        started, so its limit starts when it is sent (`record_external_id`)."""
+        return self.filter(status__in=(Status.PENDING, Status.RUNNING), deadline__lt=now).exclude(
+            status=Status.PENDING, quota_endpoint="create"
+        )
 
     def stalled(self, now: dt.datetime) -> RunQuerySet:
         """Running runs that made no progress (output, provider status) within their limit."""
@@ -1049,14 +1067,24 @@ class Run(models.Model):
         return won
 
     def record_event(
-        self, kind: str, message: str, *, data: dict[str, Any] | None = None, **fields: Any
+        self,
+        kind: str,
+        message: str,
+        *,
+        data: dict[str, Any] | None = None,
+        statuses: tuple[str, ...] | None = None,
+        **fields: Any,
     ) -> None:
-        """An event that changes no status (a backoff, a stop answer, late provider news)."""
+        """An event that changes no status (a backoff, a stop answer, late provider news);
+        with `statuses`, only while the run is in one of them."""
         now = timezone.now()
         with transaction.atomic():
-            Run.objects.filter(pk=self.pk).update(
-                updated_at=now, version=F("version") + 1, **fields
-            )
+            runs = Run.objects.filter(pk=self.pk)
+            if statuses is not None:
+                runs = runs.filter(status__in=statuses)
+            if not runs.update(updated_at=now, version=F("version") + 1, **fields):
+                self.refresh_from_db()
+                return
             RunEvent.objects.create(
                 run_id=self.pk,
                 at=now,
@@ -1076,6 +1104,9 @@ class Run(models.Model):
                 Run.objects.filter(pk=self.pk, external_id="").update(
                     external_id=external_id,
                     provider_refs=refs or {},
+                    # The run's time limit counts from when the provider has it (a launch
+                    # queued for the provider's quota had not started).
+                    deadline=timezone.now() + dt.timedelta(seconds=self.timeout_seconds),
                     stall_deadline=self._next_stall_deadline(),
                     updated_at=timezone.now(),
                     version=F("version") + 1,
@@ -1226,8 +1257,7 @@ class Run(models.Model):
             data=data,
             stop_answer=data,
             stop_error="",
-            quota_endpoint="",
-            quota_until=None,
+            **self._quota_cleared("stop"),
             # An answer that proves the outcome ends the calls; an acceptance that proves
             # nothing (Dify always says success) is sent again if nothing confirms it soon.
             stop_next_attempt_at=None if result.terminal else recheck,
@@ -1253,6 +1283,7 @@ class Run(models.Model):
             data={**error.as_dict(), "retry_in_seconds": round(delay, 2)},
             stop_error=error.message,
             stop_next_attempt_at=timezone.now() + dt.timedelta(seconds=delay),
+            **self._quota_cleared("stop"),
         )
 
     def record_stop_queued(self, exc: QuotaExhausted, *, sent_before: dt.datetime | None) -> None:
@@ -1275,13 +1306,14 @@ class Run(models.Model):
             "stop_error": "",
         }
         if not episode:
-            self._update_quiet(**fields)
+            self._update_quiet(statuses=STOP_IN_PROGRESS, **fields)
             return
         self.record_event(
             RunEvent.Kind.STOP_QUEUED,
             f"{exc.message} The stop is queued, not failed: it goes out at "
             f"{timezone.localtime(now + wait):%H:%M:%S %Z}.",
             data={"endpoint": "stop", "wait_seconds": round(wait.total_seconds(), 1)},
+            statuses=STOP_IN_PROGRESS,
             **fields,
         )
 
@@ -1295,12 +1327,13 @@ class Run(models.Model):
             "quota_reason": reason[:300],
         }
         if self.quota_endpoint == endpoint:
-            self._update_quiet(**fields)
+            self._update_quiet(statuses=ACTIVE, **fields)
             return
         self.record_event(
             RunEvent.Kind.QUOTA_WAIT,
             reason,
             data={"endpoint": endpoint, "wait_seconds": round(seconds, 1)},
+            statuses=ACTIVE,
             **fields,
         )
 
@@ -1311,17 +1344,25 @@ class Run(models.Model):
         Run.objects.filter(pk=self.pk, external_id="").update(start_attempted_at=None)
         self.refresh_from_db()
 
-    def clear_quota_wait(self) -> None:
-        if self.quota_endpoint:
-            self._update_quiet(quota_endpoint="", quota_until=None, quota_reason="")
+    def clear_quota_wait(self, *endpoints: str) -> None:
+        """The call that waited went out: the run no longer waits (only for these kinds of
+        call, so a session's status read never clears a stop queued by another process)."""
+        if self.quota_endpoint and self.quota_endpoint in endpoints:
+            self._update_quiet(**self._quota_cleared(self.quota_endpoint))
 
-    def _update_quiet(self, **fields: Any) -> None:
-        """A visible change that is not worth a timeline entry: saved and pushed."""
+    def _quota_cleared(self, endpoint: str) -> dict[str, Any]:
+        if self.quota_endpoint != endpoint:
+            return {}
+        return {"quota_endpoint": "", "quota_until": None, "quota_reason": ""}
+
+    def _update_quiet(self, *, statuses: tuple[str, ...] = ACTIVE, **fields: Any) -> None:
+        """A visible change that is not worth a timeline entry: saved and pushed (while the
+        run is still in one of `statuses`; a run that ended meanwhile keeps its last word)."""
         with transaction.atomic():
-            Run.objects.filter(pk=self.pk).update(
+            if Run.objects.filter(pk=self.pk, status__in=statuses).update(
                 updated_at=timezone.now(), version=F("version") + 1, **fields
-            )
-            transaction.on_commit(lambda: live.push_run(self.pk))
+            ):
+                transaction.on_commit(lambda: live.push_run(self.pk))
         self.refresh_from_db()
 
     def _stop_backoff(self) -> float:

@@ -595,9 +595,9 @@ class Session:
         run = self.run
         if not isinstance(event, OutputDelta):
             await self.flush()
-        if run.quota_endpoint and not isinstance(event, QuotaWait | Waiting):
+        if run.quota_endpoint in SESSION_CALLS and not isinstance(event, QuotaWait | Waiting):
             # The call that waited went out: the run no longer waits for the quota.
-            await sync_to_async(run.clear_quota_wait)()
+            await sync_to_async(run.clear_quota_wait)(*SESSION_CALLS)
         match event:
             case Started(external_id=external_id, refs=refs):
                 await sync_to_async(run.record_external_id)(external_id, refs)
@@ -739,6 +739,8 @@ class Session:
 
 
 FOLLOW = "follow"
+# The calls a session makes (a stop's quota wait is the stop path's to clear).
+SESSION_CALLS = ("create", "status", "output")
 
 
 def _minutes(seconds: int) -> str:

@@ -17,7 +17,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from .models import ProviderAccount, ProviderKind, Run, Status, WebhookEvent
+from .models import ACTIVE, ProviderAccount, ProviderKind, Run, Status, WebhookEvent
 from .providers import ProviderError
 from .providers.base import Finished, Running
 from .providers.fay import SIGNATURE_HEADER, WebhookNews, parse_webhook, signature_ok
@@ -51,18 +51,31 @@ def fay_webhook(request: HttpRequest, token: str) -> JsonResponse:
         news = parse_webhook(body)
     except ProviderError as exc:
         return _error(400, exc.code, exc.message)
+    run = Run.objects.filter(provider_account=account, external_id=news.external_id).first()
+    if run is None and _start_in_flight(account):
+        # Fay may speak before its create call's answer is saved here: not applied, not
+        # recorded, so Fay's retry of this delivery finds the run.
+        return _error(409, "RUN_NOT_KNOWN_YET", "No run has this id yet; deliver it again.")
     try:
         with transaction.atomic():
             WebhookEvent.objects.create(account=account, event_id=news.event_id, kind=news.kind)
-            applied = _apply(account, news)
+            applied = _apply(run, news)
     except IntegrityError:
         # A redelivery of an event already applied: answered, changes nothing.
         return JsonResponse({"status": "ok", "duplicate": True})
     return JsonResponse({"status": "ok", "applied": applied})
 
 
-def _apply(account: ProviderAccount, news: WebhookNews) -> bool:
-    run = Run.objects.filter(provider_account=account, external_id=news.external_id).first()
+def _start_in_flight(account: ProviderAccount) -> bool:
+    return (
+        Run.objects.filter(provider_account=account, external_id="", status__in=ACTIVE)
+        .exclude(start_attempted_at=None)
+        .exists()
+    )
+
+
+def _apply(run: Run | None, news: WebhookNews) -> bool:
+    """Apply the news to the run (a run not launched by Runbrake is answered and ignored)."""
     if run is None or news.event is None:
         return False
     match news.event:

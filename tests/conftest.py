@@ -201,6 +201,25 @@ def fay_url(sim: Server) -> str:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_rate_limits() -> None:
+    """Each test starts with no launches, stops or logins counted: users of different tests
+    share ids, and the limits' windows outlive a test (in memory, or in Redis scaled out)."""
+    from django.conf import settings as django_settings
+    from django.core.cache import cache
+
+    if django_settings.REDIS_URL:
+        import redis
+
+        client = redis.Redis.from_url(django_settings.REDIS_URL)
+        keys = list(client.scan_iter(match="*:rl:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+    else:
+        cache.clear()
+
+
+@pytest.fixture(autouse=True)
 def _fast_passwords(settings: Any) -> None:
     # Real hashing costs ~0.3 s a user on a busy 2-core machine; tests need no strength.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -28,6 +28,7 @@ from runs.models import (
 )
 from runs.providers.base import QuotaExhausted
 from runs.watcher import Watcher
+from tests.wire import Answer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -107,12 +108,13 @@ def test_it_keeps_twenty_open_runs_within_100_status_reads_in_any_hour(acme, sim
 
 
 def test_it_keeps_a_free_key_within_its_hour_and_its_month_with_room_to_stop(acme, sim, bob):
-    """Fay's free tier: 100 status reads an hour, and 100 requests a month in all. Twenty
-    runs may read until 80 are spent; the last 20 are kept so each run can still be stopped."""
+    """Fay's free tier: 100 status reads an hour, and 100 requests a month in all. Twenty runs
+    share the 80 calls the month has beside the 20 kept so each run can still be stopped."""
     account = fay_account(acme, sim, QuotaTier.FREE, "sim-free-x")
     reads = poll_for_hours(account, bob, 2)
     assert busiest_hour(reads) <= 100
-    assert len(reads) == 80
+    # Each run read once; then the month's 80 spare calls are spread over what is left of it.
+    assert len(reads) == 20
     for _ in range(20):
         assert account.take_quota("stop") is None
 
@@ -279,3 +281,135 @@ async def _until(run: Run, check: Any, timeout: float = 15.0) -> None:
             return
         await _yield()
     raise AssertionError(f"run {run.pk} is {run.status}")
+
+
+# --- Found in review ---------------------------------------------------------------------------
+
+
+def test_a_429_with_retry_after_zero_still_waits_a_second(acme, sim):
+    account = fay_account(acme, sim, QuotaTier.UNLIMITED, "sim-x")
+    now = timezone.now()
+    refusal = account.quota_refused("status", 0.0, now=now)
+    assert refusal.seconds == 1.0
+    assert account.take_quota("status", now=now) is not None
+    assert account.take_quota("status", now=now + dt.timedelta(seconds=2)) is None
+
+
+def test_the_month_paces_polls_so_its_calls_last_until_it_ends(acme, sim, bob):
+    account = fay_account(acme, sim, QuotaTier.CUSTOM, "sim-x", month=1000)
+    run = launch(account, bob, "one")
+    run.record_external_id("req-1")
+    now = timezone.now().replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    now += dt.timedelta(days=10)
+    next_month = (now.replace(day=1) + dt.timedelta(days=32)).replace(day=1)
+    every = account.poll_interval("status", 2.0, now=now)
+    # 999 calls left (one kept to stop the run) over what is left of the month.
+    assert every == pytest.approx((next_month - now).total_seconds() / 999)
+
+
+def test_a_launch_keeps_the_monthly_call_its_own_stop_will_need(acme, sim, bob):
+    account = fay_account(acme, sim, QuotaTier.CUSTOM, "sim-x", month=3)
+    run = launch(account, bob, "one")
+    run.record_external_id("req-1")  # running: one call kept for its stop
+    assert account.take_quota("status") is None  # 1 used, 1 kept: room for 1 more
+    refused = account.take_quota("create")  # and a new run would need a stop of its own
+    assert refused is not None
+    assert account.take_quota("stop") is None
+
+
+def test_a_queued_launch_is_not_stopped_by_its_own_timeout_which_starts_when_it_is_sent(
+    acme, sim, bob
+):
+    account = fay_account(acme, sim, QuotaTier.FREE, "sim-free-x")
+    run = Run.objects.launch(account=account, user=bob, prompt="q", options={}, timeout_seconds=60)
+    run.queue_for_quota(QuotaExhausted("create", 3000.0, "Over the launch quota."))
+    later = timezone.now() + dt.timedelta(minutes=5)
+    assert not Run.objects.past_timeout(later).filter(pk=run.pk).exists()
+    run.record_external_id("req-1")
+    run.refresh_from_db()
+    assert run.deadline > timezone.now() + dt.timedelta(seconds=55)
+
+
+async def test_a_stop_fay_answers_already_completed_is_not_queued_when_status_must_wait(
+    replay, acme, bob
+):
+    """The stop was answered (400 CONVERSATION_ALREADY_COMPLETED); the status read that would
+    confirm it is over its quota. The stop must not be taken as unsent and sent again."""
+    replay.on(
+        "POST",
+        "/conversation/req-1/stop",
+        Answer(
+            status=400,
+            headers={"content-type": "application/json"},
+            chunks=[
+                b'{"status":false,"version":"1.0.24","error":{"message":"Cannot stop '
+                b'completed conversation","code":"CONVERSATION_ALREADY_COMPLETED"}}'
+            ],
+        ),
+    )
+    account = await ProviderAccount.objects.acreate(
+        team=acme,
+        kind="fay",
+        name="Fay",
+        base_url=replay.url,
+        api_key="k",
+        quota_tier=QuotaTier.CUSTOM,
+        quota_limits={"status": 1},
+    )
+    await QuotaSpend.objects.acreate(account=account, endpoint="status")
+    run = await sync_to_async(launch)(account, bob, "q")
+    await sync_to_async(run.record_external_id)("req-1")
+    await run.astop(actor=bob, channel=Channel.BUTTON)
+    await run.arefresh_from_db()
+    assert run.stop_answer is not None
+    assert run.stop_next_attempt_at is None  # no second stop call
+    assert run.quota_endpoint != "stop"
+    assert len(replay.requests_to("POST", "/conversation/req-1/stop")) == 1
+
+
+async def test_a_status_read_after_a_quota_wait_clears_the_note_and_the_report_waits_its_turn(
+    replay, acme, bob
+):
+    def status(value: str) -> Answer:
+        return Answer.json(
+            {"status": True, "version": "1.0.24", "data": {"request_id": "r", "status": value}}
+        )
+
+    replay.on(
+        "GET",
+        "/conversation/req-1/status",
+        status("PROCESSING"),
+        status("PROCESSING"),
+        status("COMPLETED"),
+    )
+    replay.on(
+        "GET",
+        "/conversation/req-1/output",
+        Answer.json({"status": True, "version": "1.0.24", "data": {"output": "## Report"}}),
+    )
+    account = await ProviderAccount.objects.acreate(
+        team=acme,
+        kind="fay",
+        name="Fay",
+        base_url=replay.url,
+        api_key="k",
+        options={"poll_interval": 0.05},
+    )
+    provider = account.provider()
+    # The budget refuses the first status read and the first two output reads.
+    refusals = {"status": [True], "output": [True, True]}
+
+    async def take(endpoint: str) -> Any:
+        from runs.providers.base import Refusal
+
+        refused = refusals[endpoint].pop(0) if refusals[endpoint] else False
+        return Refusal(0.05, f"{endpoint} waits") if refused else None
+
+    provider.budget.take = take  # type: ignore[method-assign]
+    events = [e async for e in provider.follow("req-1", {})]
+    kinds = [type(e).__name__ for e in events]
+    # The first read waited; the read after it says so (Running), the run completes, and the
+    # report waited twice for the output quota without being lost.
+    assert kinds == ["QuotaWait", "Running", "QuotaWait", "QuotaWait", "Finished"]
+    assert events[-1].output == "## Report"
+    assert events[-1].via == "status"

@@ -300,3 +300,33 @@ def test_deliveries_with_a_bad_signature_are_refused_and_change_nothing(live, ac
     assert run.status in (Status.PENDING, Status.RUNNING)
     assert not WebhookEvent.objects.filter(account=account).exists()
     assert "refused" in live.output()
+
+
+def test_a_delivery_before_the_runs_id_is_saved_is_refused_so_fay_delivers_it_again(
+    acme, bob, fay_url
+):
+    account = ProviderAccount.objects.create(
+        team=acme,
+        kind="fay",
+        name="Fay",
+        base_url=fay_url,
+        api_key="sim-acme-webhooks",
+        webhook_secret=SECRET,
+    )
+    run = Run.objects.launch(account=account, user=bob, prompt="q", options={}, timeout_seconds=60)
+    assert run.claim_start()  # the create call is out; its answer not saved yet
+    early = deliver(account, "webhook_status.json")
+    assert early.status_code == 409
+    assert not WebhookEvent.objects.exists()
+    run.record_external_id(REQUEST_ID)
+    again = deliver(account, "webhook_status.json")
+    assert again.json() == {"status": "ok", "applied": True}
+    run.refresh_from_db()
+    assert run.status == Status.RUNNING
+
+
+def test_a_delivery_for_a_run_runbrake_did_not_launch_is_answered_and_ignored(hooked):
+    account, run = hooked
+    Run.objects.filter(pk=run.pk).update(external_id="someone-elses")
+    response = deliver(account, "webhook_output.json")
+    assert response.json() == {"status": "ok", "applied": False}

@@ -73,3 +73,33 @@ async def test_a_stop_answered_with_retry_after_inf_is_queued_not_a_crash(replay
     assert 55 < wait < 65
     assert await run.events.filter(kind=RunEvent.Kind.STOP_QUEUED).aexists()
     assert len(replay.requests_to("POST", "/conversation/req-1/stop")) == 1
+
+
+async def test_an_open_stream_that_goes_silent_is_followed_not_failed(replay, monkeypatch):
+    """An xpander router that has answered while its async sub-task works quietly sends
+    nothing for a while: that is not a failure; the run is followed through its status."""
+    from runs.providers.base import StreamEnded
+    from runs.providers.dify import DifyProvider
+
+    first = fixture("dify/chat_stream.sse").split(b"\n\n")[0] + b"\n\n"
+    replay.on("POST", "/chat-messages", Answer.sse(first, hold=True))
+    monkeypatch.setattr(DifyProvider, "stream_read_timeout", 0.3)
+    provider = DifyProvider(ProviderConfig(base_url=replay.url, api_key="k", allow_private=True))
+    events = [event async for event in provider.run("q", {})]
+    await provider.aclose()
+    assert isinstance(events[-1], StreamEnded)
+    assert events[0].external_id  # the run was started and named before the silence
+
+
+async def test_a_start_that_is_never_answered_is_a_timeout_in_words(replay, monkeypatch):
+    from runs.providers.dify import DifyProvider
+
+    replay.on("POST", "/chat-messages", Answer(chunks=[], hold=True, status=200))
+    provider = DifyProvider(
+        ProviderConfig(base_url=replay.url, api_key="k", allow_private=True, timeout=0.3)
+    )
+    monkeypatch.setattr(DifyProvider, "stream_read_timeout", 0.3)
+    with pytest.raises(ProviderError) as refused:
+        [event async for event in provider.run("q", {})]
+    await provider.aclose()
+    assert refused.value.code == "PROVIDER_TIMEOUT"

@@ -90,7 +90,9 @@ def test_rotated_keys_still_decrypt_old_rows(settings):
 def test_a_dev_env_file_fills_in_what_the_environment_lacks_and_never_overrides_it(tmp_path):
     """`make` writes .env with DEBUG=true, so README commands work in a new terminal."""
     env_file = tmp_path / "dev.env"
-    env_file.write_text("# written by make\nDEBUG=true\n\nexport RUNBRAKE_STOP_GRACE_SECONDS='12'\n")
+    env_file.write_text(
+        "# written by make\nDEBUG=true\n\nexport RUNBRAKE_STOP_GRACE_SECONDS='12'\n"
+    )
     assert manage("check", RUNBRAKE_ENV_FILE=str(env_file)).returncode == 0
     production = manage("check", RUNBRAKE_ENV_FILE=str(env_file), DEBUG="false")
     assert production.returncode != 0

@@ -503,3 +503,21 @@ async def test_an_unknown_agent_is_a_404_in_words_after_both_paths(
     assert refused.value.code == "NOT_FOUND"
     assert "Agent not found" in refused.value.message
     assert len(replay.received) == 2
+
+
+async def test_a_sub_task_that_completed_although_the_router_stopped_is_not_a_stopped_run(
+    replay: Replay, xpander: XpanderProvider
+) -> None:
+    """The stop reached the router but not the work it handed on: the sub-task ran (and was
+    billed) to its end, so the run did not stop, and Runbrake must not say it did."""
+    events = [e for e in sse("stopped_turn.sse").split(b"\n\n") if e.strip()]
+    body = b""
+    for event in events:
+        parsed = json.loads(event.removeprefix(b"data: "))
+        if parsed["type"] == "sub_task_finished":
+            parsed["data"]["status"] = "completed"
+            parsed["data"]["is_manually_stopped"] = False
+        body += b"data: " + json.dumps(parsed).encode() + b"\n\n"
+    end = finished(await run_against(replay, xpander, body))
+    assert end.status == COMPLETED
+    assert "completed despite the stop" in end.provider_status

@@ -254,6 +254,9 @@ class Provider:
     # IntelligenceBox aborts a chat when its stream's client disconnects: a watcher handing
     # such a run over must let the stream finish, or the hand-over itself would end the run.
     disconnect_aborts: ClassVar[bool] = False
+    # How long an open stream may stay silent before it counts as lost (then followed through
+    # the provider's status). Providers that abort on disconnect get longer.
+    stream_read_timeout: ClassVar[float] = 120.0
     # IntelligenceBox documents events separated by a single newline and parses them line by
     # line: each `data:` line is an event of its own, handed over without waiting for a blank
     # line (standard SSE parsing would hold them all until one comes, or drop them at EOF).
@@ -332,12 +335,15 @@ class Provider:
             http_status=response.status_code,
         )
 
-    async def sse(
-        self, path: str, json_body: Any, *, read_timeout: float = 120.0
-    ) -> AsyncGenerator[ServerSentEvent]:
-        """POST and yield the server-sent events; a refused start raises its ProviderError."""
+    async def sse(self, path: str, json_body: Any) -> AsyncGenerator[ServerSentEvent]:
+        """POST and yield the server-sent events; a refused start raises its ProviderError.
+
+        Once the stream is open, silence longer than `stream_read_timeout` ends it like a
+        dropped connection: the caller follows the run through its status instead (the run
+        may be doing quiet work, like an xpander sub-task), rather than failing it."""
         headers = {"Accept": "text/event-stream", **self.auth_headers()}
         await self.check_destination()
+        opened = False
         try:
             async with aconnect_sse(
                 self.client,
@@ -345,13 +351,14 @@ class Provider:
                 self.url(path),
                 json=json_body,
                 headers=headers,
-                timeout=httpx.Timeout(self.config.timeout, read=read_timeout),
+                timeout=httpx.Timeout(self.config.timeout, read=self.stream_read_timeout),
             ) as source:
                 response = source.response
                 content_type = response.headers.get("content-type", "")
                 if not response.is_success or "text/event-stream" not in content_type:
                     await response.aread()
                     raise self.error_from(response)
+                opened = True
                 if self.line_events:
                     # The response (and its lines) close with the context around it.
                     async for line in response.aiter_lines():
@@ -363,6 +370,10 @@ class Provider:
         except (httpx.RemoteProtocolError, httpx.ReadError):
             # The connection dropped mid-stream: the same as a stream that just ended.
             return
+        except httpx.ReadTimeout as exc:
+            if opened:
+                return  # silent too long: followed through status from here
+            raise self.transport_error(exc, "did not answer the start in time") from None
         except httpx.HTTPError as exc:
             raise self.transport_error(exc, "stream went silent for too long") from None
 

@@ -69,11 +69,19 @@ MESSAGES = {
 }
 RETRYABLE_CODES = {"RATE_LIMIT_EXCEEDED", "INTERNAL_ERROR"}
 OVER_QUOTA = "RATE_LIMIT_EXCEEDED"
-ALREADY_TERMINAL_CODES = {
-    "CONVERSATION_ALREADY_COMPLETED",
-    "CONVERSATION_ALREADY_FAILED",
-    "CONVERSATION_ALREADY_STOPPED",
+# Fay's "cannot stop" answers and the state each names (only the first is documented).
+ALREADY_TERMINAL_CODES: dict[str, TerminalStatus] = {
+    "CONVERSATION_ALREADY_COMPLETED": COMPLETED,
+    "CONVERSATION_ALREADY_FAILED": FAILED,
+    "CONVERSATION_ALREADY_STOPPED": STOPPED,
 }
+
+
+@dataclass(frozen=True)
+class FetchedOutput:
+    value: Any
+
+
 # With webhooks, a status read is only a safety net against a lost delivery (Assumption
 # (ours): Fay retries a delivery three times, so a lost one is rare; ten minutes is cheap).
 WEBHOOK_SAFETY_POLL = 600.0
@@ -186,12 +194,14 @@ class FayProvider(Provider):
         failures = 0
         if wait_first:
             await asyncio.sleep(await self._poll_delay(0.0))
+        waited = False
         while True:
             try:
                 result = await self.status(external_id)
             except QuotaExhausted as exc:
                 # Said once per wait, then read again when the budget allows.
                 yield QuotaWait(exc.endpoint, exc.retry_after or 0.0, exc.message)
+                waited = True
                 await asyncio.sleep(exc.retry_after or 0.0)
                 continue
             except ProviderError as exc:
@@ -206,21 +216,32 @@ class FayProvider(Provider):
                 continue
             failures = 0
             if result.terminal == COMPLETED:
-                output = await self._output_with_retries(external_id)
+                output = None
+                async for news in self._output_with_retries(external_id):
+                    if isinstance(news, QuotaWait):
+                        yield news
+                    else:
+                        output = news.value
                 structured = output if not isinstance(output, str) else None
                 yield Finished(
                     COMPLETED,
                     result.provider_status,
                     output=output if isinstance(output, str) else None,
                     structured_output=structured,
+                    via="status",
                 )
                 return
             if result.terminal is not None:
-                yield Finished(result.terminal, result.provider_status, error=result.error)
+                yield Finished(
+                    result.terminal, result.provider_status, error=result.error, via="status"
+                )
                 return
-            if result.provider_status != last_status and result.provider_status != "PENDING":
+            if waited or (
+                result.provider_status != last_status and result.provider_status != "PENDING"
+            ):
+                # A read after a quota wait is news too: the run no longer waits.
                 yield Running(result.provider_status)
-            last_status = result.provider_status
+            last_status, waited = result.provider_status, False
             await asyncio.sleep(await self._poll_delay(time.monotonic() - started))
 
     async def _poll_delay(self, elapsed: float) -> float:
@@ -235,19 +256,25 @@ class FayProvider(Provider):
             base = max(base, 10.0)
         return await self.budget.interval("status", base)
 
-    async def _output_with_retries(self, external_id: str) -> Any:
-        for attempt in range(MAX_START_ATTEMPTS):
+    async def _output_with_retries(
+        self, external_id: str
+    ) -> AsyncGenerator[QuotaWait | FetchedOutput]:
+        """The report of a completed run: waits for the output quota as long as it takes (the
+        run is done; its report must not be lost), retries transient failures a few times."""
+        attempt = 0
+        while True:
             try:
-                return await self.output(external_id)
+                yield FetchedOutput(await self.output(external_id))
+                return
             except QuotaExhausted as exc:
-                # The run is complete; its report waits for the output quota, never lost.
+                yield QuotaWait(exc.endpoint, exc.retry_after or 0.0, exc.message)
                 await asyncio.sleep(exc.retry_after or 0.0)
             except ProviderError as exc:
-                if not exc.retryable or attempt == MAX_START_ATTEMPTS - 1:
+                attempt += 1
+                if not exc.retryable or attempt >= MAX_START_ATTEMPTS:
                     raise
                 delay = exc.retry_after if exc.retry_after is not None else backoff_delay(attempt)
                 await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
 
     async def check(self) -> str:
         # An unknown id is answered 404 only after the key was accepted (401 otherwise).
@@ -301,14 +328,25 @@ class FayProvider(Provider):
         except ProviderError as exc:
             if exc.code not in ALREADY_TERMINAL_CODES:
                 raise
-            # Fay's stop is not idempotent: a 400 means "already terminal". Adopt whatever
-            # terminal state its status endpoint reports.
-            result = await self.status(external_id)
+            # Fay's stop is not idempotent: a 400 means "already terminal". Adopt the terminal
+            # state its status endpoint reports; when that read must wait for the quota, the
+            # stop's own answer still says how the run ended (the stop was answered: it must
+            # never be taken as unsent and sent again).
+            answer = {"code": exc.code, "http_status": exc.http_status}
+            try:
+                result = await self.status(external_id)
+            except QuotaExhausted:
+                return StopResult(
+                    terminal=ALREADY_TERMINAL_CODES[exc.code],
+                    provider_status=exc.code,
+                    message=exc.message,
+                    answer=answer,
+                )
             return StopResult(
                 terminal=result.terminal,
                 provider_status=result.provider_status,
                 message=exc.message,
-                answer={"code": exc.code, "http_status": exc.http_status},
+                answer=answer,
                 via="status",
             )
         native = str(data.get("status") or "")

@@ -191,6 +191,9 @@ class IntelligenceBoxProvider(Provider):
     kind = "intelligencebox"
     label = "IntelligenceBox"
     disconnect_aborts = True
+    # Closing the stream ends the chat: only give up on a stream silent for ten minutes (a
+    # long tool step sends nothing meanwhile).
+    stream_read_timeout = 600.0
     # The box's docs show events separated by a single newline and parse line by line.
     line_events = True
 

@@ -100,9 +100,15 @@ class Outcome:
         stopped = [c for c, s in self.children.items() if TASK_STATUS.get(s) == STOPPED]
         failed = [c for c, s in self.children.items() if TASK_STATUS.get(s) == FAILED]
         provider_status = native
+        completed = [c for c, s in self.children.items() if TASK_STATUS.get(s) == COMPLETED]
         if terminal == COMPLETED and stopped:
             # The router had answered; the stop reached the work it handed on.
             terminal, provider_status = STOPPED, f"{native}; sub-task stopped"
+        elif terminal == STOPPED and completed and not stopped:
+            # The router stopped, but the work it handed on ran to its end: that is not a
+            # stopped run (the sub-task was billed in full), and Runbrake says so.
+            terminal = COMPLETED
+            provider_status = f"{native}; sub-task completed despite the stop"
         elif failed:
             # A failed sub-task leaves the turn's own status alone, but says so.
             provider_status = f"{native}; {plural(len(failed), 'sub-task')} failed"
