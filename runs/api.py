@@ -394,7 +394,7 @@ async def stop_run(request: HtmxHttpRequest, pk: int) -> JsonResponse:
         return error(404, "NOT_FOUND", f"No run {pk} in your teams.")
     run, membership = found
     if not membership.can_stop(run):
-        return error(403, "FORBIDDEN", "Viewers can watch runs but not stop them.")
+        return error(403, "FORBIDDEN", membership.stop_refusal)
     if limited := await ahit("stop", str(request.user.pk)):
         return too_many(limited)
     body = read_json(request)

@@ -19,7 +19,7 @@ from .views import list_page
 @database_sync_to_async
 def _team_snapshot(
     user: Any, team_id: int, query: dict[str, list[str]]
-) -> tuple[RunFilterForm | None, set[int], bool, str] | None:
+) -> tuple[Membership, RunFilterForm | None, set[int], bool, str] | None:
     membership = Membership.objects.select_related("team").filter(user=user, team_id=team_id)
     found = membership.first()
     if found is None:
@@ -30,19 +30,22 @@ def _team_snapshot(
     html = live.render_rows(page["runs"], page["rows_id"])
     # Most viewers filter nothing: they keep no form (a form per idle socket is kilobytes).
     kept = filters if filters.active or filters.errors else None
-    return kept, shown, page["rows_id"] == "run-rows", html
+    return found, kept, shown, page["rows_id"] == "run-rows", html
 
 
 @database_sync_to_async
-def _run_snapshot(user: Any, run_id: int) -> str | None:
+def _run_snapshot(user: Any, run_id: int) -> tuple[Membership, str] | None:
     run = Run.objects.for_user(user).filter(pk=run_id).first()
     if run is None:
         return None
-    return live.render_detail(live.load(run.pk))
+    membership = Membership.objects.select_related("team").get(user=user, team_id=run.team_id)
+    return membership, live.render_detail(live.load(run.pk))
 
 
 class PushConsumer(AsyncWebsocketConsumer):
     group: str | None = None
+    # The viewer's role in the run's team: every push is cut to the controls it allows.
+    membership: Membership | None = None
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -57,7 +60,11 @@ class PushConsumer(AsyncWebsocketConsumer):
         self.group = group
         await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
-        await self.send(text_data=snapshot)
+        await self.send_html(snapshot)
+
+    async def send_html(self, html: str) -> None:
+        assert self.membership is not None  # authorise() set it before any send
+        await self.send(text_data=live.for_viewer(html, self.membership))
 
     async def authorise(self, user: Any) -> tuple[str, str | None]:
         raise NotImplementedError
@@ -80,7 +87,7 @@ class PushConsumer(AsyncWebsocketConsumer):
         await self.close(code=4400)
 
     async def push_html(self, event: dict[str, Any]) -> None:
-        await self.send(text_data=event["html"])
+        await self.send_html(event["html"])
 
     async def push_resync(self, event: dict[str, Any]) -> None:
         # Pushes were dropped (a full backlog, a lost Redis connection: runs/layers.py):
@@ -89,7 +96,7 @@ class PushConsumer(AsyncWebsocketConsumer):
         if snapshot is None:
             await self.close()
             return
-        await self.send(text_data=snapshot)
+        await self.send_html(snapshot)
 
 
 class TeamRunsConsumer(PushConsumer):
@@ -106,7 +113,7 @@ class TeamRunsConsumer(PushConsumer):
         found = await _team_snapshot(user, team_id, query)
         if found is None:
             return live.team_group(team_id), None
-        self.filters, self.shown, self.takes_new_rows, snapshot = found
+        self.membership, self.filters, self.shown, self.takes_new_rows, snapshot = found
         return live.team_group(team_id), snapshot
 
     async def push_html(self, event: dict[str, Any]) -> None:
@@ -115,16 +122,20 @@ class TeamRunsConsumer(PushConsumer):
         wanted = self.filters is None or self.filters.matches(meta)
         if run_id in self.shown:
             if wanted:
-                await self.send(text_data=event["html"])
+                await self.send_html(event["html"])
             else:
                 self.shown.discard(run_id)
                 await self.send(text_data=live.render_removal(run_id))
         elif wanted and self.takes_new_rows:
             self.shown.add(run_id)
-            await self.send(text_data=live.as_insertion(event["html"]))
+            await self.send_html(live.as_insertion(event["html"]))
 
 
 class RunConsumer(PushConsumer):
     async def authorise(self, user: Any) -> tuple[str, str | None]:
         run_id = int(self.scope["url_route"]["kwargs"]["run_id"])
-        return live.run_group(run_id), await _run_snapshot(user, run_id)
+        found = await _run_snapshot(user, run_id)
+        if found is None:
+            return live.run_group(run_id), None
+        self.membership, snapshot = found
+        return live.run_group(run_id), snapshot

@@ -21,6 +21,7 @@ import asyncio
 import contextvars
 import logging
 import os
+import re
 from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import SyncToAsync, async_to_sync, sync_to_async
@@ -29,7 +30,7 @@ from django.db import DatabaseError, close_old_connections
 from django.template.loader import render_to_string
 
 if TYPE_CHECKING:
-    from .models import Run
+    from .models import Membership, Run
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,30 @@ MESSAGE_TYPE = "push.html"
 # detail push that is still too big carries only the run's status, which always fits.
 MAX_PUSH_BYTES = 56 * 1024
 OUTPUT_SHOWN_CHARS = 12_000
+
+
+# Controls a viewer may not use are cut from each push per socket (the push is rendered once
+# for everyone): stop controls carry the run owner's id, launch controls nothing.
+STOP_CONTROL = re.compile(r"<!--rb:stop:(\d+)-->.*?<!--/rb:stop-->", re.S)
+LAUNCH_CONTROL = re.compile(r"<!--rb:launch-->.*?<!--/rb:launch-->", re.S)
+
+
+def for_viewer(html: str, membership: Membership) -> str:
+    """The push as this member may see it: without the stop and launch controls their role
+    does not allow (the server refuses those actions anyway; this keeps them off the page)."""
+    if membership.is_admin:
+        return html
+    if not membership.can_launch:
+        html = LAUNCH_CONTROL.sub("", html)
+    member = membership.role == "member"  # Role.MEMBER (models imports this module)
+    if member and membership.team.members_can_stop_others:
+        return html
+
+    def keep(match: re.Match[str]) -> str:
+        mine = member and int(match.group(1)) == membership.user_id
+        return match.group(0) if mine else ""
+
+    return STOP_CONTROL.sub(keep, html)
 
 
 def team_group(team_id: int) -> str:

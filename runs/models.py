@@ -106,6 +106,16 @@ class Membership(models.Model):
     def is_admin(self) -> bool:
         return self.role == Role.ADMIN
 
+    @property
+    def stop_refusal(self) -> str:
+        """Why this member may not stop a run they cannot stop, in words that fit the role."""
+        if self.role == Role.VIEWER:
+            return "Viewers can watch runs but not stop them."
+        return (
+            f"{self.team.name} lets members stop only the runs they launched. Ask the run's "
+            "owner or a team admin to stop it."
+        )
+
     def can_stop(self, run: Run) -> bool:
         """Admins stop anything in their team; members their own runs, and teammates' unless
         the team turned that off; viewers nothing."""

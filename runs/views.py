@@ -19,7 +19,15 @@ from django_htmx.middleware import HtmxDetails
 
 from . import live
 from .forms import LaunchForm, RunFilterForm
-from .models import Channel, Membership, Run, RunAlreadyFinished, Status, Team, astop_each
+from .models import (
+    Channel,
+    Membership,
+    Run,
+    RunAlreadyFinished,
+    Status,
+    Team,
+    astop_each,
+)
 from .ratelimit import Limited, ahit
 
 
@@ -249,7 +257,7 @@ async def stop_run(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
         team_id=run.team_id, user=user
     )
     if not membership.can_stop(run):
-        return await sync_to_async(_refused)(request, "Viewers can watch runs but not stop them.")
+        return await sync_to_async(_refused)(request, membership.stop_refusal)
     if limited := await ahit("stop", str(user.pk)):
         return await sync_to_async(_too_many)(request, limited)
     # A one-click reason button and the free-text box share the name: the first said wins.

@@ -206,3 +206,53 @@ async def test_new_output_pushes_only_the_output_section_and_not_the_list_row(bo
     assert 'data-status="stopped"' in row
     await page.disconnect()
     await team.disconnect()
+
+
+# --- Controls a viewer cannot use never reach their page ----------------------------------------
+
+
+async def test_a_viewers_sockets_carry_no_stop_or_run_again_controls(carol, bob, acme, launch):
+    run = await sync_to_async(launch)("watched by carol")
+    team, _ = await connect(f"/ws/teams/{acme.pk}/", carol)
+    detail, _ = await connect(f"/ws/runs/{run.pk}/", carol)
+    try:
+        for frame in (await team.receive_from(timeout=5), await detail.receive_from(timeout=5)):
+            assert f'id="run-row-{run.pk}"' in frame or f'id="run-status-{run.pk}"' in frame
+            assert "stop-form" not in frame
+            assert 'name="ids"' not in frame
+            assert "stop-reasons" not in frame
+        await sync_to_async(run.mark_running)("PROCESSING")
+        pushed = await detail.receive_from(timeout=5)
+        assert 'data-status="running"' in pushed
+        assert "stop-form" not in pushed
+        assert "<kbd>Esc</kbd>" not in pushed
+        await sync_to_async(run.mark_completed)(proof="status_read", output="done")
+        finished = await detail.receive_from(timeout=5)
+        assert 'data-status="completed"' in finished
+        assert "Run again" not in finished
+    finally:
+        await team.disconnect()
+        await detail.disconnect()
+
+
+async def test_a_member_sees_cancel_only_on_their_own_runs_when_the_team_says_so(
+    alice, bob, acme, launch, fay_account
+):
+    acme.members_can_stop_others = False
+    await acme.asave()
+    own = await sync_to_async(launch)("bob's own", user=bob)
+    alices = await sync_to_async(launch)("alice's", user=alice)
+    team, _ = await connect(f"/ws/teams/{acme.pk}/", bob)
+    try:
+        snapshot = await team.receive_from(timeout=5)
+        rows = {pk: _row(snapshot, pk) for pk in (own.pk, alices.pk)}
+        assert "stop-form" in rows[own.pk]
+        assert "stop-form" not in rows[alices.pk]
+        assert 'name="ids"' not in rows[alices.pk]
+    finally:
+        await team.disconnect()
+
+
+def _row(html: str, pk: int) -> str:
+    start = html.index(f'id="run-row-{pk}"')
+    return html[start : html.index("</tr>", start)]

@@ -539,3 +539,28 @@ def test_a_structured_answer_is_its_output_page_as_json(client, bob, launch):
     client.force_login(bob)
     response = client.get(reverse("runs:output", args=[run.pk]))
     assert json.loads(response.content) == {"editors": ["Ana"]}
+
+
+def test_a_viewer_sees_no_controls_they_cannot_use(client, carol, launch):
+    run = launch()
+    client.force_login(carol)
+    page = client.get(run.get_absolute_url()).content.decode()
+    assert "stop-form" not in page
+    assert "<kbd>Esc</kbd>" not in page
+    listing = client.get(f"/teams/{run.team_id}/runs/").content.decode()
+    assert "stop-form" not in listing
+    assert 'name="ids"' not in listing
+
+
+def test_a_member_refused_a_teammates_run_is_told_why_in_words(client, alice, bob, launch):
+    run = launch(user=alice)
+    run.team.members_can_stop_others = False
+    run.team.save()
+    client.force_login(bob)
+    page = client.get(run.get_absolute_url()).content.decode()
+    assert "stop-form" not in page
+    response = client.post(f"/runs/{run.pk}/stop", HTTP_HX_REQUEST="true")
+    assert response.status_code == 403
+    toast = json.loads(response["HX-Trigger"])["toast"]["message"]
+    assert "lets members stop only the runs they launched" in toast
+    assert "Viewers" not in toast

@@ -50,3 +50,20 @@ def duration(seconds: float | None) -> str:
         return f"{minutes}m {seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m"
+
+
+@register.filter
+def may_stop(membership: Any, run: Any) -> bool:
+    """On a page, whether its viewer may stop this run (controls they cannot use are not
+    rendered). A push has no viewer: it carries the controls between markers and each socket
+    removes those its user may not use (runs/live.py `for_viewer`)."""
+    if membership is None or membership == "":
+        return True
+    return bool(membership.can_stop(run))
+
+
+@register.filter
+def may_launch(membership: Any) -> bool:
+    if membership is None or membership == "":
+        return True
+    return bool(membership.can_launch)
