@@ -6,7 +6,7 @@ class RunsConfig(AppConfig):
     verbose_name = "Runs"
 
     def ready(self) -> None:
-        from . import crypto
+        from . import crypto, signals  # noqa: F401 - connects the receivers
 
         # A bad encryption key must stop start-up, not the first save of a provider account.
         crypto.check_keys()

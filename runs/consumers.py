@@ -44,6 +44,7 @@ def _run_snapshot(user: Any, run_id: int) -> tuple[Membership, str] | None:
 
 class PushConsumer(AsyncWebsocketConsumer):
     group: str | None = None
+    user_group: str | None = None
     # The viewer's role in the run's team: every push is cut to the controls it allows.
     membership: Membership | None = None
 
@@ -58,7 +59,9 @@ class PushConsumer(AsyncWebsocketConsumer):
             await self.close()
             return
         self.group = group
+        self.user_group = live.user_group(user.pk)
         await self.channel_layer.group_add(group, self.channel_name)
+        await self.channel_layer.group_add(self.user_group, self.channel_name)
         await self.accept()
         await self.send_html(snapshot)
 
@@ -72,6 +75,24 @@ class PushConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self.user_group is not None:
+            await self.channel_layer.group_discard(self.user_group, self.channel_name)
+
+    async def session_ended(self, event: dict[str, Any]) -> None:
+        # Logged out (in any tab): no more runs reach this page.
+        await self.close(code=live.CLOSE_SESSION_ENDED)
+
+    async def membership_changed(self, event: dict[str, Any]) -> None:
+        """Their role changed or they left the team: check again from the database; a socket
+        its user may no longer have is closed, one whose role changed gets a fresh snapshot
+        cut to the new role."""
+        if self.membership is None or event.get("team") != self.membership.team_id:
+            return
+        _group, snapshot = await self.authorise(self.scope["user"])
+        if snapshot is None:
+            await self.close(code=live.CLOSE_ACCESS_ENDED)
+            return
+        await self.send_html(snapshot)
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels hops to a thread to close stale database connections before *every*

@@ -68,6 +68,38 @@ def for_viewer(html: str, membership: Membership) -> str:
     return STOP_CONTROL.sub(keep, html)
 
 
+# Why a socket was closed, for the page (a 44xx code is not reconnected by htmx's ws extension).
+CLOSE_SESSION_ENDED = 4401
+CLOSE_ACCESS_ENDED = 4403
+
+
+def user_group(user_id: int) -> str:
+    """Every socket of one user: told when their session ends or their membership changes."""
+    return f"user-{user_id}"
+
+
+def end_sessions(user_id: int) -> None:
+    """The user logged out: close their sockets, so no more runs reach a logged-out page."""
+    _send_control(user_group(user_id), {"type": "session.ended"})
+
+
+def membership_changed(user_id: int, team_id: int) -> None:
+    """The user's role in a team changed or they left it: their sockets on that team check
+    again (and close when they no longer belong)."""
+    _send_control(user_group(user_id), {"type": "membership.changed", "team": team_id})
+
+
+def _send_control(group: str, message: dict[str, Any]) -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(group, message)
+    except Exception:
+        # Best effort: a socket that missed it still cannot act (every action checks anew).
+        logger.exception("could not tell %s", group)
+
+
 def team_group(team_id: int) -> str:
     return f"team-{team_id}"
 

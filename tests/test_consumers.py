@@ -256,3 +256,67 @@ async def test_a_member_sees_cancel_only_on_their_own_runs_when_the_team_says_so
 def _row(html: str, pk: int) -> str:
     start = html.index(f'id="run-row-{pk}"')
     return html[start : html.index("</tr>", start)]
+
+
+# --- A socket's user and their access, for the socket's whole life ------------------------------
+
+
+async def _closed_with(communicator) -> int | None:
+    """The close code the server sent (it closes on its own; nothing else is awaited)."""
+    while True:
+        output = await communicator.receive_output(timeout=5)
+        if output["type"] == "websocket.close":
+            return output.get("code")
+
+
+async def test_logging_out_closes_every_socket_of_that_user_for_good(bob, acme, launch):
+    run = await sync_to_async(launch)("watched")
+    client = Client()
+    await sync_to_async(client.force_login)(bob)
+    cookie = client.cookies[settings.SESSION_COOKIE_NAME].value
+    headers = [
+        (b"origin", b"http://localhost"),
+        (b"host", b"localhost"),
+        (b"cookie", f"sessionid={cookie}".encode()),
+    ]
+    sockets = [
+        WebsocketCommunicator(application, path, headers=headers)
+        for path in (f"/ws/teams/{acme.pk}/", f"/ws/runs/{run.pk}/")
+    ]
+    try:
+        for socket in sockets:
+            assert (await socket.connect())[0]
+            await socket.receive_from(timeout=5)  # the snapshot
+        await sync_to_async(client.post)("/accounts/logout/")
+        for socket in sockets:
+            assert await _closed_with(socket) == 4401
+    finally:
+        for socket in sockets:
+            await socket.disconnect()
+
+
+async def test_leaving_the_team_closes_its_sockets_and_a_new_role_changes_the_controls(
+    bob, acme, launch
+):
+    from runs.models import Membership
+
+    run = await sync_to_async(launch)("watched")
+    detail, _ = await connect(f"/ws/runs/{run.pk}/", bob)
+    team, _ = await connect(f"/ws/teams/{acme.pk}/", bob)
+    try:
+        assert "stop-form" in await detail.receive_from(timeout=5)
+        await team.receive_from(timeout=5)
+        membership = await Membership.objects.aget(user=bob, team=acme)
+        membership.role = "viewer"
+        await membership.asave()
+        demoted = await detail.receive_from(timeout=5)
+        assert f'id="run-status-{run.pk}"' in demoted
+        assert "stop-form" not in demoted
+        await team.receive_from(timeout=5)
+        await membership.adelete()
+        assert await _closed_with(detail) == 4403
+        assert await _closed_with(team) == 4403
+        await sync_to_async(run.mark_running)("PROCESSING")  # nothing more reaches bob
+    finally:
+        await detail.disconnect()
+        await team.disconnect()

@@ -564,3 +564,19 @@ def test_a_member_refused_a_teammates_run_is_told_why_in_words(client, alice, bo
     toast = json.loads(response["HX-Trigger"])["toast"]["message"]
     assert "lets members stop only the runs they launched" in toast
     assert "Viewers" not in toast
+
+
+def test_an_htmx_action_after_the_session_ended_leads_to_the_login_page_and_back(client, launch):
+    run = launch()
+    response = client.post(
+        f"/runs/{run.pk}/stop",
+        HTTP_HX_REQUEST="true",
+        HTTP_HX_CURRENT_URL=f"http://testserver/runs/{run.pk}/",
+    )
+    assert response.status_code == 204
+    assert response["HX-Redirect"] == f"/accounts/login/?next=%2Fruns%2F{run.pk}%2F"
+    login = client.get(response["HX-Redirect"]).content.decode()
+    assert "Your session ended, so that was not done." in login
+    assert f'value="/runs/{run.pk}/"' in login  # where the login goes back to
+    run.refresh_from_db()
+    assert run.status == "pending"

@@ -131,6 +131,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "runs.middleware.HtmxSessionEndedMiddleware",
 ]
 
 ROOT_URLCONF = "webapp.urls"

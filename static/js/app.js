@@ -64,7 +64,37 @@
 
   // --- Websocket state, visible to people (a badge) and to tests (data-ws on <body>).
   document.addEventListener("htmx:wsOpen", function () { document.body.dataset.ws = "open"; });
-  document.addEventListener("htmx:wsClose", function () { document.body.dataset.ws = "closed"; });
+  // The server closes a socket for good when its user logged out (4401) or lost access to
+  // the team (4403): htmx does not reconnect those, and the page says why, once.
+  var ENDED = {
+    4401: "You are logged out, so live updates stopped. Log in again to see this page live.",
+    4403: "You no longer have access to this team, so live updates stopped.",
+  };
+  document.addEventListener("htmx:wsClose", function (e) {
+    var code = e.detail && e.detail.event && e.detail.event.code;
+    if (ENDED[code]) {
+      document.body.dataset.ws = "ended";
+      showEnded(ENDED[code], code === 4401);
+      return;
+    }
+    document.body.dataset.ws = "closed";
+  });
+  function showEnded(message, login) {
+    if (document.getElementById("live-ended")) return;
+    var bar = document.createElement("div");
+    bar.id = "live-ended";
+    bar.className = "live-ended";
+    bar.setAttribute("role", "alert");
+    bar.textContent = message + " ";
+    if (login) {
+      var link = document.createElement("a");
+      link.href = "/accounts/login/?next=" + encodeURIComponent(location.pathname + location.search);
+      link.textContent = "Log in";
+      bar.appendChild(link);
+    }
+    var main = document.getElementById("main");
+    (main || document.body).prepend(bar);
+  }
   document.addEventListener("htmx:wsError", function () { document.body.dataset.ws = "closed"; });
 
   // --- An answer whose form was replaced while it was on its way. The push for a stop

@@ -1,0 +1,58 @@
+"""Answers that htmx and the browser can act on, whatever the view was doing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+from django.contrib import messages
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.shortcuts import resolve_url
+
+SESSION_ENDED = (
+    "Your session ended, so that was not done. Log in again: you will come back to this page."
+)
+
+
+class HtmxSessionEndedMiddleware:
+    """An htmx request whose session ended (logged out in another tab, expired) is answered
+    with `login_required`'s redirect to the login page, which htmx would fetch and throw away:
+    the button would do nothing, silently. Instead the whole page goes to the login page,
+    which says why and comes back to the page the user was on.
+
+    Sync and async, so async views (the stop path) keep running without a thread hop."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if iscoroutinefunction(self):
+            return self._acall(request)
+        return self._answer(request, self.get_response(request))
+
+    async def _acall(self, request: HttpRequest) -> HttpResponseBase:
+        response = await self.get_response(request)
+        return self._answer(request, response)
+
+    def _answer(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+        login = resolve_url(settings.LOGIN_URL)
+        if (
+            request.headers.get("HX-Request") != "true"
+            or response.status_code != 302
+            or urlsplit(response.get("Location", "")).path != login
+        ):
+            return response
+        current = urlsplit(request.headers.get("HX-Current-URL", ""))
+        back = current.path + (f"?{current.query}" if current.query else "")
+        messages.warning(request, SESSION_ENDED)
+        answer = HttpResponse(status=204)
+        answer["HX-Redirect"] = f"{login}?{urlencode({'next': back or '/'})}"
+        return answer
