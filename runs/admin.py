@@ -25,6 +25,7 @@ from django.utils.html import format_html
 
 from .models import (
     FINISHED,
+    FORCE_REASON_MAX,
     STOP_IN_PROGRESS,
     ApiToken,
     BulkStopResult,
@@ -43,10 +44,6 @@ admin.site.site_title = "Runbrake admin"
 admin.site.index_title = "Teams, provider accounts and runs"
 
 BOTH_PLACES = [ActionLocation.CHANGE_LIST, ActionLocation.CHANGE_FORM]
-
-# force_mark_stopped writes "an admin's force-mark, not the provider (<reason>)" into
-# Run.stop_confirmation (200 characters): a longer reason would not fit on PostgreSQL.
-FORCE_REASON_MAX = 150
 
 
 def _moment(value: dt.datetime | None, *, seconds: bool = False) -> str:

@@ -48,6 +48,7 @@ OUTPUT_SHOWN_CHARS = 12_000
 # for everyone): stop controls carry the run owner's id, launch controls nothing.
 STOP_CONTROL = re.compile(r"<!--rb:stop:(\d+)-->.*?<!--/rb:stop-->", re.S)
 LAUNCH_CONTROL = re.compile(r"<!--rb:launch-->.*?<!--/rb:launch-->", re.S)
+ADMIN_CONTROL = re.compile(r"<!--rb:admin-->.*?<!--/rb:admin-->", re.S)
 
 
 def for_viewer(html: str, membership: Membership) -> str:
@@ -55,6 +56,7 @@ def for_viewer(html: str, membership: Membership) -> str:
     does not allow (the server refuses those actions anyway; this keeps them off the page)."""
     if membership.is_admin:
         return html
+    html = ADMIN_CONTROL.sub("", html)
     if not membership.can_launch:
         html = LAUNCH_CONTROL.sub("", html)
     member = membership.role == "member"  # Role.MEMBER (models imports this module)

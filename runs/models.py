@@ -956,6 +956,17 @@ class Run(models.Model):
         return self.status in (Status.PENDING, Status.RUNNING)
 
     @property
+    def stop_can_be_retried(self) -> bool:
+        """Worth offering "send the stop again now": unconfirmed or failing, not queued for
+        the quota, and named by the provider."""
+        return (
+            self.status in STOP_IN_PROGRESS
+            and bool(self.external_id)
+            and self.quota_endpoint != "stop"
+            and (self.status == Status.STOP_UNCONFIRMED or bool(self.stop_error))
+        )
+
+    @property
     def usage_summary(self) -> str:
         """What the provider says the run consumed, e.g. "1,161 tokens (18 in, 1,143 out) ·
         0.0081 USD"; "" when it said nothing."""
@@ -1240,6 +1251,31 @@ class Run(models.Model):
     def _stop_lease() -> dt.timedelta:
         return dt.timedelta(seconds=settings.RUNBRAKE_STOP_CALL_TIMEOUT + 5)
 
+    def retry_stop_now(self, *, actor: Any) -> bool:
+        """Someone asks for the stop call to go out again now, not at its next retry (the
+        provider has not confirmed it). Refused while the last call's lease runs (a call may
+        still be out: two at once must never happen) or the provider's quota holds it."""
+        now = timezone.now()
+        lease_over = models.Q(stop_sent_at__isnull=True) | models.Q(
+            stop_sent_at__lt=now - self._stop_lease()
+        )
+        due = (
+            Run.objects.filter(
+                pk=self.pk, status__in=STOP_IN_PROGRESS, stop_next_attempt_at__isnull=False
+            )
+            .exclude(external_id="")
+            .exclude(quota_endpoint="stop")
+            .filter(lease_over)
+            .update(stop_next_attempt_at=now)
+        )
+        self.refresh_from_db()
+        if due:
+            self.record_event(
+                RunEvent.Kind.STOP_RETRY,
+                f"{getattr(actor, 'username', 'Someone')} asked to send the stop again now.",
+            )
+        return bool(due)
+
     def claim_stop_attempt(self) -> bool:
         """Lease the next stop call: no two processes send a stop for the same run at once."""
         now = timezone.now()
@@ -1417,7 +1453,9 @@ class Run(models.Model):
             data={"proof": Proof.ADMIN_FORCE},
             finished_at=now,
             stop_confirmed_at=now,
-            stop_confirmation=f"an admin's force-mark, not the provider ({reason[:150]})",
+            stop_confirmation=(
+                f"an admin's force-mark, not the provider ({reason[:FORCE_REASON_MAX]})"
+            ),
             proof=Proof.ADMIN_FORCE,
             stop_next_attempt_at=None,
         )
@@ -1430,7 +1468,8 @@ class Run(models.Model):
             message=(
                 "The provider has not confirmed the stop within "
                 f"{settings.RUNBRAKE_STOP_GRACE_SECONDS:g} s. Runbrake keeps checking and "
-                "retrying; an admin can force-mark the run stopped."
+                "sending it again; a team admin who sees the run stopped at the provider can "
+                "mark it stopped by hand on its page."
             ),
         )
 
@@ -1605,6 +1644,7 @@ class RunEvent(models.Model):
         BACKOFF = "backoff", "Provider asked to slow down"
         QUOTA_WAIT = "quota_wait", "Waiting for the provider's quota"
         STOP_QUEUED = "stop_queued", "Stop queued for the provider's quota"
+        STOP_RETRY = "stop_retry", "Stop sent again on request"
         STOP_REQUESTED = "stop_requested", "Stop requested"
         STOP_ANSWER = "stop_answer", "Provider answered the stop"
         STOP_FAILED = "stop_failed", "Stop call failed"
@@ -1689,6 +1729,9 @@ class WebhookEvent(models.Model):
     def __str__(self) -> str:
         return f"{self.kind} webhook {self.event_id}"
 
+
+# A force-mark's reason goes into stop_confirmation (200 characters) after its own words.
+FORCE_REASON_MAX = 150
 
 LAST_USED_PRECISION = dt.timedelta(minutes=1)
 

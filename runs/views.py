@@ -20,6 +20,7 @@ from django_htmx.middleware import HtmxDetails
 from . import live
 from .forms import LaunchForm, RunFilterForm
 from .models import (
+    FORCE_REASON_MAX,
     Channel,
     Membership,
     Run,
@@ -335,6 +336,72 @@ async def bulk_stop(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
         "runs/partials.html#bulk-preview", context, request=request
     )
     return HttpResponse(html)
+
+
+@require_POST
+@login_required
+async def retry_stop(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
+    """Send a stop the provider has not confirmed again, now, instead of at the next retry."""
+    user = await request.auser()
+    assert user.is_authenticated  # login_required ran; this narrows the type
+    run = await aget_object_or_404(Run.objects.for_user(user), pk=pk)
+    membership = await Membership.objects.select_related("team").aget(
+        team_id=run.team_id, user=user
+    )
+    if not membership.can_stop(run):
+        return await sync_to_async(_refused)(request, membership.stop_refusal)
+    if limited := await ahit("stop", str(user.pk)):
+        return await sync_to_async(_too_many)(request, limited)
+    if not await sync_to_async(run.retry_stop_now)(actor=user):
+        message, level = _retry_refusal(run), "error"
+    else:
+        await run.asend_stop()
+        await run.arefresh_from_db()
+        message, level = _stop_message(run, requested=True)
+    return await sync_to_async(_answer_on_run)(request, run, message, level)
+
+
+@require_POST
+@login_required
+def force_stop(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
+    """A team admin's last resort for a stop the provider never confirmed: marked stopped by
+    hand, with a reason, and the page says so (not the provider)."""
+    run = get_object_or_404(Run.objects.for_user(request.user), pk=pk)
+    if not membership_for(request, run.team_id).is_admin:
+        return _refused(request, "Only team admins can mark a run stopped by hand.")
+    reason = (request.POST.get("reason") or "").strip()
+    if not reason:
+        return _refused(request, "Say why you are sure the provider stopped (its dashboard, say).")
+    if run.force_mark_stopped(actor=request.user, reason=reason[:FORCE_REASON_MAX]):
+        message, level = f"Run #{run.pk} marked stopped by hand: {reason[:80]}", "success"
+    else:
+        message, level = (
+            f"Run #{run.pk} is {run.get_status_display().lower()}: nothing to mark.",
+            "info",
+        )
+    return _answer_on_run(request, run, message, level)
+
+
+def _retry_refusal(run: Run) -> str:
+    if run.is_terminal:
+        return f"Run #{run.pk} is already {run.get_status_display().lower()}."
+    if run.quota_endpoint == "stop":
+        return f"{run.quota_note} Sending it earlier would only be refused."
+    if not run.external_id:
+        return "The provider has not named this run yet; the stop goes out when it does."
+    return "A stop call for this run is under way; its answer is on the timeline."
+
+
+def _answer_on_run(
+    request: HtmxHttpRequest, run: Run, message: str, level: str
+) -> HttpResponseBase:
+    if not request.htmx:
+        messages.add_message(
+            request, messages.ERROR if level == "error" else messages.INFO, message
+        )
+        return redirect("runs:detail", pk=run.pk)
+    run = live.load(run.pk)
+    return toast(HttpResponse(live.render_run_response(run, on_run_page=True)), message, level)
 
 
 @require_POST

@@ -580,3 +580,113 @@ def test_an_htmx_action_after_the_session_ended_leads_to_the_login_page_and_back
     assert f'value="/runs/{run.pk}/"' in login  # where the login goes back to
     run.refresh_from_db()
     assert run.status == "pending"
+
+
+# --- A stop the provider never confirmed ------------------------------------------------------
+
+
+def _unconfirmed(run, *, sent_ago: float = 60.0):
+    """A run whose stop went out a while ago and was never confirmed."""
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from runs.models import Run
+
+    now = timezone.now()
+    Run.objects.filter(pk=run.pk).update(
+        status="stop_unconfirmed",
+        stop_requested_at=now - dt.timedelta(seconds=sent_ago),
+        stop_sent_at=now - dt.timedelta(seconds=sent_ago),
+        stop_next_attempt_at=now + dt.timedelta(seconds=30),
+        stop_error="Fay had an internal error. Runbrake retries.",
+    )
+    run.refresh_from_db()
+    return run
+
+
+def test_send_the_stop_again_now_makes_one_call_and_the_provider_confirms(
+    client, bob, alice, carol, launch, sim
+):
+    from tests.conftest import start_at_provider
+
+    run = _unconfirmed(start_at_provider(launch()))
+    client.force_login(bob)
+    page = client.get(run.get_absolute_url()).content.decode()
+    assert "Send the stop again now" in page
+    assert "Mark stopped by hand" not in page  # a team admin's
+    response = client.post(f"/runs/{run.pk}/retry-stop", HTTP_HX_REQUEST="true")
+    assert response.status_code == 200
+    run.refresh_from_db()
+    assert run.status == "stopped"
+    assert run.proof == "stop_answer"
+    assert len(sim.stop_calls(run.external_id)) == 1
+    assert run.events.filter(kind="stop_retry").count() == 1
+    client.force_login(carol)
+    assert "Send the stop again now" not in client.get(run.get_absolute_url()).content.decode()
+
+
+def test_a_retry_is_refused_while_the_last_stop_call_may_still_be_out(client, bob, launch, sim):
+    from tests.conftest import start_at_provider
+
+    run = _unconfirmed(start_at_provider(launch()), sent_ago=1)
+    client.force_login(bob)
+    response = client.post(f"/runs/{run.pk}/retry-stop", HTTP_HX_REQUEST="true")
+    toast = json.loads(response["HX-Trigger"])["toast"]
+    assert toast["level"] == "error"
+    assert "under way" in toast["message"]
+    assert sim.stop_calls(run.external_id) == []
+
+
+def test_a_team_admin_marks_an_unconfirmed_stop_stopped_by_hand_with_a_reason(
+    client, alice, bob, launch
+):
+    run = _unconfirmed(launch())
+    client.force_login(alice)
+    assert "Mark stopped by hand" in client.get(run.get_absolute_url()).content.decode()
+    empty = client.post(f"/runs/{run.pk}/force-stop", {"reason": " "}, HTTP_HX_REQUEST="true")
+    assert empty.status_code == 403
+    client.post(
+        f"/runs/{run.pk}/force-stop",
+        {"reason": "Fay's dashboard shows it stopped"},
+        HTTP_HX_REQUEST="true",
+    )
+    run.refresh_from_db()
+    assert run.status == "stopped"
+    assert run.proof == "admin_force"
+    assert "Fay's dashboard shows it stopped" in run.stop_confirmation
+    page = client.get(run.get_absolute_url()).content.decode()
+    assert "an admin&#x27;s force-mark, not the provider" in page.lower() or "force-mark" in page
+
+
+def test_a_member_cannot_mark_a_run_stopped_by_hand(client, bob, launch):
+    run = _unconfirmed(launch())
+    client.force_login(bob)
+    response = client.post(f"/runs/{run.pk}/force-stop", {"reason": "sure"}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 403
+    run.refresh_from_db()
+    assert run.status == "stop_unconfirmed"
+
+
+def test_repeated_failed_stop_calls_are_one_timeline_entry_with_a_count(client, bob, launch):
+    from runs.models import RunEvent
+
+    run = launch()
+    for _ in range(7):
+        run.record_event(RunEvent.Kind.STOP_FAILED, "Fay had an internal error.")
+    client.force_login(bob)
+    page = client.get(run.get_absolute_url()).content.decode()
+    assert page.count("Stop call failed") == 1
+    assert "×7" in page
+
+
+def test_a_run_that_completed_despite_the_stop_says_so_in_the_list(client, bob, launch):
+    from django.utils import timezone
+
+    from runs.models import Run
+
+    run = launch()
+    Run.objects.filter(pk=run.pk).update(status="completed", stop_requested_at=timezone.now())
+    client.force_login(bob)
+    listing = client.get(f"/teams/{run.team_id}/runs/").content.decode()
+    assert "despite the stop" in listing

@@ -67,3 +67,27 @@ def may_launch(membership: Any) -> bool:
     if membership is None or membership == "":
         return True
     return bool(membership.can_launch)
+
+
+@register.filter
+def may_admin(membership: Any) -> bool:
+    if membership is None or membership == "":
+        return True
+    return bool(membership.is_admin)
+
+
+# Events that repeat while a stop goes unconfirmed or a provider keeps refusing: the timeline
+# shows each run of them once, with a count, so the story stays readable.
+REPEATING = {"stop_failed", "backoff", "quota_wait", "stop_answer", "provider_error"}
+
+
+@register.filter
+def collapse_repeats(events: list[Any]) -> list[tuple[Any, int]]:
+    """Consecutive events of one repeating kind as (the last of them, how many)."""
+    collapsed: list[tuple[Any, int]] = []
+    for event in events:
+        if collapsed and event.kind in REPEATING and collapsed[-1][0].kind == event.kind:
+            collapsed[-1] = (event, collapsed[-1][1] + 1)
+        else:
+            collapsed.append((event, 1))
+    return collapsed
