@@ -39,10 +39,16 @@ def _json_text(placeholder: str) -> forms.Textarea:
 
 class LaunchForm(forms.Form):
     provider_account = AccountChoiceField(queryset=ProviderAccount.objects.none(), empty_label=None)
+    # No max_length on the field: its `maxlength` attribute would make the browser cut a
+    # pasted prompt silently (losing its end); the limit is checked, and named, instead.
     prompt = forms.CharField(
-        max_length=MAX_PROMPT,
         widget=forms.Textarea(
-            attrs={"rows": 4, "placeholder": "What should the provider research or answer?"}
+            attrs={
+                "rows": 4,
+                "placeholder": "What should the provider research or answer?",
+                "data-limit": str(MAX_PROMPT),
+                "aria-describedby": "prompt-count",
+            }
         ),
     )
     timeout_seconds = forms.IntegerField(
@@ -214,6 +220,19 @@ class LaunchForm(forms.Form):
                 "An agent id is letters, digits, '-', '_' and '.', as xpander shows it.",
             )
         return data
+
+    @property
+    def prompt_limit(self) -> str:
+        return f"{MAX_PROMPT:,}"
+
+    def clean_prompt(self) -> str:
+        prompt: str = self.cleaned_data["prompt"]
+        if len(prompt) > MAX_PROMPT:
+            raise forms.ValidationError(
+                f"The prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT:,}. "
+                "Shorten it: nothing was launched, and nothing of it was cut."
+            )
+        return prompt
 
     def run_options(self) -> dict[str, Any]:
         data = self.cleaned_data

@@ -690,3 +690,46 @@ def test_a_run_that_completed_despite_the_stop_says_so_in_the_list(client, bob, 
     client.force_login(bob)
     listing = client.get(f"/teams/{run.team_id}/runs/").content.decode()
     assert "despite the stop" in listing
+
+
+def test_an_overlong_prompt_is_refused_with_the_limit_named_and_kept_whole(
+    client, bob, fay_account
+):
+    from runs.forms import MAX_PROMPT
+    from runs.models import Run
+
+    client.force_login(bob)
+    prompt = "word " * (MAX_PROMPT // 5) + "TRAILING DIRECTIVE sim:duration=1"
+    page = client.get(f"/teams/{fay_account.team_id}/runs/").content.decode()
+    assert "maxlength" not in page.split('name="prompt"')[1].split(">")[0]  # never cut
+    response = client.post(
+        f"/teams/{fay_account.team_id}/runs/launch",
+        {
+            "provider_account": fay_account.pk,
+            "prompt": prompt,
+            "timeout_seconds": 600,
+            "no_progress_seconds": 0,
+        },
+        HTTP_HX_REQUEST="true",
+    )
+    html = response.content.decode()
+    assert f"The prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT:,}." in html
+    assert "TRAILING DIRECTIVE" in html  # the text is given back whole
+    assert not Run.objects.exists()
+
+
+def test_the_api_refuses_an_overlong_prompt_in_json(client, bob, fay_account):
+    from runs.forms import MAX_PROMPT
+    from runs.models import ApiToken
+
+    token = ApiToken.issue(bob)
+    response = client.post(
+        "/api/runs",
+        data=json.dumps({"provider_account": fay_account.pk, "prompt": "x" * (MAX_PROMPT + 1)}),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {token}",
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["field"] == "prompt"
+    assert f"the limit is {MAX_PROMPT:,}" in error["message"]

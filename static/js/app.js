@@ -147,6 +147,27 @@
   });
 })();
 
+// --- The prompt's length against its limit, as it is typed or pasted (never cut).
+(function () {
+  "use strict";
+  function count(area) {
+    var out = document.getElementById(area.getAttribute("aria-describedby"));
+    var limit = Number(area.dataset.limit || 0);
+    if (!out || !limit) return;
+    var n = area.value.length;
+    out.textContent = n.toLocaleString() + " of " + limit.toLocaleString() + " characters" +
+      (n > limit ? " — " + (n - limit).toLocaleString() + " too many: shorten it to launch" : "");
+    out.classList.toggle("over", n > limit);
+  }
+  document.addEventListener("input", function (e) {
+    if (e.target && e.target.dataset && e.target.dataset.limit) count(e.target);
+  });
+  document.addEventListener("htmx:load", function (e) {
+    var root = e.detail.elt;
+    (root.querySelectorAll ? root.querySelectorAll("textarea[data-limit]") : []).forEach(count);
+  });
+})();
+
 // --- The launch form shows only the selected provider's options.
 (function () {
   "use strict";
