@@ -1118,8 +1118,11 @@ class Run(models.Model):
             transaction.on_commit(lambda: live.push_run(self.pk))
         self.refresh_from_db()
 
-    def record_external_id(self, external_id: str, refs: dict[str, Any] | None = None) -> bool:
-        """Persist the provider's id the moment it is known (once)."""
+    def record_external_id(
+        self, external_id: str, refs: dict[str, Any] | None = None, *, acknowledged: bool = True
+    ) -> bool:
+        """Persist the provider's id the moment it is known (once). An id of our own that the
+        provider has not answered to yet is "sent", not "accepted"."""
         with transaction.atomic():
             won = bool(
                 Run.objects.filter(pk=self.pk, external_id="").update(
@@ -1136,10 +1139,12 @@ class Run(models.Model):
             if won:
                 RunEvent.objects.create(
                     run_id=self.pk,
-                    kind=RunEvent.Kind.ACCEPTED,
+                    kind=RunEvent.Kind.ACCEPTED if acknowledged else RunEvent.Kind.SENT,
                     from_status=self.status,
                     to_status=self.status,
-                    message=f"The provider accepted the run as {external_id}.",
+                    message=f"The provider accepted the run as {external_id}."
+                    if acknowledged
+                    else f"Sent to the provider as {external_id} (an id of Runbrake's own).",
                     data={"external_id": external_id},
                 )
                 transaction.on_commit(lambda: live.push_run(self.pk))
@@ -1640,8 +1645,9 @@ class RunEvent(models.Model):
     class Kind(models.TextChoices):
         CREATED = "created", "Launched"
         ACCEPTED = "accepted", "Accepted by provider"
+        SENT = "sent", "Sent to the provider"
         RUNNING = "running", "Running"
-        BACKOFF = "backoff", "Provider asked to slow down"
+        BACKOFF = "backoff", "Waiting to try again"
         QUOTA_WAIT = "quota_wait", "Waiting for the provider's quota"
         STOP_QUEUED = "stop_queued", "Stop queued for the provider's quota"
         STOP_RETRY = "stop_retry", "Stop sent again on request"

@@ -599,8 +599,10 @@ class Session:
             # The call that waited went out: the run no longer waits for the quota.
             await sync_to_async(run.clear_quota_wait)(*SESSION_CALLS)
         match event:
-            case Started(external_id=external_id, refs=refs):
-                await sync_to_async(run.record_external_id)(external_id, refs)
+            case Started(external_id=external_id, refs=refs, acknowledged=acknowledged):
+                await sync_to_async(run.record_external_id)(
+                    external_id, refs, acknowledged=acknowledged
+                )
                 if self.on_started is not None:
                     self.on_started()
                 if run.status in STOP_IN_PROGRESS:

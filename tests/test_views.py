@@ -733,3 +733,20 @@ def test_the_api_refuses_an_overlong_prompt_in_json(client, bob, fay_account):
     error = response.json()["error"]
     assert error["field"] == "prompt"
     assert f"the limit is {MAX_PROMPT:,}" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("status", "words"),
+    [
+        ("message_end", "reply ended"),
+        ("workflow_finished:stopped", "workflow stopped"),
+        ("error:completion_request_error", "error (completion request error)"),
+        ("finish:stop", "finished"),
+        ("history:no_answer", "ended with no answer in its history"),
+        ("PROCESSING", "PROCESSING"),
+    ],
+)
+def test_a_providers_status_is_shown_in_words(status, words):
+    from runs.templatetags.runs_tags import provider_words
+
+    assert provider_words(status) == words

@@ -69,7 +69,7 @@ async def test_a_rejected_key_fails_the_run_with_what_to_do(launch, fay_account)
     await Watcher().watch(run.pk)
     await run.arefresh_from_db()
     assert run.status == Status.FAILED
-    assert "Ask a team admin to update the key" in run.error
+    assert "The key is set on the Fay provider account by a team admin" in run.error
 
 
 async def test_it_queues_a_launch_fay_refuses_as_over_quota_and_sends_it_once_allowed(launch, sim):

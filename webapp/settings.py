@@ -21,7 +21,6 @@ from django.core.exceptions import ImproperlyConfigured
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
-
 def _load_env_file(path: Path) -> None:
     """NAME=value lines (blank lines and # comments allowed) for what the environment lacks."""
     try:

@@ -136,10 +136,13 @@ class Unlimited:
 
 @dataclass(frozen=True)
 class Started:
-    """The provider accepted the run and gave it this id (plus ids it needs later)."""
+    """The run has this id at the provider (plus ids it needs later). `acknowledged` is False
+    when the id is our own and the provider has not answered yet (IntelligenceBox: the chat id
+    is the client's, so a stop can go out at once)."""
 
     external_id: str
     refs: dict[str, Any] = field(default_factory=dict)
+    acknowledged: bool = True
 
 
 @dataclass(frozen=True)

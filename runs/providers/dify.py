@@ -38,8 +38,8 @@ from .base import (
 )
 
 MESSAGES = {
-    "unauthorized": "Dify refused the app API key. Ask a team admin to update the key on the "
-    "Dify provider account.",
+    "unauthorized": "Dify refused the app API key. The key is set on the Dify provider account "
+    "by a team admin (Dify: the app's API Access page).",
     "forbidden": "Dify says this app's API is disabled or the app no longer exists ({detail}).",
     "invalid_param": "Dify rejected the request: {detail}. Check the fields and launch again.",
     "bad_request": "Dify rejected the request: {detail}.",

@@ -52,8 +52,8 @@ TERMINAL: dict[str, TerminalStatus] = {
 MESSAGES = {
     "VALIDATION_ERROR": "Fay rejected the request ({detail}). Check the prompt and the output "
     "schema, then launch again.",
-    "INVALID_API_KEY": "Fay refused the API key (invalid or expired). Ask a team admin to "
-    "update the key on the Fay provider account.",
+    "INVALID_API_KEY": "Fay refused the API key (invalid or expired). The key is set on the Fay "
+    "provider account by a team admin.",
     "REQUEST_NOT_FOUND": "Fay has no record of this research request; it may have expired. "
     "Launch a new run if you still need it.",
     "CONVERSATION_ALREADY_COMPLETED": "The research had already completed on Fay, so there "

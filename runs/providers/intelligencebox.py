@@ -207,8 +207,8 @@ class IntelligenceBoxProvider(Provider):
         if status in (401, 403):
             return ProviderError(
                 "UNAUTHORIZED",
-                "The IntelligenceBox refused the API key. Ask a team admin to update the key "
-                "on the provider account (Box app: Settings → System → API key).",
+                "The IntelligenceBox refused the API key. The key is set on the provider "
+                "account by a team admin (Box app: Settings → System → API key).",
                 http_status=status,
             )
         if status == 400:
@@ -240,7 +240,7 @@ class IntelligenceBoxProvider(Provider):
             "boxAddress": self.box_address,
         }
         # The id is ours, so it is known before the box answers: a stop can go out at once.
-        yield Started(chat_id)
+        yield Started(chat_id, acknowledged=False)
         seen = Reading()
         # Returning mid-stream (finish, error, abort) must close the stream generators here,
         # not leave them to the garbage collector.

@@ -325,8 +325,8 @@ class XpanderProvider(Provider):
         if status in (401, 403):
             return ProviderError(
                 "UNAUTHORIZED",
-                "xpander.ai refused the API key. Ask a team admin to update the key on the "
-                "xpander provider account.",
+                "xpander.ai refused the API key. The key is set on the xpander provider "
+                "account by a team admin.",
                 http_status=status,
             )
         if status == 404:

@@ -91,3 +91,37 @@ def collapse_repeats(events: list[Any]) -> list[tuple[Any, int]]:
         else:
             collapsed.append((event, 1))
     return collapsed
+
+
+# Status words Runbrake writes for a provider (an event's name, the source of its news) in the
+# words a person reads; a provider's own status word (Fay's PROCESSING) is shown as it is.
+PROVIDER_WORDS = {
+    "message_end": "reply ended",
+    "streaming": "streaming",
+    "generating": "generating",
+    "history:answer": "answer saved in its history",
+    "history:no_answer": "ended with no answer in its history",
+    "history:error": "error in its history",
+    "abort": "aborted",
+    "active": "working",
+    "stop accepted": "stop accepted",
+}
+
+
+@register.filter
+def provider_words(status: str) -> str:
+    """`workflow_finished:stopped` → "workflow stopped", `error:completion_request_error` →
+    "error (completion request error)", `finish:stop` → "finished"."""
+    if not status:
+        return ""
+    if status in PROVIDER_WORDS:
+        return PROVIDER_WORDS[status]
+    head, _, tail = status.partition(":")
+    tail = tail.replace("_", " ")
+    if head == "workflow_finished":
+        return f"workflow {tail}"
+    if head == "finish":
+        return "finished" if tail in ("", "stop") else f"finished ({tail})"
+    if head == "error":
+        return f"error ({tail})" if tail else "error"
+    return status.replace("_", " ")
