@@ -68,14 +68,20 @@ run-scaled: setup
 	DATABASE_URL=$(SCALED_DATABASE_URL) REDIS_URL=$(SCALED_REDIS_URL) RUNBRAKE_EMBEDDED_WATCHER=false \
 	exec $(VENV)/bin/honcho -f Procfile start
 
-test: setup
+# axe-core for the browser tests' accessibility checks (npm, pinned by the lock file).
+AXE := tests/browser/node_modules/axe-core/axe.min.js
+$(AXE): tests/browser/package.json tests/browser/package-lock.json
+	npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+	@touch $@
+
+test: setup $(AXE)
 	$(PY) -m pytest -m "not e2e"
 	$(PY) -m pytest -m e2e tests/browser
 
 test-unit: setup
 	$(PY) -m pytest -m "not e2e"
 
-test-e2e: setup
+test-e2e: setup $(AXE)
 	$(PY) -m pytest -m e2e tests/browser
 
 lint: setup

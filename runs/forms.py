@@ -263,7 +263,10 @@ class RunFilterForm(forms.Form):
 
     status = forms.MultipleChoiceField(choices=Status.choices, required=False)
     provider = forms.ChoiceField(
-        choices=[("", "Any provider"), *ProviderKind.choices], required=False
+        choices=[("", "Any provider"), *ProviderKind.choices],
+        required=False,
+        # The page's <label for="f-provider"> names it (the other filters are plain inputs).
+        widget=forms.Select(attrs={"id": "f-provider"}),
     )
     owner = forms.CharField(required=False, max_length=150, label="Owner")
     q = forms.CharField(required=False, max_length=200, label="Prompt contains")

@@ -92,11 +92,27 @@ def membership_changed(user_id: int, team_id: int) -> None:
 
 
 def _send_control(group: str, message: dict[str, Any]) -> None:
+    """Tell a group something (not a push), from sync code: through the event loop that owns
+    this thread when there is one (async_to_sync cannot run beside it), else directly."""
+    loop = _owning_loop()
+    if loop is not None:
+        loop.call_soon_threadsafe(
+            lambda: loop.create_task(_asend_control(group, message)),
+            context=contextvars.Context(),
+        )
+        return
+    try:
+        async_to_sync(_asend_control)(group, message)
+    except Exception:
+        logger.exception("could not tell %s", group)
+
+
+async def _asend_control(group: str, message: dict[str, Any]) -> None:
     layer = get_channel_layer()
     if layer is None:
         return
     try:
-        async_to_sync(layer.group_send)(group, message)
+        await layer.group_send(group, message)
     except Exception:
         # Best effort: a socket that missed it still cannot act (every action checks anew).
         logger.exception("could not tell %s", group)

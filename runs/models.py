@@ -366,31 +366,21 @@ class ProviderAccount(models.Model):
         words = QUOTA_ENDPOINTS.get(endpoint, f"{endpoint} calls")
         return Refusal(seconds, f"{label} refused this account's {words} as over its quota.")
 
-    def poll_interval(self, endpoint: str, base: float, now: dt.datetime | None = None) -> float:
+    def poll_interval(self, endpoint: str, base: float) -> float:
         """Seconds between polls of this kind per run, so all the account's running runs fit
-        90 % of its hourly quota, and the month's remaining calls (less the stops held in
-        reserve) last until the month ends."""
-        limits = self.limits
-        hourly, monthly = limits.get(endpoint), limits.get("month")
-        if not hourly and not monthly:
+        90 % of its hourly quota. The monthly quota is a hard limit (with stops in reserve),
+        not a pace: spreading it evenly over the month would make a run's end known hours
+        late; runs are paced to their own length instead (FayProvider._poll_delay)."""
+        limit = self.limits.get(endpoint)
+        if not limit:
             return base
-        now = now or timezone.now()
         sharing = max(
             1,
             Run.objects.filter(provider_account_id=self.pk, status__in=ACTIVE)
             .exclude(external_id="")
             .count(),
         )
-        every = base
-        if hourly:
-            every = max(every, 3600.0 * sharing / (0.9 * hourly))
-        if monthly:
-            month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-            next_month = (month_start + dt.timedelta(days=32)).replace(day=1)
-            used = QuotaSpend.objects.filter(account_id=self.pk, at__gte=month_start).count()
-            left = max(1, monthly - used - self._stop_reserve(limits))
-            every = max(every, (next_month - now).total_seconds() * sharing / left)
-        return every
+        return max(base, 3600.0 * sharing / (0.9 * limit))
 
 
 HOUR = dt.timedelta(hours=1)
@@ -1312,7 +1302,15 @@ class Run(models.Model):
             # An answer that proves the outcome ends the calls; an acceptance that proves
             # nothing (Dify always says success) is sent again if nothing confirms it soon.
             stop_next_attempt_at=None if result.terminal else recheck,
+            # A run the provider says was over already has nothing left to confirm: no
+            # "unconfirmed" while its end is read.
+            **({"stop_deadline": None} if result.terminal in ("completed", "failed") else {}),
         )
+        if result.finished is not None:
+            final = result.finished
+            text = final.output if final.output is not None else self.output
+            self.settle(final, output=text, label=provider_label)
+            return
         if result.terminal == "stopped":
             by_status = result.via == "status"
             self.mark_stopped(

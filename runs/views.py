@@ -232,9 +232,14 @@ def run_output(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     """A run's whole output as text: pages and pushes show only its end (see live.py)."""
     run = get_object_or_404(Run.objects.for_user(request.user), pk=pk)
     text = run.output
+    kind, suffix = "text/plain", "txt"
     if not text and run.structured_output is not None:
         text = json.dumps(run.structured_output, indent=2, ensure_ascii=False)
-    return HttpResponse(text, content_type="text/plain; charset=utf-8")
+        kind, suffix = "application/json", "json"
+    response = HttpResponse(text, content_type=f"{kind}; charset=utf-8")
+    if "download" in request.GET:
+        response["Content-Disposition"] = f'attachment; filename="run-{run.pk}-output.{suffix}"'
+    return response
 
 
 def _stop_message(run: Run, requested: bool) -> tuple[str, str]:

@@ -115,7 +115,7 @@ async def test_a_bad_key_is_invalid_api_key_in_words(fay_url):
     with pytest.raises(ProviderError) as exc:
         await collect(fay(fay_url, key="not-a-sim-key"), "hello")
     assert exc.value.code == "INVALID_API_KEY"
-    assert "update the key" in exc.value.message
+    assert "The key is set on the Fay provider account" in exc.value.message
 
 
 async def test_an_empty_prompt_is_a_validation_error(fay_url):

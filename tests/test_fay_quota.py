@@ -13,7 +13,7 @@ from collections import deque
 from typing import Any
 
 import pytest
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from django.utils import timezone
 
 from runs.models import (
@@ -109,12 +109,12 @@ def test_it_keeps_twenty_open_runs_within_100_status_reads_in_any_hour(acme, sim
 
 def test_it_keeps_a_free_key_within_its_hour_and_its_month_with_room_to_stop(acme, sim, bob):
     """Fay's free tier: 100 status reads an hour, and 100 requests a month in all. Twenty runs
-    share the 80 calls the month has beside the 20 kept so each run can still be stopped."""
+    may read until 80 are spent; the last 20 are kept so each run can still be stopped."""
     account = fay_account(acme, sim, QuotaTier.FREE, "sim-free-x")
     reads = poll_for_hours(account, bob, 2)
     assert busiest_hour(reads) <= 100
-    # Each run read once; then the month's 80 spare calls are spread over what is left of it.
-    assert len(reads) == 20
+    # The month's 100 calls, less the 20 kept so that each run can still be stopped.
+    assert len(reads) == 80
     for _ in range(20):
         assert account.take_quota("stop") is None
 
@@ -295,16 +295,16 @@ def test_a_429_with_retry_after_zero_still_waits_a_second(acme, sim):
     assert account.take_quota("status", now=now + dt.timedelta(seconds=2)) is None
 
 
-def test_the_month_paces_polls_so_its_calls_last_until_it_ends(acme, sim, bob):
-    account = fay_account(acme, sim, QuotaTier.CUSTOM, "sim-x", month=1000)
-    run = launch(account, bob, "one")
-    run.record_external_id("req-1")
-    now = timezone.now().replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    now += dt.timedelta(days=10)
-    next_month = (now.replace(day=1) + dt.timedelta(days=32)).replace(day=1)
-    every = account.poll_interval("status", 2.0, now=now)
-    # 999 calls left (one kept to stop the run) over what is left of the month.
-    assert every == pytest.approx((next_month - now).total_seconds() / 999)
+def test_polls_slow_down_with_a_runs_age_and_keep_the_hourly_pace(acme, sim):
+    from runs.providers.fay import FayProvider
+
+    account = fay_account(acme, sim, QuotaTier.CUSTOM, "sim-x", status=1000)
+    provider = account.provider()
+    assert isinstance(provider, FayProvider)
+    # 2 s at first (the docs' pace), a quarter of the run's age later, five minutes at most.
+    assert async_to_sync(provider._poll_delay)(0) == pytest.approx(4.0)  # 1,000 an hour, 90 %
+    assert async_to_sync(provider._poll_delay)(120) == pytest.approx(30)
+    assert async_to_sync(provider._poll_delay)(7200) == pytest.approx(300)
 
 
 def test_a_launch_keeps_the_monthly_call_its_own_stop_will_need(acme, sim, bob):
@@ -413,3 +413,45 @@ async def test_a_status_read_after_a_quota_wait_clears_the_note_and_the_report_w
     assert kinds == ["QuotaWait", "Running", "QuotaWait", "QuotaWait", "Finished"]
     assert events[-1].output == "## Report"
     assert events[-1].via == "status"
+
+
+async def test_a_stop_that_finds_the_research_completed_ends_it_completed_with_its_report(
+    acme, bob, sim
+):
+    """Found by an independent stand-in: Fay answered the stop 'already completed' and its
+    status said COMPLETED, yet the run went on to 'Stop unconfirmed' with no output."""
+    account = await sync_to_async(fay_account)(acme, sim, QuotaTier.UNLIMITED, "sim-x")
+    run = await sync_to_async(launch)(
+        account, bob, f"{uuid.uuid4()} sim:pending=0 sim:duration=0.2"
+    )
+    provider = account.provider()
+    events = provider.run(run.prompt, {})
+    started = await anext(events)
+    await events.aclose()
+    await sync_to_async(run.record_external_id)(started.external_id)
+    await sync_to_async(run.mark_running)("PROCESSING")
+    await _until_at_fay(sim, started.external_id)
+    await run.astop(actor=bob, channel=Channel.TIMEOUT, reason="Timed out")
+    await run.arefresh_from_db()
+    assert run.status == Status.COMPLETED
+    assert run.output.startswith("### Research:")
+    assert run.proof == "status_read"
+    assert run.finished_before_stop
+
+
+async def _until_at_fay(sim: Any, request_id: str) -> None:
+    """Wait (with a deadline) until the simulator says the research completed."""
+    import json
+    import urllib.request
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        req = urllib.request.Request(
+            f"{sim.url}/sim/fay/api/v1/conversation/{request_id}/status",
+            headers={"Authorization": "Bearer sim-x"},
+        )
+        status = await sync_to_async(lambda r=req: json.load(urllib.request.urlopen(r)))()
+        if status["data"]["status"] == "COMPLETED":
+            return
+        await _yield(0.1)
+    raise AssertionError("the research never completed at the simulator")

@@ -521,3 +521,36 @@ async def test_a_sub_task_that_completed_although_the_router_stopped_is_not_a_st
     end = finished(await run_against(replay, xpander, body))
     assert end.status == COMPLETED
     assert "completed despite the stop" in end.provider_status
+
+
+async def test_a_sub_tasks_text_forwarded_under_the_routers_id_is_kept_from_its_result(
+    replay: Replay, xpander: XpanderProvider
+) -> None:
+    """Which task id a forwarded sub-task chunk carries is not published: here its first chunk
+    comes under the router's id before the router finishes, and would be lost with the
+    router's own text. The sub-task's finished record holds its whole text."""
+
+    def ev(kind: str, data: Any) -> bytes:
+        event = {"type": kind, "task_id": CONV, "organization_id": "o", "time": "t", "data": data}
+        return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+    sub = {"id": SUB, "parent_execution": CONV, "status": "executing"}
+    body = (
+        ev("task_created", {"id": CONV, "status": "pending"})
+        + ev("chunk", "R1 ")
+        + ev("chunk", "R2.")
+        + ev("sub_task_created", sub)
+        + ev("chunk", "X1 sub-task found. ")
+        + ev(
+            "task_finished",
+            {"id": CONV, "status": "completed", "result": "R1 R2.", "sub_executions": [SUB]},
+        )
+        + ev("chunk", "X2 more. ")
+        + ev(
+            "sub_task_finished",
+            {**sub, "status": "completed", "result": "X1 sub-task found. X2 more."},
+        )
+    )
+    end = finished(await run_against(replay, xpander, body))
+    assert end.status == COMPLETED
+    assert end.output == "R1 R2.\n\nX1 sub-task found. X2 more."

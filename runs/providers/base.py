@@ -232,6 +232,9 @@ class StopResult:
     answer: dict[str, Any]
     # "status" when `terminal` comes from a status read after the stop call, not its answer.
     via: Literal["answer", "status"] = "answer"
+    # The run's end itself, when the stop found it already over and the provider could say
+    # how (Fay: already completed, with its report): applied at once.
+    finished: Finished | None = None
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,8 @@ class FetchedOutput:
     value: Any
 
 
+# The slowest a run's status is read without webhooks (a long run's end is known this late).
+MAX_POLL = 300.0
 # With webhooks, a status read is only a safety net against a lost delivery (Assumption
 # (ours): Fay retries a delivery three times, so a lost one is rare; ten minutes is cheap).
 WEBHOOK_SAFETY_POLL = 600.0
@@ -245,15 +247,13 @@ class FayProvider(Provider):
             await asyncio.sleep(await self._poll_delay(time.monotonic() - started))
 
     async def _poll_delay(self, elapsed: float) -> float:
-        """The docs' 2-5 s, slower for long runs, never faster than the account's runs fit its
-        status quota, and only a safety net when webhooks carry the news."""
-        base = self.poll_interval
+        """The docs' 2-5 s, then slower as the run goes on: a quarter of its age (its end is
+        known at most a quarter late, in a few dozen reads even for a long run), to at most
+        five minutes; never faster than the account's runs fit its status quota, and only a
+        safety net when webhooks carry the news."""
+        base = max(self.poll_interval, min(MAX_POLL, elapsed / 4))
         if self.webhooks:
             base = max(base, WEBHOOK_SAFETY_POLL)
-        elif elapsed > 900:
-            base = max(base, 30.0)
-        elif elapsed > 180:
-            base = max(base, 10.0)
         return await self.budget.interval("status", base)
 
     async def _output_with_retries(
@@ -275,6 +275,27 @@ class FayProvider(Provider):
                     raise
                 delay = exc.retry_after if exc.retry_after is not None else backoff_delay(attempt)
                 await asyncio.sleep(delay)
+
+    async def _ended_before_the_stop(
+        self, external_id: str, result: StatusResult
+    ) -> Finished | None:
+        """A run found over when its stop was sent: how it ended, report included, if that
+        can be read now (else the session following it reads it on its next turn)."""
+        if result.terminal == FAILED:
+            return Finished(FAILED, result.provider_status, error=result.error, via="status")
+        if result.terminal != COMPLETED:
+            return None
+        try:
+            output = await self.output(external_id)
+        except ProviderError:
+            return None
+        return Finished(
+            COMPLETED,
+            result.provider_status,
+            output=output if isinstance(output, str) else None,
+            structured_output=output if not isinstance(output, str) else None,
+            via="status",
+        )
 
     async def check(self) -> str:
         # An unknown id is answered 404 only after the key was accepted (401 otherwise).
@@ -348,6 +369,7 @@ class FayProvider(Provider):
                 message=exc.message,
                 answer=answer,
                 via="status",
+                finished=await self._ended_before_the_stop(external_id, result),
             )
         native = str(data.get("status") or "")
         return StopResult(

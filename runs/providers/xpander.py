@@ -73,6 +73,10 @@ def is_over(status: str) -> bool:
     return status == ENDED or TASK_STATUS.get(status) is not None
 
 
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
 def safe_id(value: Any) -> str | None:
     """An id from the provider that may go into our URLs, else None (ignored)."""
     if isinstance(value, str) and value and not UNSAFE_SEGMENT.search(value):
@@ -161,16 +165,28 @@ class TurnReader:
     def outcome(self) -> Outcome:
         assert self.router_status is not None
         unnamed = "".join(self.texts.get("", []))
-        parts: list[str | None] = [self.text_of(child, unnamed) for child in self.children]
+        parts: list[str | None] = []
+        for child in self.children:
+            text, unnamed = self.text_of(child, unnamed)
+            parts.append(text)
         parts.append(unnamed)
         return Outcome(self.router_status, self.router_result, self.children, parts, "stream")
 
-    def text_of(self, child: str, unnamed: str) -> str:
-        """A sub-task's text as it streamed, else its result. Text no sub-task could be named
-        for may be this one's, and then its result would repeat it."""
-        if self.texts.get(child):
-            return "".join(self.texts[child])
-        return "" if unnamed else self.results.get(child, "")
+    def text_of(self, child: str, unnamed: str) -> tuple[str, str]:
+        """A sub-task's text, and what is left of the text no sub-task could be named for.
+
+        Its finished record's `result` is its whole text, so it wins over what streamed
+        (some of which may have come under the router's id, and been taken for the router's);
+        streamed text it already holds is not repeated."""
+        streamed = "".join(self.texts.get(child, []))
+        result = self.results.get(child)
+        if isinstance(result, str) and result and len(result) >= len(streamed):
+            if unnamed and _words(unnamed) in _words(result):
+                unnamed = ""
+            return result, unnamed
+        if streamed:
+            return streamed, unnamed
+        return ("" if unnamed else (result or "")), unnamed
 
     def read(self, event: dict[str, Any]) -> Iterator[Event]:
         kind, data = event.get("type"), event.get("data")

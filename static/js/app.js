@@ -147,6 +147,194 @@
   });
 })();
 
+// --- The output follows its tail while the run streams, unless the reader scrolled up; then a
+// "Jump to latest" button appears. Copy takes the whole text (the page shows its end).
+(function () {
+  "use strict";
+  var following = {};  // run output id -> false once the reader scrolled away from the end
+  function atEnd(box) { return box.scrollHeight - box.scrollTop - box.clientHeight < 24; }
+  function settle(section) {
+    var box = section.querySelector(".output-scroll");
+    if (!box) return;
+    var id = section.id;
+    if (following[id] === undefined) following[id] = true;
+    if (following[id]) box.scrollTop = box.scrollHeight;
+    else if (!section.querySelector(".jump-latest") && box.dataset.followTail === "on") {
+      var jump = document.createElement("button");
+      jump.type = "button";
+      jump.className = "btn small jump-latest";
+      jump.textContent = "Jump to latest ↓";
+      box.appendChild(jump);
+    }
+    box.addEventListener("scroll", function () {
+      following[id] = atEnd(box);
+      var jump = box.querySelector(".jump-latest");
+      if (following[id] && jump) jump.remove();
+    });
+  }
+  var kept = {};
+  document.addEventListener("htmx:oobBeforeSwap", function (e) {
+    var target = e.detail.target;
+    if (!target || !target.classList || !target.classList.contains("run-output")) return;
+    var box = target.querySelector(".output-scroll");
+    if (box) kept[target.id] = box.scrollTop;
+  });
+  document.addEventListener("htmx:oobAfterSwap", function (e) {
+    var target = e.detail.target;
+    if (!target || !target.id || target.id.indexOf("run-output-") !== 0) return;
+    var section = document.getElementById(target.id);
+    if (!section) return;
+    var box = section.querySelector(".output-scroll");
+    if (box && following[target.id] === false && kept[target.id] !== undefined) {
+      box.scrollTop = kept[target.id];
+    }
+    settle(section);
+  });
+  document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll(".run-output").forEach(settle);
+  });
+  document.addEventListener("click", function (e) {
+    var el = e.target;
+    if (el && el.classList && el.classList.contains("jump-latest")) {
+      var box = el.closest(".output-scroll");
+      var section = el.closest(".run-output");
+      following[section.id] = true;
+      el.remove();
+      box.scrollTop = box.scrollHeight;
+      return;
+    }
+    var copy = el && el.closest && el.closest("[data-copy-url]");
+    if (!copy) return;
+    fetch(copy.dataset.copyUrl, { credentials: "same-origin" })
+      .then(function (r) { if (!r.ok) throw new Error(r.status); return r.text(); })
+      .then(function (text) { return navigator.clipboard.writeText(text).then(function () { return text; }); })
+      .then(function (text) { window.runbrakeToast("Copied the whole output (" + text.length.toLocaleString() + " characters).", "success"); })
+      .catch(function () { window.runbrakeToast("Could not copy: use Download instead.", "error"); });
+  });
+})();
+
+// --- Times: relative on the page ("3 min ago"), exact on hover (with the time zone).
+(function () {
+  "use strict";
+  function ago(ms) {
+    var s = Math.round(ms / 1000);
+    if (s < 45) return "just now";
+    var m = Math.round(s / 60);
+    if (m < 60) return m + " min ago";
+    var h = Math.round(m / 60);
+    if (h < 24) return h + " h ago";
+    return Math.round(h / 24) + " d ago";
+  }
+  function refresh() {
+    document.querySelectorAll("time[data-relative]").forEach(function (el) {
+      var at = Date.parse(el.getAttribute("datetime"));
+      if (!isNaN(at)) el.textContent = ago(Date.now() - at);
+    });
+  }
+  setInterval(refresh, 30000);
+  document.addEventListener("DOMContentLoaded", refresh);
+  document.addEventListener("htmx:afterSettle", refresh);
+  document.addEventListener("htmx:oobAfterSwap", refresh);
+})();
+
+// --- The tab says how many of my runs are running (the list) or how this run stands (its
+// page); opt-in notifications when one of my runs ends or its stop stays unconfirmed.
+(function () {
+  "use strict";
+  var base = document.title;
+  var ACTIVE = { pending: 1, running: 1, stopping: 1, stop_unconfirmed: 1 };
+  var NOTIFY = { completed: "completed", failed: "failed", stopped: "stopped", stop_unconfirmed: "has a stop the provider has not confirmed" };
+  var seen = {};
+  function mine(el) { return el.dataset.owner && el.dataset.owner === document.body.dataset.user; }
+  function retitle() {
+    var page = document.querySelector("[data-run-page]");
+    if (page) {
+      var card = document.querySelector(".run-status[data-status]");
+      if (card) document.title = card.dataset.label + " · " + base;
+      return;
+    }
+    var n = 0;
+    document.querySelectorAll("tr[data-status]").forEach(function (row) {
+      if (mine(row) && ACTIVE[row.dataset.status]) n += 1;
+    });
+    document.title = (n ? "(" + n + " running) " : "") + base;
+  }
+  var loaded = false, stoppedHere = {};
+  var TERMINAL = { completed: 1, failed: 1, stopped: 1, stop_unconfirmed: 1 };
+  // A stop this tab was told is "waiting for the provider to confirm": its outcome is said
+  // when the provider gives it (an answer that already said the outcome is not repeated).
+  document.addEventListener("toast", function (e) {
+    var m = /^Stopping run #(\d+); waiting/.exec((e.detail && e.detail.message) || "");
+    if (m) stoppedHere[m[1]] = true;
+  });
+  function bump(status, by) {
+    var count = document.querySelector('[data-count-status="' + status + '"] strong');
+    if (!count || /\+$/.test(count.textContent)) return;  // "1,000+" stays as it is
+    var n = Number(count.textContent.replace(/[^0-9]/g, "")) + by;
+    count.textContent = Math.max(0, n).toLocaleString();
+  }
+  function notice(el) {
+    var id = el.id.replace(/^run-(row|status)-/, "");
+    var before = seen[id];
+    seen[id] = el.dataset.status;
+    if (loaded && el.tagName === "TR" && before !== el.dataset.status) {
+      // The list's counts follow the rows it shows.
+      if (before) bump(before, -1); else bump("all", 1);
+      bump(el.dataset.status, 1);
+    }
+    if (!before || before === el.dataset.status) return;
+    // A bulk-stop report on the page follows its runs to their outcome.
+    document.querySelectorAll('[data-report-run="' + id + '"] .outcome').forEach(function (cell) {
+      cell.textContent = el.dataset.label;
+      cell.className = "outcome outcome-" + el.dataset.status;
+    });
+    if (stoppedHere[id] && TERMINAL[el.dataset.status]) {
+      delete stoppedHere[id];
+      window.runbrakeToast("Run #" + id + ": " + el.dataset.label + ".", el.dataset.status === "stopped" ? "success" : "info");
+    }
+    // Status changes are said to screen readers (the swapped fragment itself is not).
+    var announcer = document.getElementById("announcer");
+    if (announcer) announcer.textContent = "Run #" + id + ": " + el.dataset.label;
+    if (!mine(el)) return;
+    var what = NOTIFY[el.dataset.status];
+    if (!what || localStorage.getItem("runbrake-notify") !== "on") return;
+    if (!("Notification" in window) || Notification.permission !== "granted") return;
+    new Notification("Run #" + id + " " + what, { body: "Runbrake", tag: "run-" + id });
+  }
+  function scan() {
+    document.querySelectorAll("tr[data-status][id^='run-row-'], .run-status[data-status]").forEach(notice);
+    retitle();
+    loaded = true;
+  }
+  document.addEventListener("DOMContentLoaded", function () {
+    scan();
+    var toggle = document.querySelector(".notify-toggle");
+    if (!toggle || !("Notification" in window)) return;
+    toggle.hidden = false;
+    function show() {
+      var on = localStorage.getItem("runbrake-notify") === "on" && Notification.permission === "granted";
+      toggle.setAttribute("aria-pressed", on ? "true" : "false");
+      toggle.textContent = on ? "Notifications on" : "Notify me";
+      toggle.title = on ? "Turn off notifications" : "Get a notification when one of your runs ends";
+    }
+    show();
+    toggle.addEventListener("click", function () {
+      if (localStorage.getItem("runbrake-notify") === "on") {
+        localStorage.removeItem("runbrake-notify");
+        show();
+        return;
+      }
+      Notification.requestPermission().then(function (answer) {
+        if (answer === "granted") localStorage.setItem("runbrake-notify", "on");
+        else window.runbrakeToast("Notifications are blocked for this site in the browser.", "error");
+        show();
+      });
+    });
+  });
+  document.addEventListener("htmx:oobAfterSwap", scan);
+  document.addEventListener("htmx:afterSettle", scan);
+})();
+
 // --- The prompt's length against its limit, as it is typed or pasted (never cut).
 (function () {
   "use strict";

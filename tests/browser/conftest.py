@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import BrowserContext, Page, expect
 
-from tests.conftest import Server, database_url
+from tests.conftest import ROOT, Server, database_url
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -253,3 +253,33 @@ def screenshot() -> Callable[[Page, str], None]:
             page.screenshot(path=str(Path(target) / f"{name}.png"), full_page=True)
 
     return _shot
+
+
+AXE = ROOT / "tests" / "browser" / "node_modules" / "axe-core" / "axe.min.js"
+
+
+@pytest.fixture
+def axe() -> Callable[[Page, str], None]:
+    """Check the page with axe-core (npm, installed by `make test`): no serious or critical
+    accessibility violation, in the page's current state, width and colour scheme."""
+    if not AXE.exists():
+        pytest.fail(
+            f"{AXE} is missing: run `make test` (or `npm ci --prefix tests/browser`).",
+            pytrace=False,
+        )
+
+    def _check(page: Page, where: str) -> None:
+        if not page.evaluate("typeof window.axe !== 'undefined'"):
+            page.add_script_tag(path=str(AXE))
+        found = page.evaluate(
+            """async () => {
+                const result = await axe.run(document, {resultTypes: ["violations"]});
+                return result.violations
+                    .filter(v => v.impact === "serious" || v.impact === "critical")
+                    .map(v => `${v.impact} ${v.id}: ${v.help} — ` +
+                        v.nodes.slice(0, 3).map(n => n.target.join(" ")).join(", "));
+            }"""
+        )
+        assert not found, f"axe-core on {where}:\n" + "\n".join(found)
+
+    return _check

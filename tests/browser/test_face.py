@@ -1,0 +1,203 @@
+"""The product's face in real Chromium: controls only for who may use them, a session that
+ends ends the live view, counts and outcomes that stay live, text never cut, phones, stops the
+provider never confirms, and no serious accessibility violation on any page (axe-core), at
+desktop and phone widths, light and dark."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.utils import timezone
+from playwright.sync_api import Page, expect
+
+from runs.models import Run
+from tests.conftest import Server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+LONG = "Quarterly market scan sim:pending=0 sim:duration=120"
+WIDTHS = {"desktop": (1400, 900), "phone": (390, 844)}
+
+
+def launch(account: Any, user: Any, prompt: str = LONG) -> Run:
+    return Run.objects.launch(
+        account=account, user=user, prompt=prompt, options={}, timeout_seconds=600
+    )
+
+
+def wait_running(run: Run) -> Run:
+    """Wait (with a deadline) until the server's watcher has the run running."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        run.refresh_from_db()
+        if run.status == "running":
+            return run
+        time.sleep(0.1)
+    raise AssertionError(f"run {run.pk} is {run.status}")
+
+
+def open_page(log_in: Callable[[Any], Page], user: Any, url: str, width: str) -> Page:
+    page = log_in(user)
+    page.set_viewport_size(dict(zip(("width", "height"), WIDTHS[width], strict=True)))
+    page.goto(url)
+    return page
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_viewer_gets_no_controls_and_esc_does_nothing(
+    server: Server,
+    log_in: Callable[[Any], Page],
+    carol: Any,
+    bob: Any,
+    fay: Any,
+    axe: Any,
+    width: str,
+) -> None:
+    run = launch(fay, bob)
+    page = open_page(log_in, carol, f"{server.url}/runs/{run.pk}/", width)
+    expect(page.locator("body")).to_have_attribute("data-ws", "open")
+    expect(page.locator(".run-status")).to_have_attribute("data-status", "running")
+    expect(page.get_by_role("button", name=re.compile("Cancel"))).to_have_count(0)
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(300)  # a click would have sent its POST at once
+    assert posts == []
+    expect(page.locator("main")).to_contain_text("Prompt")  # nothing wiped
+    axe(page, f"a viewer's run page ({width})")
+
+
+def test_cancel_after_logging_out_elsewhere_leads_to_login_and_back_and_ends_the_live_view(
+    server: Server, log_in: Callable[[Any], Page], bob: Any, fay: Any, password: str
+) -> None:
+    run = launch(fay, bob)
+    page = log_in(bob)
+    page.goto(f"{server.url}/runs/{run.pk}/")
+    expect(page.locator("body")).to_have_attribute("data-ws", "open")
+    expect(page.locator(".run-status")).to_have_attribute("data-status", "running")
+    other = page.context.new_page()
+    other.goto(f"{server.url}/teams/{run.team_id}/runs/")
+    other.get_by_role("button", name="Log out").click()
+    # The first tab hears of it: its live view ends, and it says why.
+    expect(page.locator("#live-ended")).to_contain_text("You are logged out")
+    expect(page.locator("body")).to_have_attribute("data-ws", "ended")
+    page.get_by_role("button", name=f"Cancel run #{run.pk}").click()
+    expect(page).to_have_url(re.compile(r"/accounts/login/\?next=%2Fruns%2F"))
+    expect(page.locator("body")).to_contain_text("Your session ended, so that was not done.")
+    page.get_by_label("Username").fill(bob.get_username())
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Log in").click()
+    expect(page).to_have_url(f"{server.url}/runs/{run.pk}/")
+    run.refresh_from_db()
+    assert run.stop_requested_at is None  # the refused Cancel did nothing
+
+
+def test_counts_and_the_stop_outcome_follow_the_runs_live(
+    server: Server, open_team_list: Callable[[Any, Any], Page], bob: Any, fay: Any, acme: Any
+) -> None:
+    page = open_team_list(bob, acme)
+    running = page.locator('[data-count-status="running"] strong')
+    expect(running).to_have_text("0")
+    run = launch(fay, bob)
+    expect(page.locator(f"#run-row-{run.pk}")).to_have_attribute("data-status", "running")
+    expect(running).to_have_text("1")
+    expect(page.locator('[data-count-status="all"] strong')).to_have_text("1")
+    page.get_by_role("button", name=f"Cancel run #{run.pk}").click()
+    # The toast that said "waiting for the provider" is followed by the outcome.
+    expect(page.locator("#toasts")).to_contain_text(f"Run #{run.pk}: Stopped.")
+    expect(running).to_have_text("0")
+    expect(page.locator('[data-count-status="stopped"] strong')).to_have_text("1")
+
+
+def test_an_overlong_prompt_is_counted_refused_with_its_limit_and_kept(
+    server: Server, open_team_list: Callable[[Any, Any], Page], bob: Any, fay: Any, acme: Any
+) -> None:
+    page = open_team_list(bob, acme)
+    prompt = "x" * 20_050 + " END OF PROMPT"
+    page.locator("#id_prompt").fill(prompt)
+    expect(page.locator("#prompt-count")).to_contain_text("too many")
+    page.get_by_role("button", name="Launch run").click()
+    expect(page.locator("#launch-form")).to_contain_text("the limit is 20,000")
+    assert page.locator("#id_prompt").input_value().endswith("END OF PROMPT")
+    assert not Run.objects.exists()
+
+
+def test_on_a_phone_each_run_is_a_card_with_its_status_and_cancel_in_view(
+    server: Server, log_in: Callable[[Any], Page], bob: Any, fay: Any, acme: Any, axe: Any
+) -> None:
+    run = launch(fay, bob)
+    page = open_page(log_in, bob, f"{server.url}/teams/{acme.pk}/runs/", "phone")
+    row = page.locator(f"#run-row-{run.pk}")
+    expect(row).to_have_attribute("data-status", "running")
+    for part in (row.locator(".badge"), row.get_by_role("button", name=re.compile("Cancel"))):
+        box = part.bounding_box()
+        assert box is not None
+        assert box["x"] >= 0
+        assert box["x"] + box["width"] <= 390, part
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    axe(page, "the run list on a phone")
+
+
+def test_a_stop_the_provider_never_confirms_can_be_sent_again_or_marked_by_an_admin(
+    server: Server, log_in: Callable[[Any], Page], alice: Any, bob: Any, fay: Any, axe: Any
+) -> None:
+    run = wait_running(launch(fay, bob))
+    # The stop went out a minute ago and Fay never confirmed it (written here, so the page
+    # is opened after: this process's pushes do not reach the server's sockets).
+    ago = timezone.now() - dt.timedelta(minutes=1)
+    Run.objects.filter(pk=run.pk).update(
+        status="stop_unconfirmed",
+        stop_requested_at=ago,
+        stop_sent_at=ago,
+        stop_next_attempt_at=timezone.now() + dt.timedelta(minutes=5),
+    )
+    run.record_event("stop_failed", "Fay had an internal error.")
+    page = log_in(alice)
+    page.goto(f"{server.url}/runs/{run.pk}/")
+    expect(page.locator("body")).to_have_attribute("data-ws", "open")
+    expect(page.get_by_role("button", name="Send the stop again now")).to_be_visible()
+    page.locator("summary", has_text="Mark stopped by hand").click()
+    page.get_by_label("Why you are sure it stopped").fill("Fay's dashboard shows it stopped")
+    axe(page, "an unconfirmed stop's run page")
+    page.get_by_role("button", name="Mark stopped").click()
+    expect(page.locator(".run-status")).to_have_attribute("data-status", "stopped")
+    expect(page.locator(".run-status")).to_contain_text("force-mark, not the provider")
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+@pytest.mark.parametrize("width", WIDTHS)
+def test_every_page_has_no_serious_accessibility_violation(
+    server: Server,
+    log_in: Callable[[Any], Page],
+    alice: Any,
+    bob: Any,
+    fay: Any,
+    acme: Any,
+    axe: Any,
+    screenshot: Callable[[Page, str], None],
+    width: str,
+    scheme: str,
+) -> None:
+    run = launch(fay, bob)
+    page = log_in(alice)
+    page.emulate_media(color_scheme=scheme)  # type: ignore[arg-type]
+    page.set_viewport_size(dict(zip(("width", "height"), WIDTHS[width], strict=True)))
+    pages = {
+        "runs": f"/teams/{acme.pk}/runs/",
+        "run": f"/runs/{run.pk}/",
+        "dashboard": f"/teams/{acme.pk}/dashboard/",
+        "members": f"/teams/{acme.pk}/members/",
+        "accounts": f"/teams/{acme.pk}/accounts/",
+    }
+    for name, path in pages.items():
+        page.goto(server.url + path)
+        axe(page, f"{name} ({width}, {scheme})")
+        screenshot(page, f"{name}-{width}-{scheme}")
+    page.get_by_role("button", name="Log out").click()
+    page.goto(f"{server.url}/accounts/login/")
+    axe(page, f"login ({width}, {scheme})")
