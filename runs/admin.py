@@ -11,14 +11,14 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from asgiref.sync import async_to_sync
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import ActionLocation, helpers
 from django.db.models import Count, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html
@@ -38,8 +38,21 @@ from .models import (
     Team,
     astop_runs,
 )
+from .views import throttled_login
 
 admin.site.site_header = "Runbrake operations"
+# The admin's login form is limited like Runbrake's own (failed attempts per address and name).
+_admin_login = admin.site.login
+
+
+def _throttled_admin_login(
+    request: HttpRequest, extra_context: dict[str, Any] | None = None
+) -> HttpResponse:
+    answer = throttled_login(request, lambda r: _admin_login(r, extra_context))
+    return cast(HttpResponse, answer)
+
+
+admin.site.login = _throttled_admin_login  # type: ignore[method-assign]
 admin.site.site_title = "Runbrake admin"
 admin.site.index_title = "Teams, provider accounts and runs"
 

@@ -20,7 +20,12 @@ class Limited:
 
     @property
     def message(self) -> str:
-        what = {"launch": "launches", "stop": "stop requests", "login": "login attempts"}
+        what = {
+            "launch": "launches",
+            "stop": "stop requests",
+            "login": "failed logins",
+            "login_name": "failed logins for this username",
+        }
         return (
             f"Too many {what.get(self.scope, 'requests')} in a short time. "
             f"Try again in {self.retry_after} s."
@@ -55,3 +60,20 @@ async def _ahit(scope: str, who: str) -> Limited | None:
         return None
     opened = await cache.aget(f"{key}:opened", now)
     return Limited(scope, max(1, round(opened + seconds - now)))
+
+
+async def apeek(scope: str, who: str) -> Limited | None:
+    """Whether `who` is over the limit now, without counting an attempt (a login checks
+    before it tries and counts only failures)."""
+    try:
+        limit, seconds = settings.RUNBRAKE_RATE_LIMITS[scope]
+        key = f"rl:{scope}:{who}"
+        count = await cache.aget(key, 0)
+        if count < limit:
+            return None
+        now = time.time()
+        opened = await cache.aget(f"{key}:opened", now)
+        return Limited(scope, max(1, round(opened + seconds - now)))
+    except Exception as exc:
+        logger.warning("rate limit %s not read, the cache failed: %s", scope, exc)
+        return None

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import unicodedata
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,7 +31,7 @@ from .models import (
     Team,
     astop_each,
 )
-from .ratelimit import Limited, ahit
+from .ratelimit import Limited, ahit, apeek
 
 
 class HtmxHttpRequest(HttpRequest):
@@ -433,16 +435,36 @@ def _too_many(request: HtmxHttpRequest, limited: Limited) -> HttpResponseBase:
 
 
 def login(request: HttpRequest) -> HttpResponseBase:
-    """Django's login, with attempts limited per client address and username."""
-    if request.method == "POST":
-        who = f"{request.META.get('REMOTE_ADDR', '?')}:{request.POST.get('username', '')[:150]}"
-        if limited := async_to_sync(ahit)("login", who):
-            response = render(
-                request, "runs/refused.html", {"message": limited.message}, status=429
-            )
-            response["Retry-After"] = str(limited.retry_after)
-            return response
-    return LoginView.as_view()(request)
+    """Django's login, with failed attempts limited (see `throttled_login`)."""
+    return throttled_login(request, LoginView.as_view())
+
+
+def login_name(raw: str) -> str:
+    """The username as Django authenticates it (stripped, NFKC-normalised), case-folded: a
+    respelling ("  carol ", fullwidth letters, "Carol") is the same guesser."""
+    return unicodedata.normalize("NFKC", (raw or "").strip()).casefold()[:150]
+
+
+def throttled_login(
+    request: HttpRequest, view: Callable[[HttpRequest], HttpResponseBase]
+) -> HttpResponseBase:
+    """A login form, Runbrake's or the admin's, with failed attempts limited per client address
+    and username, and per username from anywhere (higher). Successful logins count for
+    nothing, so an attacker slows down without the owner being locked out for long."""
+    if request.method != "POST":
+        return view(request)
+    name = login_name(request.POST.get("username", ""))
+    buckets = [("login", f"{request.META.get('REMOTE_ADDR', '?')}:{name}"), ("login_name", name)]
+    for scope, who in buckets:
+        if limited := async_to_sync(apeek)(scope, who):
+            refused = render(request, "runs/refused.html", {"message": limited.message}, status=429)
+            refused["Retry-After"] = str(limited.retry_after)
+            return refused
+    answer = view(request)
+    if not request.user.is_authenticated:
+        for scope, who in buckets:
+            async_to_sync(ahit)(scope, who)
+    return answer
 
 
 def _refused(request: HtmxHttpRequest, message: str) -> HttpResponseBase:

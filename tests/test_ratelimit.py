@@ -15,7 +15,12 @@ HTMX = {"HTTP_HX_REQUEST": "true"}
 
 @pytest.fixture(autouse=True)
 def tight_limits(settings):
-    settings.RUNBRAKE_RATE_LIMITS = {"launch": (2, 60), "stop": (2, 60), "login": (3, 300)}
+    settings.RUNBRAKE_RATE_LIMITS = {
+        "launch": (2, 60),
+        "stop": (2, 60),
+        "login": (3, 300),
+        "login_name": (6, 900),
+    }
     cache.clear()
     yield
     cache.clear()
@@ -61,7 +66,7 @@ def test_logins_past_the_limit_are_refused_even_with_the_right_password(client, 
         client.post(reverse("login"), {"username": "bob", "password": "wrong"})
     refused = client.post(reverse("login"), {"username": "bob", "password": password})
     assert refused.status_code == 429
-    assert "Too many login attempts" in refused.content.decode()
+    assert "Too many failed logins" in refused.content.decode()
     assert "_auth_user_id" not in client.session
 
 
@@ -79,3 +84,47 @@ def test_limits_are_per_user(client, bob, alice, acme, fay_account):
     client.force_login(alice)
     ok = client.post(reverse("runs:launch", args=[acme.pk]), post, **HTMX)
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("spelling", ["  bob ", "BOB", "\uff42\uff4f\uff42"])  # fullwidth
+def test_a_respelled_username_counts_in_the_same_bucket(client, bob, password, spelling):
+    """Django's form strips and NFKC-normalises the name: so does the count."""
+    for _ in range(3):
+        client.post(reverse("login"), {"username": spelling, "password": "wrong"})
+    refused = client.post(reverse("login"), {"username": "bob", "password": password})
+    assert refused.status_code == 429
+    assert "_auth_user_id" not in client.session
+
+
+def test_successful_logins_do_not_count(client, bob, password):
+    for _ in range(5):
+        ok = client.post(reverse("login"), {"username": "bob", "password": password})
+        assert ok.status_code == 302
+        client.logout()
+
+
+def test_many_addresses_hit_a_higher_per_name_ceiling_and_other_names_are_untouched(
+    client, bob, alice, password
+):
+    for n in range(6):
+        client.post(
+            reverse("login"),
+            {"username": "bob", "password": "wrong"},
+            REMOTE_ADDR=f"10.0.0.{n // 3}",
+        )
+    # A new address: not its own limit, but bob's name has had enough for now.
+    refused = client.post(
+        reverse("login"), {"username": "bob", "password": password}, REMOTE_ADDR="10.9.9.9"
+    )
+    assert refused.status_code == 429
+    assert "for this username" in refused.content.decode()
+    ok = client.post(reverse("login"), {"username": "alice", "password": password})
+    assert ok.status_code == 302
+
+
+def test_the_admin_login_is_limited_too(client, admin_user):
+    for _ in range(3):
+        client.post(reverse("admin:login"), {"username": "admin", "password": "wrong"})
+    refused = client.post(reverse("admin:login"), {"username": "admin", "password": "password"})
+    assert refused.status_code == 429
+    assert "_auth_user_id" not in client.session

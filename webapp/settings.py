@@ -225,7 +225,10 @@ def env_rate(name: str, default: str) -> tuple[int, int]:
 RUNBRAKE_RATE_LIMITS = {
     "launch": env_rate("RUNBRAKE_RATE_LAUNCH", "30/60"),
     "stop": env_rate("RUNBRAKE_RATE_STOP", "120/60"),
+    # Failed logins only: per client address and username (slows one guesser), and per
+    # username from anywhere, higher (slows many addresses without locking the owner out).
     "login": env_rate("RUNBRAKE_RATE_LOGIN", "10/300"),
+    "login_name": env_rate("RUNBRAKE_RATE_LOGIN_NAME", "50/900"),
 }
 
 # --- Auth -----------------------------------------------------------------------------------
