@@ -320,3 +320,28 @@ async def test_leaving_the_team_closes_its_sockets_and_a_new_role_changes_the_co
     finally:
         await detail.disconnect()
         await team.disconnect()
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["http://localhost:8219", "https://localhost", "http://localhost.evil.example", "null", ""],
+)
+async def test_another_port_or_scheme_of_the_same_host_is_refused(bob, acme, origin):
+    """Cross-site websocket hijacking: the host name alone (Channels' own check) let a page
+    on another port read a logged-in user's runs."""
+    communicator, connected = await connect(f"/ws/teams/{acme.pk}/", bob, origin=origin)
+    assert not connected
+    await communicator.disconnect()
+
+
+async def test_the_sites_own_origin_and_a_trusted_one_are_admitted(bob, acme, settings):
+    communicator, connected = await connect(f"/ws/teams/{acme.pk}/", bob, origin="http://localhost")
+    assert connected
+    await communicator.disconnect()
+    # Behind a TLS proxy the page is https while the socket reaches the server as plain ws.
+    settings.CSRF_TRUSTED_ORIGINS = ["https://localhost"]
+    communicator, connected = await connect(
+        f"/ws/teams/{acme.pk}/", bob, origin="https://localhost"
+    )
+    assert connected
+    await communicator.disconnect()
