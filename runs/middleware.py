@@ -11,6 +11,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import resolve_url
+from django.utils.cache import patch_cache_control
 
 SESSION_ENDED = (
     "Your session ended, so that was not done. Log in again: you will come back to this page."
@@ -56,3 +57,43 @@ class HtmxSessionEndedMiddleware:
         answer = HttpResponse(status=204)
         answer["HX-Redirect"] = f"{login}?{urlencode({'next': back or '/'})}"
         return answer
+
+
+# Features no page of Runbrake uses, off for any content that would try.
+PERMISSIONS_POLICY = (
+    "accelerometer=(), camera=(), geolocation=(), gyroscope=(), magnetometer=(), "
+    "microphone=(), payment=(), usb=(), interest-cohort=()"
+)
+
+
+class PrivacyHeadersMiddleware:
+    """`Permissions-Policy` everywhere; `Cache-Control: no-store` on what a logged-in user
+    sees and on the JSON API (runs, prompts and outputs must not stay in shared or disk
+    caches after logout). Sync and async."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if iscoroutinefunction(self):
+            return self._acall(request)
+        return self._headers(request, self.get_response(request))
+
+    async def _acall(self, request: HttpRequest) -> HttpResponseBase:
+        return self._headers(request, await self.get_response(request))
+
+    def _headers(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+        response.headers.setdefault("Permissions-Policy", PERMISSIONS_POLICY)
+        # Whoever holds a session (or calls the API) gets private answers; deciding it from
+        # the cookie costs no database read on the async stop path.
+        private = request.path.startswith("/api/") or bool(
+            request.COOKIES.get(settings.SESSION_COOKIE_NAME)
+        )
+        if private:
+            patch_cache_control(response, no_store=True, private=True)
+        return response

@@ -750,3 +750,28 @@ def test_a_providers_status_is_shown_in_words(status, words):
     from runs.templatetags.runs_tags import provider_words
 
     assert provider_words(status) == words
+
+
+def test_pages_carry_a_content_security_policy_and_private_pages_are_not_cached(
+    client, bob, launch
+):
+    from runs.models import ApiToken
+
+    run = launch()
+    anonymous = client.get("/accounts/login/")
+    policy = anonymous["Content-Security-Policy"]
+    for directive in (
+        "default-src 'self'",
+        "script-src 'self'",
+        "img-src 'self' data:",
+        "connect-src 'self'",
+        "frame-ancestors 'none'",
+    ):
+        assert directive in policy
+    assert "camera=()" in anonymous["Permissions-Policy"]
+    client.force_login(bob)
+    page = client.get(run.get_absolute_url())
+    assert "no-store" in page["Cache-Control"]
+    token = ApiToken.issue(bob)
+    api = client.get(f"/api/runs/{run.pk}", HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert "no-store" in api["Cache-Control"]

