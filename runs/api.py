@@ -165,25 +165,23 @@ def _runs(user: Any) -> Any:
 
 @api_view("GET")
 async def provider_accounts(request: HtmxHttpRequest) -> JsonResponse:
+    """The accounts of the user's teams. Viewers get names only (the accounts page refuses
+    them too); members and admins, who launch on them, also the address and masked key."""
     accounts = ProviderAccount.objects.for_user(request.user).order_by("team_id", "name")
-    return JsonResponse(
-        {
-            "results": [
-                {
-                    "id": a.pk,
-                    "team": a.team_id,
-                    "kind": a.kind,
-                    "name": a.name,
-                    "base_url": a.base_url,
-                    "api_key": a.masked_key,
-                    "quota_tier": a.quota_tier,
-                    "quota": a.limits,
-                    "webhooks": a.receives_webhooks,
-                }
-                async for a in accounts
-            ]
-        }
-    )
+    launches = {m.team_id: m.can_launch async for m in Membership.objects.filter(user=request.user)}
+    results = []
+    async for a in accounts:
+        entry: dict[str, Any] = {"id": a.pk, "team": a.team_id, "kind": a.kind, "name": a.name}
+        if launches.get(a.team_id):
+            entry.update(
+                base_url=a.base_url,
+                api_key=a.masked_key,
+                quota_tier=a.quota_tier,
+                quota=a.limits,
+                webhooks=a.receives_webhooks,
+            )
+        results.append(entry)
+    return JsonResponse({"results": results})
 
 
 @api_view("GET", "POST")

@@ -54,12 +54,14 @@ def rotate(token: str) -> str:
 
 
 def mask(secret: str) -> str:
-    """What a human may see of a key: enough to tell two apart, never enough to use."""
+    """What a human may see of a key: its last four characters, enough to tell two apart and
+    to match it with the provider's dashboard, never enough to use (its first four would often
+    be a known prefix like `sk-`; together they gave away eight)."""
     if not secret:
         return ""
-    if len(secret) <= 8:
-        return "•" * len(secret)
-    return f"{secret[:4]}…{secret[-4:]}"
+    if len(secret) <= 12:
+        return "•" * 8
+    return f"••••{secret[-4:]}"
 
 
 class EncryptedTextField(models.TextField):

@@ -170,8 +170,8 @@ class ProviderAccountForm(forms.ModelForm):
                     "This account has runs; add a new account for another provider."
                 )
         else:
-            key.help_text = "Stored encrypted and never shown again: only its first and last "
-            key.help_text += "four characters are displayed."
+            key.help_text = "Stored encrypted and never shown again: only its last four "
+            key.help_text += "characters are displayed."
 
     @property
     def options_examples(self) -> list[tuple[str, str]]:

@@ -419,6 +419,9 @@ def run_again(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
     )
     if not membership_for(request, run.team_id).can_launch:
         return _refused(request, "Viewers can watch runs but not launch them.")
+    # A launch like any other: counted by the same limit.
+    if limited := async_to_sync(ahit)("launch", str(request.user.pk)):
+        return _too_many(request, limited)
     again = run.launch_again(user=request.user)
     if request.htmx:
         response = HttpResponse(status=204)

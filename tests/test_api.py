@@ -64,7 +64,7 @@ def test_it_lists_provider_accounts_with_masked_keys(api, fay_account, globex_ac
     assert response.status_code == 200
     results = response.json()["results"]
     assert [a["id"] for a in results] == [fay_account.pk]
-    assert results[0]["api_key"] == "sim-…-key"
+    assert results[0]["api_key"] == "••••-key"
 
 
 def test_it_creates_a_run(api, fay_account):
@@ -302,3 +302,17 @@ def test_an_xpander_agent_id_that_walks_the_url_path_is_refused(api, acme):
         assert response.json()["error"]["field"] == "options"
         assert "agent id" in response.json()["error"]["message"]
     assert not Run.objects.exists()
+
+
+def test_a_viewer_reads_account_names_only(client, carol, fay_account):
+    token = ApiToken.issue(carol)
+    response = client.get(
+        reverse("runs:api-provider-accounts"), HTTP_AUTHORIZATION=f"Bearer {token}"
+    )
+    (account,) = response.json()["results"]
+    assert account == {
+        "id": fay_account.pk,
+        "team": fay_account.team_id,
+        "kind": "fay",
+        "name": fay_account.name,
+    }

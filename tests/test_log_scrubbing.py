@@ -65,7 +65,7 @@ async def test_a_provider_error_with_the_key_in_scope_logs_only_a_masked_key(
     output = log_output.getvalue()
     assert "check failed with" in output
     assert "Traceback (most recent call last)" in output
-    assert f"key {key[:4]}…{key[-4:]} was refused" in output
+    assert f"key ••••{key[-4:]} was refused" in output
     assert key not in output
 
 

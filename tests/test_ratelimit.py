@@ -128,3 +128,16 @@ def test_the_admin_login_is_limited_too(client, admin_user):
     refused = client.post(reverse("admin:login"), {"username": "admin", "password": "password"})
     assert refused.status_code == 429
     assert "_auth_user_id" not in client.session
+
+
+def test_run_again_counts_as_a_launch(client, bob, acme, fay_account):
+    client.force_login(bob)
+    done = Run.objects.launch(
+        account=fay_account, user=bob, prompt="x", options={}, timeout_seconds=60
+    )
+    done.mark_completed(proof="status_read", output="x")
+    for _ in range(2):
+        assert client.post(reverse("runs:again", args=[done.pk]), **HTMX).status_code == 204
+    refused = client.post(reverse("runs:again", args=[done.pk]), **HTMX)
+    assert refused.status_code == 429
+    assert Run.objects.count() == 3
