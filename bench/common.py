@@ -22,6 +22,8 @@ PY = sys.executable
 OUT = Path(os.environ.get("BENCH_OUT", "/tmp/bench-out"))
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0", "false")
 ORIGIN = "http://127.0.0.1"
+# The bench reads the simulators' request log (when each stop reached the provider).
+SIM_INSPECT_TOKEN = "bench-sim-inspect-token"
 # A fixed development-only Fernet key: bench data is throwaway.
 BENCH_FERNET = "YmVuY2gtb25seS1rZXktbm90LWZvci1wcm9kdWN0ISE="
 
@@ -50,6 +52,7 @@ def env_for(backend: str, **extra: str) -> dict[str, str]:
         "CSRF_TRUSTED_ORIGINS": ORIGIN,
         "SECURE_SSL_REDIRECT": "false",
         "RUNBRAKE_SIMULATORS": "true",
+        "RUNBRAKE_SIM_INSPECT_TOKEN": SIM_INSPECT_TOKEN,
         "RUNBRAKE_ALLOW_PRIVATE_PROVIDER_URLS": "true",
         "RUNBRAKE_RATE_LAUNCH": "1000000/60",
         "RUNBRAKE_RATE_STOP": "1000000/60",

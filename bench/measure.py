@@ -18,6 +18,7 @@ from common import (
     PY,
     QUICK,
     ROOT,
+    SIM_INSPECT_TOKEN,
     Proc,
     Server,
     env_for,
@@ -126,7 +127,11 @@ def wait_for(
 
 def sim_stop_times(sim: Server, provider: str) -> dict[str, float]:
     """When the simulator received each stop call (its request log), by provider run id."""
-    log_ = httpx.get(f"{sim.url}/sim/requests?provider={provider}", timeout=30).json()
+    log_ = httpx.get(
+        f"{sim.url}/sim/requests?provider={provider}",
+        headers={"X-Sim-Inspect-Token": SIM_INSPECT_TOKEN},
+        timeout=30,
+    ).json()
     out: dict[str, float] = {}
     for r in log_["requests"]:
         if r["method"] == "POST" and r["path"].endswith("/stop"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -40,10 +41,13 @@ class Server:
         # Each server's simulated providers keep their state (Fay's registered webhooks) to
         # themselves, as separate services would.
         self.state_dir = tempfile.mkdtemp(prefix="runbrake-sim-")
+        # The simulators' request log is the tests' view of what reached a provider.
+        self.inspect_token = secrets.token_urlsafe(16)
         full_env = {
             **os.environ,
             "RUNBRAKE_EMBEDDED_WATCHER": "true" if watcher else "false",
             "RUNBRAKE_SIM_STATE_DIR": self.state_dir,
+            "RUNBRAKE_SIM_INSPECT_TOKEN": self.inspect_token,
         }
         full_env.update(env or {})
         self.log = open(ROOT / f".server-{self.port}.log", "w+")  # noqa: SIM115
@@ -80,7 +84,11 @@ class Server:
         return self.log.read()
 
     def requests(self, provider: str = "fay") -> list[dict[str, Any]]:
-        with urllib.request.urlopen(f"{self.url}/sim/requests?provider={provider}") as r:
+        request = urllib.request.Request(
+            f"{self.url}/sim/requests?provider={provider}",
+            headers={"X-Sim-Inspect-Token": self.inspect_token},
+        )
+        with urllib.request.urlopen(request) as r:
             return json.load(r)["requests"]
 
     def stop_calls(self, external_id: str, provider: str = "fay") -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -55,9 +56,11 @@ class Uvicorn(Server):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state_dir = tempfile.mkdtemp(prefix="runbrake-sim-")
+        self.inspect_token = secrets.token_urlsafe(16)
         full_env = {
             **os.environ,
             "RUNBRAKE_SIM_STATE_DIR": self.state_dir,
+            "RUNBRAKE_SIM_INSPECT_TOKEN": self.inspect_token,
             "DATABASE_URL": database_url(),
             "DJANGO_ALLOW_ASYNC_UNSAFE": "",
             "RUNBRAKE_EMBEDDED_WATCHER": "true",

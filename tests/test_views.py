@@ -775,3 +775,15 @@ def test_pages_carry_a_content_security_policy_and_private_pages_are_not_cached(
     token = ApiToken.issue(bob)
     api = client.get(f"/api/runs/{run.pk}", HTTP_AUTHORIZATION=f"Bearer {token}")
     assert "no-store" in api["Cache-Control"]
+
+
+def test_the_simulators_request_log_is_for_staff_or_the_inspection_token(client, bob, settings):
+    settings.RUNBRAKE_SIM_INSPECT_TOKEN = "t0ken"
+    assert client.get("/sim/requests").status_code == 403
+    client.force_login(bob)  # a member is not staff: every team's prompts are in it
+    assert client.get("/sim/requests").status_code == 403
+    assert client.delete("/sim/requests").status_code == 403
+    assert client.get("/sim/requests", HTTP_X_SIM_INSPECT_TOKEN="t0ken").status_code == 200
+    bob.is_staff = True
+    bob.save()
+    assert client.get("/sim/requests").status_code == 200

@@ -312,6 +312,8 @@ RUNBRAKE_ALLOW_PRIVATE_PROVIDER_URLS = env_bool(
 # What a simulated provider keeps across restarts, as the real service would (the webhooks
 # registered in Fay's dashboard).
 RUNBRAKE_SIM_STATE_DIR = Path(env_str("RUNBRAKE_SIM_STATE_DIR") or BASE_DIR / ".sim-state")
+# Who may read the simulators' request log besides staff (tests and the bench set it).
+RUNBRAKE_SIM_INSPECT_TOKEN = env_str("RUNBRAKE_SIM_INSPECT_TOKEN")
 RUNBRAKE_EMBEDDED_WATCHER = env_bool("RUNBRAKE_EMBEDDED_WATCHER", True)
 RUNBRAKE_STOP_GRACE_SECONDS = env_float("RUNBRAKE_STOP_GRACE_SECONDS", 15.0, minimum=0.1)
 RUNBRAKE_STOP_CALL_TIMEOUT = env_float("RUNBRAKE_STOP_CALL_TIMEOUT", 5.0, minimum=0.1)
