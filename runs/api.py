@@ -17,12 +17,14 @@ from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from .forms import JSON_FIELDS, OPTIONS_BY_KIND, LaunchForm
+from .hostile import MAX_DEPTH, as_id, json_problem
 from .models import (
     ApiToken,
     Channel,
     IdempotencyConflict,
     Membership,
     ProviderAccount,
+    ProviderKind,
     Run,
     RunAlreadyFinished,
     Status,
@@ -98,8 +100,16 @@ def read_json(request: HtmxHttpRequest) -> dict[str, Any] | JsonResponse:
         body = json.loads(raw)
     except ValueError as exc:
         return error(400, "INVALID_JSON", f"The request body is not valid JSON: {exc}.")
+    except RecursionError:
+        return error(
+            400,
+            "INVALID_JSON",
+            f"The request body is nested too deeply ({MAX_DEPTH} levels at most).",
+        )
     if not isinstance(body, dict):
         return error(400, "INVALID_JSON", "The request body must be a JSON object.")
+    if problem := json_problem(body):
+        return error(400, "INVALID_JSON", f"The request body {problem}.")
     return body
 
 
@@ -200,15 +210,24 @@ async def runs(request: HtmxHttpRequest) -> JsonResponse:
             )
         qs = qs.filter(status=status)
     if team := params.get("team"):
-        if not team.isdigit():
+        if (team_id := as_id(team)) is None:
             return error(400, "VALIDATION_ERROR", "team must be a team id.", field="team")
-        qs = qs.filter(team_id=int(team))
+        qs = qs.filter(team_id=team_id)
     if provider := params.get("provider"):
+        if provider not in ProviderKind.values:
+            return error(
+                400,
+                "VALIDATION_ERROR",
+                f"Unknown provider; use one of {', '.join(ProviderKind.values)}.",
+                field="provider",
+            )
         qs = qs.filter(provider=provider)
     if cursor := params.get("cursor"):
         try:
-            before = int(base64.urlsafe_b64decode(cursor.encode()).decode())
+            before = as_id(base64.urlsafe_b64decode(cursor.encode()).decode())
         except (ValueError, binascii.Error, UnicodeDecodeError):
+            before = None
+        if before is None:
             return error(400, "VALIDATION_ERROR", "cursor is not one we issued.", field="cursor")
         qs = qs.filter(pk__lt=before)
     try:
@@ -347,7 +366,11 @@ async def stop_many(request: HtmxHttpRequest) -> JsonResponse:
         return error(400, "VALIDATION_ERROR", "reason must be a string.", field="reason")
     if "ids" in body:
         ids = body["ids"]
-        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids) or not ids:
+        if (
+            not isinstance(ids, list)
+            or not ids
+            or any(not isinstance(i, int) or as_id(i) is None for i in ids)
+        ):
             return error(400, "VALIDATION_ERROR", "ids must be a list of run ids.", field="ids")
         if len(ids) > 1000:
             return error(400, "VALIDATION_ERROR", "At most 1000 ids at a time.", field="ids")
@@ -355,8 +378,16 @@ async def stop_many(request: HtmxHttpRequest) -> JsonResponse:
         chosen = body["filter"]
         runs = _runs(request.user).filter(status__in=(Status.PENDING, Status.RUNNING))
         if chosen.get("team") is not None:
-            runs = runs.filter(team_id=chosen["team"])
+            if (team_id := as_id(chosen["team"])) is None:
+                return error(
+                    400, "VALIDATION_ERROR", "filter.team must be a team id.", field="filter"
+                )
+            runs = runs.filter(team_id=team_id)
         if chosen.get("provider"):
+            if chosen["provider"] not in ProviderKind.values:
+                return error(
+                    400, "VALIDATION_ERROR", "filter.provider is not a provider.", field="filter"
+                )
             runs = runs.filter(provider=chosen["provider"])
         if chosen.get("mine"):
             runs = runs.filter(created_by=request.user)
@@ -365,7 +396,7 @@ async def stop_many(request: HtmxHttpRequest) -> JsonResponse:
         return error(400, "VALIDATION_ERROR", "Send ids or a filter object.", field="ids")
     if limited := await ahit("stop", str(request.user.pk)):
         return too_many(limited)
-    results = await astop_each(ids, user=request.user, channel=Channel.API, reason=reason[:500])
+    results = await astop_each(ids, user=request.user, channel=Channel.API, reason=reason)
     return JsonResponse(
         {
             "results": [
@@ -402,7 +433,7 @@ async def stop_run(request: HtmxHttpRequest, pk: int) -> JsonResponse:
     if not isinstance(reason, str):
         return error(400, "VALIDATION_ERROR", "reason must be a string.", field="reason")
     try:
-        await run.astop(actor=request.user, channel=Channel.API, reason=reason.strip()[:500])
+        await run.astop(actor=request.user, channel=Channel.API, reason=reason)
     except RunAlreadyFinished as exc:
         run = await _runs(request.user).aget(pk=pk)
         return error(409, "RUN_ALREADY_FINISHED", str(exc), run=run_json(run))

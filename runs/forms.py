@@ -10,6 +10,7 @@ import jsonschema
 from django import forms
 from django.conf import settings
 
+from .hostile import MAX_DEPTH, as_id, json_problem, text_problem
 from .models import ProviderAccount, ProviderKind, Status, Team
 
 MAX_PROMPT = 20_000
@@ -134,11 +135,7 @@ class LaunchForm(forms.Form):
 
     @property
     def selected_kind(self) -> str:
-        raw = self["provider_account"].value()
-        try:
-            account = self.accounts.get(int(raw))
-        except (TypeError, ValueError):
-            account = None
+        account = self.accounts.get(as_id(self["provider_account"].value()) or 0)
         return account.kind if account else ""
 
     # --- Validation -------------------------------------------------------------------------
@@ -154,6 +151,12 @@ class LaunchForm(forms.Form):
             value = json.loads(raw)
         except ValueError as exc:
             raise forms.ValidationError(f"This is not valid JSON: {exc}.") from None
+        except RecursionError:
+            raise forms.ValidationError(
+                f"This is nested too deeply ({MAX_DEPTH} levels at most)."
+            ) from None
+        if problem := json_problem(value):
+            raise forms.ValidationError(f"This {problem}.")
         if not isinstance(value, kind):
             raise forms.ValidationError(
                 f"This must be a JSON {'object' if kind is dict else 'list'}."
@@ -227,6 +230,8 @@ class LaunchForm(forms.Form):
 
     def clean_prompt(self) -> str:
         prompt: str = self.cleaned_data["prompt"]
+        if problem := text_problem(prompt):
+            raise forms.ValidationError(f"The prompt {problem}; remove it and launch again.")
         if len(prompt) > MAX_PROMPT:
             raise forms.ValidationError(
                 f"The prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT:,}. "

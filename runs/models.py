@@ -41,6 +41,7 @@ from django.utils import timezone
 
 from . import live
 from .crypto import EncryptedTextField, mask
+from .hostile import stop_reason
 from .providers import PROVIDERS, ProviderConfig, ProviderError, get_provider
 from .providers.base import Finished, Provider, QuotaExhausted, Refusal, StopResult
 from .providers.destinations import check_url
@@ -1213,6 +1214,7 @@ class Run(models.Model):
         """
         if self.status in FINISHED:
             raise RunAlreadyFinished(self)
+        reason = stop_reason(reason)
         now = timezone.now()
         # With a provider id the requester takes the first stop call's lease in the same
         # update, so the watcher's pass cannot send it first and leave the requester's answer
@@ -1234,7 +1236,7 @@ class Run(models.Model):
             stop_requested_at=now,
             stop_requested_by=actor if getattr(actor, "pk", None) else None,
             stop_channel=channel,
-            stop_reason=reason[:500],
+            stop_reason=reason,
             stop_deadline=now + dt.timedelta(seconds=settings.RUNBRAKE_STOP_GRACE_SECONDS),
             **first_call,
         )

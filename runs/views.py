@@ -21,9 +21,11 @@ from django_htmx.middleware import HtmxDetails
 
 from . import live
 from .forms import LaunchForm, RunFilterForm
+from .hostile import as_id, stop_reason
 from .models import (
     FORCE_REASON_MAX,
     Channel,
+    IdempotencyConflict,
     Membership,
     Run,
     RunAlreadyFinished,
@@ -78,7 +80,7 @@ def list_page(team: Team, filters: RunFilterForm, before: str | None) -> dict[st
         .select_related("provider_account", "created_by", "stop_requested_by")
         .defer("provider_account__api_key")
     )
-    cursor = int(before) if before and before.isdigit() else None
+    cursor = as_id(before)
     if cursor is not None:
         runs = runs.filter(pk__lt=cursor)
     size = settings.RUNBRAKE_RUNS_PER_PAGE
@@ -115,6 +117,7 @@ def _list_context(
     filters = RunFilterForm(request.GET, team=team, user=request.user)
     counts = status_counts(filters.apply(Run.objects.for_team(team), with_status=False))
     query = filters.querystring()
+    before = as_id(request.GET.get("before"))
     return {
         "team": team,
         "membership": membership,
@@ -133,16 +136,7 @@ def _list_context(
             sum(min(n, COUNT_CAP) for n in counts.values()),
             capped=any(n > COUNT_CAP for n in counts.values()),
         ),
-        "ws_query": "&".join(
-            p
-            for p in (
-                query,
-                f"before={request.GET['before']}"
-                if request.GET.get("before", "").isdigit()
-                else "",
-            )
-            if p
-        ),
+        "ws_query": "&".join(p for p in (query, f"before={before}" if before else "") if p),
         "form": form or LaunchForm(team=team, username=request.user.get_username()),
         **list_page(team, filters, request.GET.get("before")),
     }
@@ -175,16 +169,32 @@ def launch_run(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
             )
         context = _list_context(request, membership, form)
         return render(request, "runs/team_runs.html", context, status=400)
-    run = Run.objects.launch(
-        account=form.cleaned_data["provider_account"],
-        user=request.user,
-        prompt=form.cleaned_data["prompt"],
-        options=form.run_options(),
-        timeout_seconds=form.cleaned_data["timeout_seconds"],
-        no_progress_seconds=form.cleaned_data["no_progress_seconds"],
-        channel=Channel.BUTTON,
-        idempotency_key=form.cleaned_data.get("idempotency_key") or "",
-    )
+    try:
+        run = Run.objects.launch(
+            account=form.cleaned_data["provider_account"],
+            user=request.user,
+            prompt=form.cleaned_data["prompt"],
+            options=form.run_options(),
+            timeout_seconds=form.cleaned_data["timeout_seconds"],
+            no_progress_seconds=form.cleaned_data["no_progress_seconds"],
+            channel=Channel.BUTTON,
+            idempotency_key=form.cleaned_data.get("idempotency_key") or "",
+        )
+    except IdempotencyConflict as exc:
+        # The same form (its hidden key) sent again with other text: not a second run.
+        form.add_error(
+            None,
+            f"This form already launched run #{exc.run.pk} with other settings. Reload the "
+            "page to launch a new run; nothing was launched now.",
+        )
+        if request.htmx:
+            response = render(
+                request, "runs/partials.html#launch-form", {"form": form, "team": team}
+            )
+            return toast(response, "The run was not launched.", "error")
+        return render(
+            request, "runs/team_runs.html", _list_context(request, membership, form), status=409
+        )
     if not request.htmx:
         return redirect(run)
     fresh = LaunchForm(
@@ -269,7 +279,7 @@ async def stop_run(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
     if limited := await ahit("stop", str(user.pk)):
         return await sync_to_async(_too_many)(request, limited)
     # A one-click reason button and the free-text box share the name: the first said wins.
-    reason = next((r.strip() for r in request.POST.getlist("reason") if r.strip()), "")[:500]
+    reason = stop_reason(request.POST.getlist("reason"))
     try:
         outcome = await run.astop(actor=user, channel=Channel.BUTTON, reason=reason)
     except RunAlreadyFinished as exc:
@@ -308,7 +318,7 @@ async def bulk_stop(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
             scope = scope.filter(created_by=user)
         ids = [pk async for pk in scope.values_list("pk", flat=True)]
     else:
-        ids = [int(x) for x in request.POST.getlist("ids") if x.isdigit()]
+        ids = [pk for x in request.POST.getlist("ids") if (pk := as_id(x)) is not None]
     if not ids:
         message = "Select at least one running run first (the boxes at the left of the list)."
         if request.htmx:
