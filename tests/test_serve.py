@@ -60,3 +60,34 @@ def test_it_refuses_websocket_messages_over_64_kib(served: Server, bob: Any, lau
     # the connection. Had the message reached the consumer, it would have closed with 4400.
     received = closed.value.rcvd
     assert received is None or received.code == 1009
+
+
+def test_a_forged_forwarded_for_does_not_reset_the_login_limit(served: Server, bob: Any) -> None:
+    """Behind a proxy on the same host every client shares 127.0.0.1; uvicorn's default
+    trusts its X-Forwarded-For, so a fresh header was a fresh login limit."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    def attempt(forwarded: str) -> int:
+        page = urllib.request.urlopen(f"{served.url}/accounts/login/")
+        token = page.headers.get_all("Set-Cookie")[0].split("csrftoken=")[1].split(";")[0]
+        body = urllib.parse.urlencode(
+            {"username": "bob", "password": "wrong", "csrfmiddlewaretoken": token}
+        ).encode()
+        request = urllib.request.Request(
+            f"{served.url}/accounts/login/",
+            data=body,
+            headers={
+                "Cookie": f"csrftoken={token}",
+                "X-Forwarded-For": forwarded,
+                "Referer": f"{served.url}/accounts/login/",
+            },
+        )
+        try:
+            return urllib.request.urlopen(request).status
+        except urllib.error.HTTPError as refused:
+            return refused.code
+
+    answers = [attempt(f"203.0.113.{n}") for n in range(12)]
+    assert 429 in answers  # the ten failures of one address, whatever header it sent

@@ -105,6 +105,9 @@ if not SECRET_KEY:
     SECRET_KEY = "insecure-dev-only-runbrake-key-never-use-in-production-0123456789"
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+# Addresses of the reverse proxies whose X-Forwarded-* headers uvicorn believes (none: the
+# client address is the connection's own).
+RUNBRAKE_TRUSTED_PROXIES = env_list("RUNBRAKE_TRUSTED_PROXIES", [])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [

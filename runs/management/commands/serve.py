@@ -115,6 +115,11 @@ class Command(BaseCommand):
             log_config=None,
             access_log=False,
             server_header=False,
+            # X-Forwarded-For/-Proto are believed only from the proxies named in
+            # RUNBRAKE_TRUSTED_PROXIES (uvicorn's default trusts 127.0.0.1, so any client of a
+            # proxy on the same host could reset its own login limit with a fresh header).
+            proxy_headers=bool(settings.RUNBRAKE_TRUSTED_PROXIES),
+            forwarded_allow_ips=settings.RUNBRAKE_TRUSTED_PROXIES or None,
         )
         stdout = self.stdout
 
