@@ -24,6 +24,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from .models import (
+    ACTIVE,
     FINISHED,
     FORCE_REASON_MAX,
     STOP_IN_PROGRESS,
@@ -335,8 +336,23 @@ class RunAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        # Deleting a run erases its audit trail (the events go with it): superusers only.
+        # Deleting a run erases its audit trail (the events go with it): superusers only, and
+        # never a run still active (the provider would go on working, and billing, with
+        # nothing left to stop it: stop it first).
+        if obj is not None and obj.is_active:
+            return False
         return request.user.is_superuser
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
+        active = queryset.filter(status__in=ACTIVE)
+        if active.exists():
+            self.message_user(
+                request,
+                f"Not deleted: {_ids(active)} still active. Stop them first; the provider "
+                "would go on working on them.",
+                messages.ERROR,
+            )
+        super().delete_queryset(request, queryset.exclude(status__in=ACTIVE))
 
     def has_stop_permission(self, request: HttpRequest) -> bool:
         # The model's "change" permission, which no form uses here, means "may act on runs".

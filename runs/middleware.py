@@ -6,11 +6,11 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
 from django.contrib import messages
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
-from django.shortcuts import resolve_url
+from django.shortcuts import render, resolve_url
 from django.utils.cache import patch_cache_control
 
 SESSION_ENDED = (
@@ -97,3 +97,43 @@ class PrivacyHeadersMiddleware:
         if private:
             patch_cache_control(response, no_store=True, private=True)
         return response
+
+
+class FriendlyNotFoundMiddleware:
+    """A missing page (or another team's, which looks the same) is Runbrake's own "Nothing
+    here" page, also under DEBUG, where Django would show its technical 404 with the site's
+    URL patterns to whoever asks. JSON answers (the API) keep their own format."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if iscoroutinefunction(self):
+            return self._acall(request)
+        return self._friendly(request, self.get_response(request))
+
+    async def _acall(self, request: HttpRequest) -> HttpResponseBase:
+        response = await self.get_response(request)
+        if self._wants_page(request, response):
+            return await sync_to_async(self._page)(request)
+        return response
+
+    def _friendly(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+        return self._page(request) if self._wants_page(request, response) else response
+
+    @staticmethod
+    def _wants_page(request: HttpRequest, response: HttpResponseBase) -> bool:
+        return (
+            response.status_code == 404
+            and response.get("Content-Type", "").startswith("text/html")
+            and request.headers.get("HX-Request") != "true"
+        )
+
+    @staticmethod
+    def _page(request: HttpRequest) -> HttpResponseBase:
+        return render(request, "404.html", status=404)

@@ -320,7 +320,11 @@ async def bulk_stop(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
     else:
         ids = [pk for x in request.POST.getlist("ids") if (pk := as_id(x)) is not None]
     if not ids:
-        message = "Select at least one running run first (the boxes at the left of the list)."
+        message = (
+            "Nothing is running to stop."
+            if request.POST.get("scope") == "all"
+            else "Select at least one running run first (the boxes at the left of the list)."
+        )
         if request.htmx:
             response = HttpResponse(status=204)
             return toast(response, message, "error")

@@ -428,3 +428,14 @@ def test_the_team_page_has_its_memberships_inline(admin_client, acme, alice, bob
     listing = admin_client.get(reverse("admin:runs_team_changelist"))
     assert listing.status_code == 200
     assert listing.context["cl"].result_list[0].member_total == 3
+
+
+def test_a_running_run_cannot_be_deleted_from_the_admin(admin_client, launch):
+    run = launch()
+    response = admin_client.get(f"/admin/runs/run/{run.pk}/delete/")
+    assert response.status_code == 403
+    admin_client.post(
+        "/admin/runs/run/",
+        {"action": "delete_selected", "_selected_action": [run.pk], "post": "yes"},
+    )
+    assert Run.objects.filter(pk=run.pk).exists()

@@ -787,3 +787,35 @@ def test_the_simulators_request_log_is_for_staff_or_the_inspection_token(client,
     bob.is_staff = True
     bob.save()
     assert client.get("/sim/requests").status_code == 200
+
+
+def test_a_missing_page_is_a_friendly_404_even_in_development(client, bob, mallory, launch):
+    run = launch()
+    client.force_login(mallory)  # another team's run looks exactly like none
+    for path in (run.get_absolute_url(), "/no/such/page/"):
+        response = client.get(path)
+        assert response.status_code == 404
+        html = response.content.decode()
+        assert "Nothing here" in html
+        assert "URLconf" not in html  # not Django's technical page
+
+
+def test_an_unknown_filter_value_is_said_and_an_empty_result_explained(client, bob, launch):
+    run = launch()
+    client.force_login(bob)
+    page = client.get(f"/teams/{run.team_id}/runs/?status=bogus").content.decode()
+    assert "Unknown status in the address" in page
+    empty = client.get(f"/teams/{run.team_id}/runs/?q=no-such-words").content.decode()
+    assert "No runs match these filters." in empty
+
+
+def test_stop_all_with_nothing_running_says_so(client, bob, acme):
+    client.force_login(bob)
+    response = client.post(f"/teams/{acme.pk}/runs/stop", {"scope": "all"}, HTTP_HX_REQUEST="true")
+    assert json.loads(response["HX-Trigger"])["toast"]["message"] == "Nothing is running to stop."
+
+
+def test_the_favicon_is_found_at_the_root(client):
+    response = client.get("/favicon.ico")
+    assert response.status_code == 301
+    assert response["Location"].endswith("favicon.svg")

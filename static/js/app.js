@@ -135,6 +135,14 @@
     target.querySelectorAll(".empty-row").forEach(function (r) { r.remove(); });
   });
 
+  // --- Filter forms leave out what is empty: a shared link says only what it filters.
+  document.addEventListener("formdata", function (e) {
+    if (!e.target.hasAttribute || !e.target.hasAttribute("data-drop-empty")) return;
+    var empty = [];
+    e.formData.forEach(function (value, key) { if (value === "") empty.push(key); });
+    empty.forEach(function (key) { e.formData.delete(key); });
+  });
+
   // --- Buttons that close a dialog (no inline handlers: the Content-Security-Policy forbids).
   document.addEventListener("click", function (e) {
     var closer = e.target && e.target.closest && e.target.closest("[data-close]");
