@@ -1750,32 +1750,50 @@ class ApiToken(models.Model):
     )
     digest = models.CharField(max_length=64, unique=True)
     prefix = models.CharField(max_length=12)
+    # What it is for, in its owner's words ("nightly report script"); optional.
+    name = models.CharField(max_length=100, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.user})"
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= timezone.now()
 
     @staticmethod
     def digest_of(token: str) -> str:
         return hashlib.sha256(token.encode()).hexdigest()
 
     @classmethod
-    def issue(cls, user: Any) -> str:
+    def issue(cls, user: Any, *, name: str = "", expires_at: dt.datetime | None = None) -> str:
+        """A new token: returned once, only its digest kept."""
         token = "rb_" + secrets.token_urlsafe(32)
-        cls.objects.create(user=user, digest=cls.digest_of(token), prefix=token[:10])
+        cls.objects.create(
+            user=user,
+            digest=cls.digest_of(token),
+            prefix=token[:10],
+            name=name[:100],
+            expires_at=expires_at,
+        )
         return token
 
     @classmethod
     def user_for(cls, token: str) -> Any:
+        now = timezone.now()
         found = (
             cls.objects.select_related("user")
             .filter(digest=cls.digest_of(token), user__is_active=True)
+            .filter(models.Q(expires_at__isnull=True) | models.Q(expires_at__gt=now))
             .first()
         )
         if found is None:
             return None
-        now = timezone.now()
         if found.last_used_at is None or now - found.last_used_at >= LAST_USED_PRECISION:
             # A write per API call would serialise every call on SQLite's write lock; to the
             # minute is precise enough for "last used".

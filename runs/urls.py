@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import api, dashboard, teams, views, webhooks
+from . import api, dashboard, teams, tokens, views, webhooks
 
 app_name = "runs"
 
@@ -25,4 +25,5 @@ urlpatterns = [
     path("api/runs/<int:pk>", api.run_detail, name="api-run"),
     path("api/runs/<int:pk>/stop", api.stop_run, name="api-stop"),
     path("hooks/fay/<str:token>", webhooks.fay_webhook, name="fay-webhook"),
+    path("account/tokens/", tokens.tokens, name="tokens"),
 ]

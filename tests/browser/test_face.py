@@ -195,6 +195,7 @@ def test_every_page_has_no_serious_accessibility_violation(
         "dashboard": f"/teams/{acme.pk}/dashboard/",
         "members": f"/teams/{acme.pk}/members/",
         "accounts": f"/teams/{acme.pk}/accounts/",
+        "tokens": "/account/tokens/",
     }
     for name, path in pages.items():
         page.goto(server.url + path)
