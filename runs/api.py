@@ -17,7 +17,7 @@ from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from .forms import JSON_FIELDS, OPTIONS_BY_KIND, LaunchForm
-from .hostile import MAX_DEPTH, as_id, json_problem
+from .hostile import MAX_DEPTH, as_id, as_whole_number, json_problem
 from .models import (
     ApiToken,
     Channel,
@@ -230,10 +230,16 @@ async def runs(request: HtmxHttpRequest) -> JsonResponse:
         if before is None:
             return error(400, "VALIDATION_ERROR", "cursor is not one we issued.", field="cursor")
         qs = qs.filter(pk__lt=before)
-    try:
-        limit = min(MAX_PAGE_SIZE, max(1, int(params.get("limit", PAGE_SIZE))))
-    except ValueError:
-        return error(400, "VALIDATION_ERROR", "limit must be a number.", field="limit")
+    limit = as_whole_number(params.get("limit", PAGE_SIZE), maximum=MAX_PAGE_SIZE)
+    if limit is None:
+        # Refused rather than quietly clamped: a client asking for 500 would otherwise believe
+        # a short page meant the end of the list.
+        return error(
+            400,
+            "VALIDATION_ERROR",
+            f"limit must be a whole number from 1 to {MAX_PAGE_SIZE}.",
+            field="limit",
+        )
     page = [run async for run in qs[: limit + 1]]
     next_cursor = None
     if len(page) > limit:
@@ -282,6 +288,13 @@ async def _create_run(request: HtmxHttpRequest) -> JsonResponse:
         return error(403, "FORBIDDEN", "Viewers can watch runs but not launch them.")
     if limited := await ahit("launch", str(request.user.pk)):
         return too_many(limited)
+    for name in ("timeout_seconds", "no_progress_seconds"):
+        value = body.get(name, 0)
+        # Strict where the form is lenient: it reads {} as "not given" and "90" as 90.
+        if isinstance(value, bool) or not isinstance(value, int):
+            return error(
+                400, "VALIDATION_ERROR", f"{name} must be a whole number of seconds.", field=name
+            )
     options = body.get("options")
     if options is None:
         options = {}
@@ -383,12 +396,16 @@ async def stop_many(request: HtmxHttpRequest) -> JsonResponse:
                     400, "VALIDATION_ERROR", "filter.team must be a team id.", field="filter"
                 )
             runs = runs.filter(team_id=team_id)
-        if chosen.get("provider"):
-            if chosen["provider"] not in ProviderKind.values:
+        if (provider := chosen.get("provider")) not in (None, ""):
+            if provider not in ProviderKind.values:
                 return error(
                     400, "VALIDATION_ERROR", "filter.provider is not a provider.", field="filter"
                 )
-            runs = runs.filter(provider=chosen["provider"])
+            runs = runs.filter(provider=provider)
+        if not isinstance(chosen.get("mine", False), bool):
+            return error(
+                400, "VALIDATION_ERROR", "filter.mine must be true or false.", field="filter"
+            )
         if chosen.get("mine"):
             runs = runs.filter(created_by=request.user)
         ids = [pk async for pk in runs.values_list("pk", flat=True)[:1000]]

@@ -52,13 +52,18 @@ def json_problem(value: Any, depth: int = 0) -> str | None:
 def as_id(raw: Any) -> int | None:
     """A database id from a URL or form value ("12"), or None: not "²" (which isdigit()
     accepts), not "-1", not 10**30."""
+    return as_whole_number(raw, maximum=MAX_ID)
+
+
+def as_whole_number(raw: Any, *, maximum: int) -> int | None:
+    """A number from 1 to `maximum` given as an int or as ASCII digits, or None."""
     if isinstance(raw, bool):
         return None
     if isinstance(raw, int):
-        return raw if 0 < raw <= MAX_ID else None
+        return raw if 0 < raw <= maximum else None
     if isinstance(raw, str) and _ID.fullmatch(raw):
         number = int(raw)
-        return number if 0 < number <= MAX_ID else None
+        return number if 0 < number <= maximum else None
     return None
 
 

@@ -9,7 +9,7 @@ from urllib.parse import urlencode, urlsplit
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
 from django.contrib import messages
-from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.shortcuts import render, resolve_url
 from django.utils.cache import patch_cache_control
 
@@ -102,7 +102,7 @@ class PrivacyHeadersMiddleware:
 class FriendlyNotFoundMiddleware:
     """A missing page (or another team's, which looks the same) is Runbrake's own "Nothing
     here" page, also under DEBUG, where Django would show its technical 404 with the site's
-    URL patterns to whoever asks. JSON answers (the API) keep their own format."""
+    URL patterns to whoever asks. Under /api/ it is a JSON error; JSON answers keep theirs."""
 
     sync_capable = True
     async_capable = True
@@ -136,4 +136,15 @@ class FriendlyNotFoundMiddleware:
 
     @staticmethod
     def _page(request: HttpRequest) -> HttpResponseBase:
+        if request.path.startswith("/api/"):
+            # An API client (say /api/runs/abc, which no route matches) reads JSON errors.
+            return JsonResponse(
+                {
+                    "error": {
+                        "code": "NOT_FOUND",
+                        "message": "No such API endpoint; see /api/openapi.json.",
+                    }
+                },
+                status=404,
+            )
         return render(request, "404.html", status=404)

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import api, dashboard, teams, tokens, views, webhooks
+from . import api, dashboard, openapi, teams, tokens, views, webhooks
 
 app_name = "runs"
 
@@ -19,6 +19,7 @@ urlpatterns = [
     path("runs/<int:pk>/retry-stop", views.retry_stop, name="retry-stop"),
     path("runs/<int:pk>/force-stop", views.force_stop, name="force-stop"),
     path("teams/<int:team_id>/runs/stop", views.bulk_stop, name="bulk-stop"),
+    path("api/openapi.json", openapi.openapi, name="api-openapi"),
     path("api/provider-accounts", api.provider_accounts, name="api-provider-accounts"),
     path("api/runs", api.runs, name="api-runs"),
     path("api/runs/stop", api.stop_many, name="api-stop-many"),

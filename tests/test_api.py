@@ -11,6 +11,7 @@ from django.urls import reverse
 
 from runs.models import ApiToken, ProviderAccount, Run, Status
 from tests.conftest import start_at_provider
+from tests.openapi_check import assert_documented
 
 
 @pytest.fixture
@@ -27,7 +28,10 @@ def api(client, token):
                 data=json.dumps(body) if not isinstance(body, str) else body,
                 content_type="application/json",
             )
-        return getattr(client, method)(path, **kwargs)
+        response = getattr(client, method)(path, **kwargs)
+        # Every answer in this file is also a check of the published API description.
+        assert_documented(method, path, response)
+        return response
 
     return call
 
@@ -101,6 +105,13 @@ def test_it_creates_a_run(api, fay_account):
         ({"prompt": "x", "timeout_seconds": 0, "_account": True}, "timeout_seconds"),
         ({"prompt": "x", "no_progress_seconds": -1, "_account": True}, "no_progress_seconds"),
         ({"prompt": "x", "no_progress_seconds": "soon", "_account": True}, "no_progress_seconds"),
+        # Django's form would read these as "not given" and use the default.
+        ({"prompt": "x", "no_progress_seconds": {}, "_account": True}, "no_progress_seconds"),
+        ({"prompt": "x", "timeout_seconds": [], "_account": True}, "timeout_seconds"),
+        ({"prompt": "x", "timeout_seconds": None, "_account": True}, "timeout_seconds"),
+        ({"prompt": "x", "timeout_seconds": "90", "_account": True}, "timeout_seconds"),
+        ({"prompt": "x", "timeout_seconds": True, "_account": True}, "timeout_seconds"),
+        ({"prompt": "x", "timeout_seconds": 90.5, "_account": True}, "timeout_seconds"),
         ({"prompt": "x", "options": {"structured_output": True}, "_account": True}, "options"),
         ({"prompt": "x", "options": {"temperature": 1}, "_account": True}, "options"),
         ({"prompt": "x", "options": [], "_account": True}, "options"),

@@ -106,3 +106,11 @@ def test_a_malformed_env_file_stops_start_up_naming_the_line(tmp_path):
     result = manage("check", RUNBRAKE_ENV_FILE=str(env_file))
     assert result.returncode != 0
     assert "line 2: expected NAME=value" in result.stderr
+
+
+def test_a_command_before_the_first_migrate_says_to_migrate_not_a_traceback(tmp_path):
+    empty = tmp_path / "fresh.sqlite3"
+    result = manage("issue_token", "bob", DEBUG="true", DATABASE_URL=f"sqlite:///{empty}")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "manage.py migrate" in result.stderr
