@@ -252,3 +252,45 @@ def test_the_content_security_policy_keeps_output_images_and_scripts_to_the_site
     admin.goto(f"{server.url}/admin/runs/run/")
     expect(admin.locator("#result_list")).to_be_visible()
     assert violations == []
+
+
+# Opens a socket and ends at its close; an admitted socket is closed by the probe after its
+# first message (the snapshot every socket gets on connect).
+SOCKET_PROBE = """
+(url) => new Promise((resolve) => {
+  const messages = [];
+  const socket = new WebSocket(url);
+  socket.onmessage = (event) => { messages.push(String(event.data)); socket.close(); };
+  socket.onclose = (event) => resolve({ code: event.code, messages });
+})
+"""
+
+
+def test_a_page_on_another_port_of_the_same_host_cannot_read_the_live_list(
+    server: Server,
+    log_in: Callable[[Any], Page],
+    bob: Any,
+    fay: Any,
+    acme: Any,
+    replay: Any,
+) -> None:
+    """Cookies ignore ports, so a page on http://127.0.0.1:<other port> opens bob's team
+    socket with bob's session; only the Origin check (scheme, host and port) stops it."""
+    from tests.wire import Answer
+
+    launch(fay, bob, prompt="Secret acquisition target sim:pending=0 sim:duration=120")
+    socket_url = f"ws://127.0.0.1:{server.port}/ws/teams/{acme.pk}/"
+    page = log_in(bob)
+    # The control: from the site itself the same socket carries the list, prompt included.
+    own = page.evaluate(SOCKET_PROBE, socket_url)
+    assert any("Secret acquisition target" in m for m in own["messages"])
+    replay.on(
+        "GET",
+        "/attack",
+        Answer(headers={"content-type": "text/html"}, chunks=[b"<!doctype html><title>x</title>"]),
+    )
+    attacker = page.context.new_page()
+    attacker.goto(f"{replay.url}/attack")
+    stolen = attacker.evaluate(SOCKET_PROBE, socket_url)
+    assert stolen["messages"] == []
+    assert stolen["code"] != 1000  # refused at the handshake, not closed after use
