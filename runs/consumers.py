@@ -3,6 +3,7 @@ send a snapshot, then forward pushes. Nothing else happens here."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
@@ -42,6 +43,19 @@ def _run_snapshot(user: Any, run_id: int) -> tuple[Membership, str] | None:
     return membership, live.render_detail(live.load(run.pk))
 
 
+# This process's open sockets, closed with "server restarting" when it shuts down.
+_open: weakref.WeakSet[PushConsumer] = weakref.WeakSet()
+
+
+async def close_all_for_restart() -> int:
+    """Shutting down: tell every page on this process to reconnect (to a restarted server,
+    or to another web process) instead of sitting on a socket nothing pushes to any more."""
+    sockets = list(_open)
+    for consumer in sockets:
+        await consumer.close(code=live.CLOSE_SERVER_RESTARTING)
+    return len(sockets)
+
+
 class PushConsumer(AsyncWebsocketConsumer):
     group: str | None = None
     user_group: str | None = None
@@ -63,6 +77,7 @@ class PushConsumer(AsyncWebsocketConsumer):
         await self.channel_layer.group_add(group, self.channel_name)
         await self.channel_layer.group_add(self.user_group, self.channel_name)
         await self.accept()
+        _open.add(self)
         await self.send_html(snapshot)
 
     async def send_html(self, html: str) -> None:
@@ -73,6 +88,7 @@ class PushConsumer(AsyncWebsocketConsumer):
         raise NotImplementedError
 
     async def disconnect(self, code: int) -> None:
+        _open.discard(self)
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
         if self.user_group is not None:

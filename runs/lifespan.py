@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from . import watcher
@@ -9,7 +10,13 @@ from . import watcher
 
 async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
     while True:
-        message = await receive()
+        try:
+            message = await receive()
+        except asyncio.CancelledError:
+            # A forced exit (a second Ctrl-C) sends no shutdown event and cancels us at the
+            # end; `serve` has already handed the runs back by then. Returning keeps uvicorn
+            # from logging the cancellation as a traceback.
+            return
         if message["type"] == "lifespan.startup":
             watcher.start_embedded()
             await send({"type": "lifespan.startup.complete"})

@@ -70,9 +70,12 @@ def for_viewer(html: str, membership: Membership) -> str:
     return STOP_CONTROL.sub(keep, html)
 
 
-# Why a socket was closed, for the page (a 44xx code is not reconnected by htmx's ws extension).
+# Why a socket was closed, for the page (htmx's ws extension reconnects no 4xxx code itself).
 CLOSE_SESSION_ENDED = 4401
 CLOSE_ACCESS_ENDED = 4403
+# The server is shutting down: the page reconnects (static/js/app.js), reaching the
+# restarted server or another web process. Not 1012, which daphne may not send.
+CLOSE_SERVER_RESTARTING = 4012
 
 
 def user_group(user_id: int) -> str:

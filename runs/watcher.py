@@ -62,6 +62,8 @@ from .providers.base import (
 logger = logging.getLogger(__name__)
 
 _current: Watcher | None = None
+# The embedded watcher while it shuts down (a second Ctrl-C hurries it).
+_shutting_down: Watcher | None = None
 _current_lock = threading.Lock()
 
 # The channel-layer group every watcher listens on for "a run was launched" nudges.
@@ -87,6 +89,8 @@ class Watcher:
         self.writer: OutputWriter | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
+        # Set by a second Ctrl-C: stop waiting for connection-bound runs to finish.
+        self._hurry = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self.main_task: asyncio.Task[None] | None = None
@@ -148,8 +152,17 @@ class Watcher:
                 logger.warning("watcher nudges unavailable; polling every tick", exc_info=True)
                 await asyncio.sleep(self.tick_seconds)
 
+    def hurry(self) -> None:
+        """Thread- and signal-handler safe: a shutdown under way stops waiting for
+        connection-bound runs (whose provider then ends them when the stream closes)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._hurry.set)
+
     def request_shutdown(self) -> None:
-        """Signal-handler safe: ask run_forever to end (then call shutdown())."""
+        """Signal-handler safe: ask run_forever to end (then call shutdown()); asked again (a
+        second Ctrl-C), stop waiting for connection-bound runs."""
+        if self._stopping:
+            self.hurry()
         self._stopping = True
         self._wakeup.set()
 
@@ -204,8 +217,22 @@ class Watcher:
         bound = [self.sessions[pk] for pk in self.connection_bound if pk in self.sessions]
         if not bound:
             return
-        logger.info("watcher %s lets %d connection-bound runs finish", self.identity, len(bound))
-        await asyncio.wait(bound, timeout=settings.RUNBRAKE_WATCHER_DRAIN_SECONDS)
+        logger.info(
+            "watcher %s lets %d connection-bound runs finish (up to %g s)",
+            self.identity,
+            len(bound),
+            settings.RUNBRAKE_WATCHER_DRAIN_SECONDS,
+        )
+        finished = asyncio.ensure_future(
+            asyncio.wait(bound, timeout=settings.RUNBRAKE_WATCHER_DRAIN_SECONDS)
+        )
+        hurried = asyncio.ensure_future(self._hurry.wait())
+        await asyncio.wait([finished, hurried], return_when=asyncio.FIRST_COMPLETED)
+        for waiter in (finished, hurried):
+            waiter.cancel()
+        await asyncio.gather(finished, hurried, return_exceptions=True)
+        if self._hurry.is_set():
+            logger.info("watcher %s stops waiting for them", self.identity)
 
     async def _close_writer(self) -> None:
         if self._writer_task is not None:
@@ -789,10 +816,18 @@ def nudge_watchers() -> None:
         logger.warning("could not nudge the watchers; they pick the run up next tick")
 
 
+def hurry_embedded() -> None:
+    """A second Ctrl-C: the embedded watcher's shutdown stops waiting for streams."""
+    for watcher in (_current, _shutting_down):
+        if watcher is not None:
+            watcher.hurry()
+
+
 async def stop_embedded() -> None:
-    global _current
+    global _current, _shutting_down
     with _current_lock:
         current, _current = _current, None
+        _shutting_down = current or _shutting_down
     if current is not None:
         await current.shutdown()
         if current.main_task is not None:

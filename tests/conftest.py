@@ -34,9 +34,14 @@ class Server:
     """A Runbrake process (`manage.py serve`) on its own port, stopped for sure at the end."""
 
     def __init__(
-        self, *, watcher: bool, env: dict[str, str] | None = None, server: str = "daphne"
+        self,
+        *,
+        watcher: bool,
+        env: dict[str, str] | None = None,
+        server: str = "daphne",
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # Each server's simulated providers keep their state (Fay's registered webhooks) to
         # themselves, as separate services would.

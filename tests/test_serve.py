@@ -3,6 +3,8 @@ snapshot, and websocket messages over 64 KiB refused by the server itself."""
 
 from __future__ import annotations
 
+import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,8 +15,9 @@ from django.test import Client
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from runs.models import Run, Status
 from tests.browser.conftest import database_url
-from tests.conftest import Server
+from tests.conftest import Server, sim_account
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -91,3 +94,66 @@ def test_a_forged_forwarded_for_does_not_reset_the_login_limit(served: Server, b
 
     answers = [attempt(f"203.0.113.{n}") for n in range(12)]
     assert 429 in answers  # the ten failures of one address, whatever header it sent
+
+
+def _until(check: Any, what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
+@pytest.mark.parametrize("server", ["daphne", "uvicorn"])
+def test_ctrl_c_frees_the_port_at_once_sends_browsers_elsewhere_and_twice_ends_the_wait(
+    server: str, bob: Any, acme: Any
+) -> None:
+    """Stopping `make run` with an IntelligenceBox stream in flight (closing it would end the
+    chat, so the watcher lets it finish): the port is free for a restart at once, open pages
+    are told to reconnect (4012) rather than left on a server that no longer pushes, and a
+    second Ctrl-C ends the wait."""
+    env = {
+        "DATABASE_URL": database_url(connection.vendor, connection.settings_dict),
+        # Long enough that only a second Ctrl-C can end the wait within the test.
+        "RUNBRAKE_WATCHER_DRAIN_SECONDS": "600",
+    }
+    old = Server(watcher=True, server=server, env=env)
+    new: Server | None = None
+    try:
+        account = sim_account(acme, old, "intelligencebox")
+        run = Run.objects.launch(
+            account=account,
+            user=bob,
+            prompt="Long chat sim:pending=0 sim:duration=600 sim:chunks=600",
+            options={},
+            timeout_seconds=3600,
+        )
+        _until(lambda: Run.objects.filter(pk=run.pk, status=Status.RUNNING).exists(), "running")
+        ws = old.url.replace("http://", "ws://") + f"/ws/teams/{acme.pk}/"
+        headers = {"Cookie": f"sessionid={cookie_for(bob)}", "Origin": old.url}
+        with connect(ws, additional_headers=headers, open_timeout=10) as sock:
+            sock.recv(timeout=10)
+            old.proc.send_signal(signal.SIGINT)
+            try:
+                while True:
+                    sock.recv(timeout=30)
+            except ConnectionClosed as closed:
+                told = closed.rcvd
+            except TimeoutError:
+                raise AssertionError(f"the socket stayed open:\n{old.output()}") from None
+        assert told is not None, old.output()
+        assert told.code == 4012
+        # A restart binds the same port while the old process still lets the chat finish.
+        new = Server(watcher=False, server=server, port=old.port, env=env)
+        assert old.proc.poll() is None
+        assert new.requests("intelligencebox") == []  # new's own token: new answered
+        old.proc.send_signal(signal.SIGINT)
+        assert old.proc.wait(timeout=60) is not None
+        run.refresh_from_db()
+        assert run.watched_by == ""  # handed back for the next watcher, not left leased
+        assert "Traceback" not in old.output(), old.output()
+    finally:
+        old.close()
+        if new is not None:
+            new.close()

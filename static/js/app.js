@@ -72,6 +72,13 @@
   };
   document.addEventListener("htmx:wsClose", function (e) {
     var code = e.detail && e.detail.event && e.detail.event.code;
+    if (code === 4012 && e.detail.socketWrapper) {
+      // The server is shutting down (a restart, a deploy): reconnect, spread out so that
+      // every open tab does not arrive at once; if it is not back yet, htmx backs off.
+      document.body.dataset.ws = "reconnecting";
+      setTimeout(e.detail.socketWrapper.reconnect, 250 + Math.random() * 1000);
+      return;
+    }
     if (ENDED[code]) {
       document.body.dataset.ws = "ended";
       showEnded(ENDED[code], code === 4401);

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -294,3 +295,54 @@ def test_a_page_on_another_port_of_the_same_host_cannot_read_the_live_list(
     stolen = attacker.evaluate(SOCKET_PROBE, socket_url)
     assert stolen["messages"] == []
     assert stolen["code"] != 1000  # refused at the handshake, not closed after use
+
+
+def test_restarting_the_server_at_once_brings_open_pages_back_live(
+    transactional_db: None,
+    new_context: Callable[..., Any],
+    bob: Any,
+    acme: Any,
+    password: str,
+) -> None:
+    """Ctrl-C on `make run` with an IntelligenceBox chat streaming (the old process lets it
+    finish), then `make run` again at once: the port is free, and a page left open
+    reconnects to the new server by itself and shows what happens there, live."""
+    from django.db import connection
+
+    from tests.conftest import database_url
+
+    env = {
+        "DATABASE_URL": database_url(connection.vendor, connection.settings_dict),
+        "DJANGO_ALLOW_ASYNC_UNSAFE": "",
+        "RUNBRAKE_WATCHER_DRAIN_SECONDS": "600",
+    }
+    old = Server(watcher=True, env=env)
+    new: Server | None = None
+    try:
+        chat = launch(sim_account(acme, old, "intelligencebox"), bob)
+        wait_running(chat)
+        page = new_context(viewport={"width": 1280, "height": 900}).new_page()
+        page.goto(f"{old.url}/accounts/login/")
+        page.get_by_label("Username").fill(bob.get_username())
+        page.get_by_label("Password").fill(password)
+        page.get_by_role("button", name="Log in").click()
+        page.goto(f"{old.url}/teams/{acme.pk}/runs/")
+        expect(page.locator("body")).to_have_attribute("data-ws", "open")
+        page.evaluate("window.__noReload = true")
+
+        old.proc.send_signal(signal.SIGINT)
+        expect(page.locator("body")).not_to_have_attribute("data-ws", "open")
+        new = Server(watcher=True, port=old.port, env=env)
+        assert old.proc.poll() is None  # still letting the chat finish
+        expect(page.locator("body")).to_have_attribute("data-ws", "open", timeout=20_000)
+
+        later = launch(sim_account(acme, new, "dify"), bob, prompt="After the restart " + LONG)
+        row = page.locator(f"#run-row-{later.pk}")
+        expect(row).to_contain_text("After the restart")
+        expect(row).to_contain_text("Running")
+        assert page.evaluate("window.__noReload") is True
+    finally:
+        for server in (old, new):
+            if server is not None:
+                server.proc.send_signal(signal.SIGINT)
+                server.close()

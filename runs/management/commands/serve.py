@@ -6,9 +6,11 @@ through the lifespan handler in webapp/asgi.py. Both refuse websocket messages o
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -51,42 +53,83 @@ class Command(BaseCommand):
     def _daphne(self, host: str, port: int, no_watcher: bool, lag_file: str, banner: str) -> None:
         import daphne.server  # noqa: F401 - installs the asyncio reactor before anything else
         from daphne.server import Server
+        from twisted.internet import defer
+        from twisted.internet import reactor as twisted_reactor
 
         from runs import watcher
         from webapp.asgi import application
+
+        # Typed through IReactorCore, whose stub leaves out `self`.
+        reactor: Any = twisted_reactor
+        listening: list[Any] = []
+
+        class Daphne(Server):
+            # daphne (pinned <5) hands each listening port to listen_success; keeping them
+            # lets a shutdown stop listening first, so a restart can bind at once.
+            def listen_success(self, port: Any) -> None:
+                listening.append(port)
+                super().listen_success(port)
 
         def ready() -> None:
             loop = asyncio.get_event_loop()
             if not no_watcher:
                 loop.call_soon(watcher.start_embedded)
-                # SIGTERM: hand the watcher's runs back before the reactor stops (what
-                # uvicorn's lifespan shutdown does), instead of dropping them mid-call.
-                from twisted.internet import defer
-                from twisted.internet import reactor as twisted_reactor
+            # If the reactor stops some other way, the watcher still hands its runs back.
+            reactor.addSystemEventTrigger(
+                "before",
+                "shutdown",
+                lambda: defer.Deferred.fromFuture(asyncio.ensure_future(watcher.stop_embedded())),
+            )
 
-                # Typed through IReactorCore, whose stub leaves out `self`.
-                reactor: Any = twisted_reactor
-                reactor.addSystemEventTrigger(
-                    "before",
-                    "shutdown",
-                    lambda: defer.Deferred.fromFuture(
-                        asyncio.ensure_future(watcher.stop_embedded())
-                    ),
-                )
+            def on_signal() -> None:
+                if self._stopping:
+                    self._hurry()
+                    return
+                self._stopping = True
+                for listener in listening:
+                    listener.stopListening()
+                task = loop.create_task(self._shut_down())
+                task.add_done_callback(lambda _: reactor.stop())
+
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, on_signal)
             if lag_file:
                 loop.call_soon(start_loop_lag_probe, lag_file)
             self.stdout.write(banner, ending="\n")
             self.stdout.flush()
 
-        Server(
+        Daphne(
             application=application,
             endpoints=[f"tcp:port={port}:interface={host}"],
             ready_callable=ready,
+            # Ours (in ready): stop listening, send pages elsewhere, hand the runs back, then
+            # stop the reactor; twisted's own would stop it first, port still held.
+            signal_handlers=False,
             websocket_max_message_size=MAX_WS_MESSAGE,
             websocket_max_frame_size=MAX_WS_MESSAGE,
             application_close_timeout=5,
             verbosity=0,
         ).run()
+
+    _stopping = False
+
+    async def _shut_down(self) -> None:
+        """After the port is closed: tell open pages to reconnect, then hand the runs back."""
+        from runs import consumers, watcher
+
+        self.stdout.write(
+            "Shutting down: handing the runs back (Ctrl-C again to stop waiting for streams "
+            "that end when their connection closes).",
+            ending="\n",
+        )
+        self.stdout.flush()
+        await consumers.close_all_for_restart()
+        await watcher.stop_embedded()
+
+    def _hurry(self) -> None:
+        from runs import watcher
+
+        watcher.hurry_embedded()
 
     def _uvicorn(self, host: str, port: int, no_watcher: bool, lag_file: str, banner: str) -> None:
         try:
@@ -123,6 +166,8 @@ class Command(BaseCommand):
         )
         stdout = self.stdout
 
+        command = self
+
         class Server(uvicorn.Server):
             async def startup(self, sockets: Any = None) -> None:
                 await super().startup(sockets)
@@ -130,7 +175,23 @@ class Command(BaseCommand):
                     stdout.write(banner, ending="\n")
                     stdout.flush()
 
-        Server(config).run()
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                if self.should_exit:
+                    command._hurry()  # a second Ctrl-C
+                super().handle_exit(sig, frame)
+
+            async def shutdown(self, sockets: Any = None) -> None:
+                # uvicorn would wait for every connection (the in-process simulators' streams
+                # to our own watcher among them) before the lifespan stops the watcher: stop
+                # listening, then the watcher, then let uvicorn close what is left.
+                for listener in self.servers:
+                    listener.close()
+                await command._shut_down()
+                await super().shutdown(sockets)
+
+        # uvicorn raises the Ctrl-C it caught again once it has shut down; it is done.
+        with contextlib.suppress(KeyboardInterrupt):
+            Server(config).run()
 
 
 def _with_loop_lag_probe(application: Any, lag_file: str) -> Any:
