@@ -18,11 +18,13 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import ActionLocation, helpers
 from django.db.models import Count, QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
+from .hostile import as_id
 from .models import (
     ACTIVE,
     FINISHED,
@@ -36,6 +38,7 @@ from .models import (
     ProviderAccount,
     Run,
     RunEvent,
+    Status,
     Team,
     astop_runs,
 )
@@ -224,6 +227,8 @@ class ForceMarkForm(forms.Form):
 
 
 # Outcome → (message level, how the group of runs is introduced), in the order shown.
+# Outcomes that are not the last word: the admin's message follows them live.
+FOLLOWED_OUTCOMES = {"stopping", "unconfirmed", "failed"}
 OUTCOMES = {
     "stopped": (messages.SUCCESS, "Stopped {n}, confirmed by the provider"),
     "stopping": (messages.INFO, "Stopping {n}, awaiting provider confirmation"),
@@ -231,6 +236,19 @@ OUTCOMES = {
     "already_finished": (messages.INFO, "Already finished, nothing to stop for {n}"),
     "failed": (messages.ERROR, "The stop call failed for {n} (Runbrake retries it)"),
 }
+
+
+MAX_FOLLOWED = 200
+
+
+def _where_it_stands(run: Run) -> str:
+    if run.status == Status.STOPPED and run.proof:
+        return f"#{run.pk} stopped, confirmed by {Proof(run.proof).label}"
+    if run.status == Status.COMPLETED and run.stop_requested_at:
+        return f"#{run.pk} completed despite the stop"
+    if run.status == Status.STOPPING and run.stop_error:
+        return f"#{run.pk} still stopping (last stop call: {run.stop_error.rstrip('.')})"
+    return f"#{run.pk} {Status(run.status).label.lower()}"
 
 
 @admin.register(Run)
@@ -325,6 +343,45 @@ class RunAdmin(admin.ModelAdmin):
 
     class Media:
         css = {"all": ["css/admin.css"]}
+        js = ["js/admin.js"]
+
+    def get_urls(self) -> list[URLPattern]:
+        follow = path(
+            "outcomes/",
+            self.admin_site.admin_view(self.outcomes_view),
+            name="runs_run_outcomes",
+        )
+        return [follow, *super().get_urls()]
+
+    def outcomes_view(self, request: HttpRequest) -> JsonResponse:
+        """Where runs an operator just stopped stand now, for the message that follows them."""
+        if not self.has_view_permission(request):
+            return JsonResponse(
+                {"error": {"code": "FORBIDDEN", "message": "You may not view runs."}}, status=403
+            )
+        raw = request.GET.get("ids", "").split(",")
+        ids = [as_id(value) for value in raw[:MAX_FOLLOWED]]
+        if not ids or None in ids:
+            return JsonResponse(
+                {"error": {"code": "VALIDATION_ERROR", "message": "ids must be run ids."}},
+                status=400,
+            )
+        found = self.get_queryset(request).filter(pk__in=ids).order_by("pk")
+        return JsonResponse(
+            {
+                "runs": [
+                    {
+                        "id": run.pk,
+                        "status": run.status,
+                        "settled": run.is_terminal,
+                        "text": _where_it_stands(run),
+                    }
+                    for run in found.only(
+                        "pk", "status", "proof", "stop_error", "stop_requested_at"
+                    )
+                ]
+            }
+        )
 
     # --- Permissions: read-only runs; stopping is its own permission ----------------------
 
@@ -419,7 +476,21 @@ class RunAdmin(admin.ModelAdmin):
             if group := grouped.get(outcome):
                 # Messages are sentences; inside the list they lose their last stop.
                 listed = "; ".join(f"#{r.id} ({r.message.rstrip('.')})" for r in group)
-                self.message_user(request, f"{intro.format(n=_runs(len(group)))}: {listed}.", level)
+                text = f"{intro.format(n=_runs(len(group)))}: {listed}."
+                if outcome in FOLLOWED_OUTCOMES:
+                    # static/js/admin.js follows these runs to their outcome, no reload.
+                    self.message_user(
+                        request,
+                        format_html(
+                            '<span data-follow-runs="{}" data-follow-url="{}">{}</span>',
+                            ",".join(str(r.id) for r in group),
+                            reverse("admin:runs_run_outcomes"),
+                            text,
+                        ),
+                        level,
+                    )
+                else:
+                    self.message_user(request, text, level)
 
     stop_selected.plural_description = "Stop selected runs"  # type: ignore[attr-defined]
 

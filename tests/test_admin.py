@@ -5,6 +5,7 @@ when stuck; provider keys never leave the server; teams show their members."""
 from __future__ import annotations
 
 import datetime as dt
+import html
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from django.contrib.auth.models import Permission
 from django.contrib.messages import get_messages
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.html import strip_tags
 
 from runs.models import Channel, Run, RunEvent, Status
 from tests.conftest import start_at_provider
@@ -28,8 +30,11 @@ def listed(response) -> set[int]:
 
 
 def notes(response) -> list[tuple[str, str]]:
-    """The admin messages the response queued, as (level tag, text)."""
-    return [(m.level_tag, str(m)) for m in get_messages(response.wsgi_request)]
+    """The admin messages the response queued, as (level tag, the text a person reads)."""
+    return [
+        (m.level_tag, html.unescape(strip_tags(str(m))))
+        for m in get_messages(response.wsgi_request)
+    ]
 
 
 def stuck_stopping(run: Run, by) -> Run:
@@ -439,3 +444,57 @@ def test_a_running_run_cannot_be_deleted_from_the_admin(admin_client, launch):
         {"action": "delete_selected", "_selected_action": [run.pk], "post": "yes"},
     )
     assert Run.objects.filter(pk=run.pk).exists()
+
+
+# --- Following a stop -----------------------------------------------------------------------
+
+OUTCOMES_URL = reverse("admin:runs_run_outcomes")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stop_not_yet_confirmed_is_a_message_the_page_follows(admin_client, launch, sim):
+    run = start_at_provider(launch("sim:pending=0 sim:duration=60 sim:stop=error"))
+    response = admin_client.post(
+        CHANGELIST, {"action": "stop_selected", "_selected_action": [run.pk], "index": 0}
+    )
+    page = admin_client.get(response.url).content.decode()
+    assert f'data-follow-runs="{run.pk}"' in page
+    assert f'data-follow-url="{OUTCOMES_URL}"' in page
+    assert "js/admin.js" in page
+
+
+def test_the_followed_outcomes_say_where_each_run_stands(admin_client, launch, bob):
+    stopping = stuck_stopping(launch("a"), bob)
+    stopped = stuck_stopping(launch("b"), bob)
+    stopped.mark_stopped(confirmation="stop answer", proof="stop_answer")
+    answer = admin_client.get(OUTCOMES_URL, {"ids": f"{stopping.pk},{stopped.pk}"}).json()
+    assert answer["runs"] == [
+        {
+            "id": stopping.pk,
+            "status": "stopping",
+            "settled": False,
+            "text": f"#{stopping.pk} stopping…",
+        },
+        {
+            "id": stopped.pk,
+            "status": "stopped",
+            "settled": True,
+            "text": f"#{stopped.pk} stopped, confirmed by the provider's answer to the stop call",
+        },
+    ]
+
+
+@pytest.mark.parametrize("ids", ["", "x", "1,,2", "²", str(2**64)])
+def test_followed_outcomes_refuse_ids_that_are_not_ids(admin_client, ids):
+    response = admin_client.get(OUTCOMES_URL, {"ids": ids})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "VALIDATION_ERROR"
+
+
+def test_followed_outcomes_are_for_staff_who_may_view_runs(client, django_user_model, launch):
+    run = launch()
+    assert client.get(OUTCOMES_URL, {"ids": run.pk}).status_code == 302  # to the admin login
+    client.force_login(django_user_model.objects.create_user("clerk", is_staff=True))
+    response = client.get(OUTCOMES_URL, {"ids": run.pk})
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "FORBIDDEN"

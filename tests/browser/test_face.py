@@ -346,3 +346,34 @@ def test_restarting_the_server_at_once_brings_open_pages_back_live(
             if server is not None:
                 server.proc.send_signal(signal.SIGINT)
                 server.close()
+
+
+def test_the_admins_stop_message_follows_the_runs_to_the_providers_word(
+    server: Server,
+    log_in: Callable[[Any], Page],
+    bob: Any,
+    acme: Any,
+    password: str,
+) -> None:
+    """Dify confirms a stop only when its stream ends (here 2 s after the stop call): the
+    message says "awaiting provider confirmation", then, without a reload, "stopped"."""
+    from django.contrib.auth import get_user_model
+
+    dify = sim_account(acme, server, "dify")
+    run = wait_running(launch(dify, bob, prompt=LONG + " sim:stop=slow sim:stop_delay=2"))
+    operator = get_user_model().objects.create_superuser("operator", password=password)
+    page = log_in(operator)
+    page.goto(f"{server.url}/admin/runs/run/")
+    page.locator(f'input[name="_selected_action"][value="{run.pk}"]').check()
+    page.locator('select[name="action"]').select_option("stop_selected")
+    page.locator('button[name="index"]').click()
+    message = page.locator(".messagelist li", has_text=f"#{run.pk}")
+    expect(message).to_contain_text("awaiting provider confirmation")
+    page.evaluate("window.__noReload = true")
+    expect(message.get_by_role("status")).to_contain_text(
+        f"#{run.pk} stopped, confirmed by", timeout=30_000
+    )
+    expect(message).to_have_class("success")
+    assert page.evaluate("window.__noReload") is True
+    run.refresh_from_db()
+    assert run.status == "stopped"
