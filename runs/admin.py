@@ -248,7 +248,7 @@ def _where_it_stands(run: Run) -> str:
         return f"#{run.pk} completed despite the stop"
     if run.status == Status.STOPPING and run.stop_error:
         return f"#{run.pk} still stopping (last stop call: {run.stop_error.rstrip('.')})"
-    return f"#{run.pk} {Status(run.status).label.lower()}"
+    return f"#{run.pk} {Status(run.status).label.lower().rstrip('…')}"
 
 
 @admin.register(Run)
@@ -375,10 +375,13 @@ class RunAdmin(admin.ModelAdmin):
                         "status": run.status,
                         "settled": run.is_terminal,
                         "text": _where_it_stands(run),
+                        # The list's own cells for this run, so its row agrees with the message.
+                        "cells": {
+                            "status_badge": self.status_badge(run),
+                            "stop_summary": self.stop_summary(run),
+                        },
                     }
-                    for run in found.only(
-                        "pk", "status", "proof", "stop_error", "stop_requested_at"
-                    )
+                    for run in found.select_related("stop_requested_by")
                 ]
             }
         )

@@ -468,12 +468,18 @@ def test_the_followed_outcomes_say_where_each_run_stands(admin_client, launch, b
     stopped = stuck_stopping(launch("b"), bob)
     stopped.mark_stopped(confirmation="stop answer", proof="stop_answer")
     answer = admin_client.get(OUTCOMES_URL, {"ids": f"{stopping.pk},{stopped.pk}"}).json()
+    cells = [run.pop("cells") for run in answer["runs"]]
+    assert [c["status_badge"] for c in cells] == [
+        '<span class="rb-badge rb-badge-stopping">Stopping…</span>',
+        '<span class="rb-badge rb-badge-stopped">Stopped</span>',
+    ]
+    assert "awaiting the provider" in cells[0]["stop_summary"]
     assert answer["runs"] == [
         {
             "id": stopping.pk,
             "status": "stopping",
             "settled": False,
-            "text": f"#{stopping.pk} stopping…",
+            "text": f"#{stopping.pk} stopping",
         },
         {
             "id": stopped.pk,

@@ -30,6 +30,7 @@
           var runs = data.runs || [];
           var waiting = runs.filter(function (run) { return !run.settled; });
           var words = runs.map(function (run) { return run.text; }).join("; ");
+          runs.forEach(updateRow);
           if (!waiting.length) {
             note.textContent = " Now: " + words + ".";
             if (item && runs.every(function (run) { return run.status === "stopped"; })) {
@@ -50,6 +51,17 @@
     }
 
     setTimeout(poll, EVERY_MS);
+  }
+
+  // The changelist row of a followed run: its cells are replaced with the server's own.
+  function updateRow(run) {
+    var box = document.querySelector('input[name="_selected_action"][value="' + run.id + '"]');
+    var row = box && box.closest("tr");
+    if (!row || !run.cells) return;
+    Object.keys(run.cells).forEach(function (name) {
+      var cell = row.querySelector("td.field-" + name + ", th.field-" + name);
+      if (cell) cell.innerHTML = run.cells[name];
+    });
   }
 
   document.addEventListener("DOMContentLoaded", function () {

@@ -374,6 +374,8 @@ def test_the_admins_stop_message_follows_the_runs_to_the_providers_word(
         f"#{run.pk} stopped, confirmed by", timeout=30_000
     )
     expect(message).to_have_class("success")
+    row = page.locator("tr", has=page.locator(f'input[value="{run.pk}"]'))
+    expect(row.locator(".rb-badge")).to_have_text("Stopped")  # the row agrees
     assert page.evaluate("window.__noReload") is True
     run.refresh_from_db()
     assert run.status == "stopped"
