@@ -1,8 +1,18 @@
 """Websocket consumers: authenticate, authorise against the user's teams, join the group,
-send a snapshot, then forward pushes. Nothing else happens here."""
+send a snapshot, then forward pushes. Nothing else happens here.
+
+A socket has no channel of its own: the process's hub (`live.hub()`) receives each group once
+and hands every message to its local sockets (`deliver`), which cut it to their viewer and
+write it. Each socket writes in order; one that cannot keep up (its client stopped reading)
+keeps a bounded backlog that overflows into a fresh snapshot, never into a stalled hub.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import json
+import time
 import weakref
 from typing import Any
 from urllib.parse import parse_qs, urlencode
@@ -56,11 +66,25 @@ async def close_all_for_restart() -> int:
     return len(sockets)
 
 
+# Frames a socket may have waiting while its client is slow; past that it gets a snapshot.
+BACKLOG = 64
+
+
 class PushConsumer(AsyncWebsocketConsumer):
+    # No channel-layer channel per socket: the hub receives for all of them. (An alias that
+    # names no layer makes Channels skip creating one.)
+    channel_layer_alias = "runbrake: sockets are fed by live.hub()"
+
     group: str | None = None
     user_group: str | None = None
     # The viewer's role in the run's team: every push is cut to the controls it allows.
     membership: Membership | None = None
+    _writer: asyncio.Task[None] | None = None
+    _backlog: collections.deque[str] | None = None
+    _resync_due = False
+    _closed = False
+    # Until the snapshot is out, pushes wait (they are newer: the snapshot was read first).
+    _held = True
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -74,25 +98,92 @@ class PushConsumer(AsyncWebsocketConsumer):
             return
         self.group = group
         self.user_group = live.user_group(user.pk)
-        await self.channel_layer.group_add(group, self.channel_name)
-        await self.channel_layer.group_add(self.user_group, self.channel_name)
+        self._tasks: set[asyncio.Task[None]] = set()
+        hub = live.hub()
+        await hub.join(group, self)
+        await hub.join(self.user_group, self)
         await self.accept()
         _open.add(self)
         await self.send_html(snapshot)
+        self._held = False
+        if self._backlog:
+            self._writer = asyncio.eager_task_factory(asyncio.get_running_loop(), self._write())
+
+    def cut(self, html: str, cuts: dict[Any, str], *extra: Any) -> str:
+        """The push as this viewer may see it, cut once per kind of viewer per message."""
+        assert self.membership is not None  # authorise() set it before any push
+        key = (live.viewer_key(self.membership), *extra)
+        found = cuts.get(key)
+        if found is None:
+            found = cuts[key] = live.for_viewer(html, self.membership)
+        return found
 
     async def send_html(self, html: str) -> None:
         assert self.membership is not None  # authorise() set it before any send
         await self.send(text_data=live.for_viewer(html, self.membership))
+
+    # --- Fed by the hub -------------------------------------------------------------------------
+
+    def deliver(self, message: dict[str, Any], cuts: dict[Any, str]) -> None:
+        kind = message["type"]
+        if kind == live.MESSAGE_TYPE:
+            self.on_push(message, cuts)
+        elif kind == live.FRAME_TYPE:
+            self.write(message["frame"])
+        elif kind in ("session.ended", "membership.changed", "push.resync"):
+            # Rare, and they read the database: each in a task of its own.
+            handler = getattr(self, kind.replace(".", "_"))
+            task = asyncio.get_running_loop().create_task(handler(message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def on_push(self, message: dict[str, Any], cuts: dict[Any, str]) -> None:
+        self.write(self.cut(message["html"], cuts))
+
+    def write(self, text: str) -> None:
+        """Send in order without making the hub wait: the send usually completes at once
+        (an eager task); while one waits on a slow client, later frames queue up to BACKLOG,
+        then collapse into one snapshot."""
+        if self._closed:
+            return
+        if not self._held and (self._writer is None or self._writer.done()):
+            loop = asyncio.get_running_loop()
+            self._writer = asyncio.eager_task_factory(loop, self._write(text))
+            return
+        if self._resync_due:
+            return  # the snapshot on its way will carry this too
+        if self._backlog is None:
+            self._backlog = collections.deque()
+        if len(self._backlog) >= BACKLOG:
+            self._backlog.clear()
+            self._resync_due = True
+            return
+        self._backlog.append(text)
+
+    async def _write(self, text: str | None = None) -> None:
+        try:
+            if text is not None:
+                await self.send(text_data=text)
+            while self._backlog:
+                await self.send(text_data=self._backlog.popleft())
+            if self._resync_due:
+                self._resync_due = False
+                await self.push_resync({})
+        except Exception:
+            # The socket is gone (its disconnect follows); nothing more goes to it.
+            self._closed = True
 
     async def authorise(self, user: Any) -> tuple[str, str | None]:
         raise NotImplementedError
 
     async def disconnect(self, code: int) -> None:
         _open.discard(self)
+        self._closed = True
+        hub = live.hub()
         if self.group is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+            hub.leave(self.group, self)
         if self.user_group is not None:
-            await self.channel_layer.group_discard(self.user_group, self.channel_name)
+            hub.leave(self.user_group, self)
 
     async def session_ended(self, event: dict[str, Any]) -> None:
         # Logged out (in any tab): no more runs reach this page.
@@ -110,21 +201,14 @@ class PushConsumer(AsyncWebsocketConsumer):
             return
         await self.send_html(snapshot)
 
-    async def dispatch(self, message: dict[str, Any]) -> None:
-        # Channels hops to a thread to close stale database connections before *every*
-        # message; a push touches no database, and skipping the hop made fan-out 2-3.5x
-        # faster (stack notes). Everything else takes the normal path.
-        if message["type"] == live.MESSAGE_TYPE:
-            await self.push_html(message)
-            return
-        await super().dispatch(message)
-
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        # The page never sends anything; a client that does is not ours.
-        await self.close(code=4400)
+        # The page sends nothing but "I missed output" on a run page; a client that sends
+        # anything else is not ours.
+        if not self.wants(text_data):
+            await self.close(code=4400)
 
-    async def push_html(self, event: dict[str, Any]) -> None:
-        await self.send_html(event["html"])
+    def wants(self, text_data: str | None) -> bool:
+        return False
 
     async def push_resync(self, event: dict[str, Any]) -> None:
         # Pushes were dropped (a full backlog, a lost Redis connection: runs/layers.py):
@@ -153,22 +237,34 @@ class TeamRunsConsumer(PushConsumer):
         self.membership, self.filters, self.shown, self.takes_new_rows, snapshot = found
         return live.team_group(team_id), snapshot
 
-    async def push_html(self, event: dict[str, Any]) -> None:
-        meta = event["meta"]
+    def on_push(self, message: dict[str, Any], cuts: dict[Any, str]) -> None:
+        meta = message["meta"]
         run_id = meta["id"]
         wanted = self.filters is None or self.filters.matches(meta)
         if run_id in self.shown:
             if wanted:
-                await self.send_html(event["html"])
+                self.write(self.cut(message["html"], cuts))
             else:
                 self.shown.discard(run_id)
-                await self.send(text_data=live.render_removal(run_id))
+                self.write(live.render_removal(run_id))
         elif wanted and self.takes_new_rows:
             self.shown.add(run_id)
-            await self.send_html(live.as_insertion(event["html"]))
+            self.write(self.cut(live.as_insertion(message["html"]), cuts, "insert"))
+
+
+# A page asks for the output again at most this often (a client looping on gaps is not ours
+# to serve faster).
+WANT_INTERVAL = 1.0
+
+
+@database_sync_to_async
+def _saved_output(run_id: int) -> str | None:
+    return live.render_output(run_id)
 
 
 class RunConsumer(PushConsumer):
+    wanted_at = 0.0
+
     async def authorise(self, user: Any) -> tuple[str, str | None]:
         run_id = int(self.scope["url_route"]["kwargs"]["run_id"])
         found = await _run_snapshot(user, run_id)
@@ -176,3 +272,29 @@ class RunConsumer(PushConsumer):
             return live.run_group(run_id), None
         self.membership, snapshot = found
         return live.run_group(run_id), snapshot
+
+    def wants(self, text_data: str | None) -> bool:
+        """{"type": "output.want"}: the page's text has a gap. It gets the saved section now
+        and the watcher's text in memory next (live.py, "Output deltas")."""
+        if text_data is None or len(text_data) > 200:
+            return False
+        try:
+            message = json.loads(text_data)
+        except ValueError:
+            return False
+        if not isinstance(message, dict) or message.get("type") != live.WANT:
+            return False
+        now = time.monotonic()
+        if now - self.wanted_at >= WANT_INTERVAL and self.membership is not None:
+            self.wanted_at = now
+            task = asyncio.get_running_loop().create_task(self._send_output())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _send_output(self) -> None:
+        run_id = int(self.scope["url_route"]["kwargs"]["run_id"])
+        await live.want_output(run_id)
+        html = await _saved_output(run_id)
+        if html is not None:
+            self.write(html)

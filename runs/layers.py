@@ -1,4 +1,12 @@
-"""Channel layers that never lose the *last* word, only intermediate ones.
+"""The one module that touches the private parts of Channels, channels-redis and asgiref.
+
+Everything else uses their public API; what is here depends on names those packages do not
+promise to keep (`_clean_expired`, `_do_receiving`, `_get_layer`, `_get_shard`, `_redis`,
+`SyncToAsync.threadlocal`, asyncio.Queue's `_queue`). pyproject.toml pins the three packages
+exactly (`PINNED` below repeats the pins), and tests/test_layer_contract.py fails on an upgrade
+that moves any of them, before a user would see it.
+
+Channel layers that never lose the *last* word, only intermediate ones.
 
 Channels drops a group message for a channel that is full (django/channels#1683) and Redis
 pub/sub loses what is published while a connection is down (channels_redis#256). Either way
@@ -14,16 +22,61 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
+from asgiref.sync import SyncToAsync
 from channels import layers
+from channels.layers import get_channel_layer
 from channels_redis import pubsub
 
 logger = logging.getLogger(__name__)
 
 RESYNC = {"type": "push.resync"}
+
+# The versions whose private names this module was written against (pyproject.toml pins them).
+PINNED = {"channels": "4.3.2", "channels-redis": "4.3.0", "asgiref": "3.13.0"}
+
+
+def owning_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop sync code runs for: the running one, or the one that called
+    sync_to_async into this thread (asgiref records it in a thread-local)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    loop = getattr(SyncToAsync.threadlocal, "main_event_loop", None)
+    pid = getattr(SyncToAsync.threadlocal, "main_event_loop_pid", None)
+    if loop is None or pid != os.getpid() or loop.is_closed() or not loop.is_running():
+        return None
+    return loop
+
+
+def is_local(layer: Any) -> bool:
+    """Whether the layer lives in this process only (the embedded default)."""
+    return isinstance(layer, layers.InMemoryChannelLayer)
+
+
+async def has_members(group: str) -> bool:
+    """Whether a channel in any process is in the group. In-memory: the layer's own table;
+    Redis pub/sub: PUBSUB NUMSUB of the group's channel (each process with members of the
+    group subscribes to it once). Unsure means yes."""
+    layer: Any = get_channel_layer()
+    if layer is None:
+        return False
+    if is_local(layer):
+        return bool(layer.groups.get(group))
+    try:
+        loop_layer = layer._get_layer()
+        channel = loop_layer._get_group_channel_name(group)
+        shard = loop_layer._get_shard(channel)
+        shard._ensure_redis()
+        counts = await shard._redis.pubsub_numsub(channel)
+        return bool(counts and counts[0][1] > 0)
+    except Exception:
+        return True
 
 
 class ResyncQueue(asyncio.Queue):

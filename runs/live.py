@@ -1,33 +1,45 @@
-"""Live updates: the only module that knows group names and talks to the channel layer.
+"""Live updates: the only module that knows group names and talks to the channel layer
+(through the public API; the private parts live in runs/layers.py).
 
 Contract:
-- `team-<id>` carries the run rows of a team's shared list; `run-<id>` one run's detail.
-- A push is a snapshot of HTML fragments rendered from the database *after* the transaction
-  committed (callers use `transaction.on_commit`), never a diff: a client that missed a push
-  is made whole by the next one, and by the snapshot every consumer sends on (re)connect.
-- Every fragment root carries `data-version`; the browser drops a push older than what it
-  shows, so pushes that overtake each other cannot roll the screen back.
+- `team-<id>` carries the run rows of a team's shared list; `run-<id>` one run's detail and
+  its output frames; `user-<id>` "your session ended / your role changed"; the watchers'
+  group carries launches and wants.
+- A status push is a snapshot of HTML fragments rendered from the database *after* the
+  transaction committed (callers use `transaction.on_commit`), never a diff: a client that
+  missed a push is made whole by the next one, and by the snapshot every consumer sends on
+  (re)connect. Every fragment root carries `data-version`; the browser drops a push older
+  than what it shows, so pushes that overtake each other cannot roll the screen back.
+- Output is the exception: it reaches pages as appends with offsets, straight from the
+  watcher, and is saved behind them (see "Output deltas" below).
 - A push is rendered once for all viewers. Inside a server or watcher process, `push_run`
   (sync code, after commit) only hands the run id to the process's event loop and returns, so
   the caller (a stop about to call the provider) waits for neither rendering nor the channel
   layer. The loop renders the snapshot in a worker thread and sends it from async code
   (`group_send` from async code ~0.5 ms, through `async_to_sync` 6-10 ms). One run's pushes go
   out in order, one at a time; requests that arrive meanwhile coalesce into the next one.
+- A process receives each group once (`Hub`) and hands the message to its sockets, which cut
+  it once per kind of viewer (`viewer_key`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import logging
-import os
 import re
-from typing import TYPE_CHECKING, Any
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
-from asgiref.sync import SyncToAsync, async_to_sync, sync_to_async
-from channels.layers import InMemoryChannelLayer, get_channel_layer
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.layers import get_channel_layer
 from django.db import DatabaseError, close_old_connections
 from django.template.loader import render_to_string
+
+from . import layers
 
 if TYPE_CHECKING:
     from .models import Membership, Run
@@ -97,7 +109,7 @@ def membership_changed(user_id: int, team_id: int) -> None:
 def _send_control(group: str, message: dict[str, Any]) -> None:
     """Tell a group something (not a push), from sync code: through the event loop that owns
     this thread when there is one (async_to_sync cannot run beside it), else directly."""
-    loop = _owning_loop()
+    loop = layers.owning_loop()
     if loop is not None:
         loop.call_soon_threadsafe(
             lambda: loop.create_task(_asend_control(group, message)),
@@ -230,15 +242,9 @@ def _render(
     )
 
 
-def push_output(run_id: int) -> None:
-    """Push only a run's output section to its page: the watcher saves output many times a
-    second, and the row, the status card and the events do not change with it."""
-    push_run(run_id, output_only=True)
-
-
-def push_run(run_id: int, *, created: bool = False, output_only: bool = False) -> None:
+def push_run(run_id: int, *, created: bool = False) -> None:
     """Push a run's current state to its groups (called after commit, from sync code)."""
-    loop = _owning_loop()
+    loop = layers.owning_loop()
     if loop is None:
         # No event loop owns this thread (a management command, a sync test): send now.
         rendered = _render(run_id, created)
@@ -251,35 +257,19 @@ def push_run(run_id: int, *, created: bool = False, output_only: bool = False) -
         return
     # A fresh context: the caller's belongs to its sync_to_async call, and a task inheriting
     # it could not make thread-sensitive calls of its own.
-    loop.call_soon_threadsafe(
-        _request, run_id, created, not output_only, context=contextvars.Context()
-    )
+    loop.call_soon_threadsafe(_request, run_id, created, context=contextvars.Context())
 
 
-def _owning_loop() -> asyncio.AbstractEventLoop | None:
-    """The event loop this sync code runs for: the one that called sync_to_async."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    loop = getattr(SyncToAsync.threadlocal, "main_event_loop", None)
-    pid = getattr(SyncToAsync.threadlocal, "main_event_loop_pid", None)
-    if loop is None or pid != os.getpid() or loop.is_closed() or not loop.is_running():
-        return None
-    return loop
-
-
-# Per run: a push waiting to be rendered and sent ("is it a new run?", "more than its
-# output?"), and the task sending that run's pushes. Only the loop's thread touches these.
-_waiting: dict[int, tuple[bool, bool]] = {}
+# Per run: a push waiting to be rendered and sent ("is it a new run?"), and the task
+# sending that run's pushes. Only the loop's thread touches these.
+_waiting: dict[int, bool] = {}
 _sending: dict[int, asyncio.Task[None]] = {}
 
 
-def _request(run_id: int, created: bool, full: bool = True) -> None:
+def _request(run_id: int, created: bool) -> None:
     # Requests that arrive while one is waiting coalesce: the snapshot is read when it is
     # rendered, so it carries every change so far (and a new run stays an insertion).
-    was_created, was_full = _waiting.get(run_id, (False, False))
-    _waiting[run_id] = (was_created or created, was_full or full)
+    _waiting[run_id] = _waiting.get(run_id, False) or created
     loop = asyncio.get_running_loop()
     task = _sending.get(run_id)
     if task is None or task.done() or task.get_loop() is not loop:
@@ -302,15 +292,12 @@ _team_of: dict[int, int] = {}
 async def _send_waiting(run_id: int) -> None:
     try:
         while run_id in _waiting:
-            created, full = _waiting.pop(run_id)
-            if not full:
-                await _send_output(run_id)
-                continue
+            created = _waiting.pop(run_id)
             team_id = _team_of.get(run_id)
             # Rendering is most of a push's cost: a part no viewer listens to is skipped (a
             # viewer who arrives later gets the current state as its snapshot).
-            detail = await listened(run_group(run_id))
-            row = team_id is None or await listened(team_group(team_id))
+            detail = await layers.has_members(run_group(run_id))
+            row = team_id is None or await layers.has_members(team_group(team_id))
             if not (row or detail):
                 continue
             try:
@@ -348,42 +335,9 @@ def render_output(run_id: int) -> str | None:
     if run is None:
         return None
     html = render_to_string("runs/partials.html#run-output", {"run": run})
-    # Over a websocket message's limit (a huge structured answer): the next full push, cut
-    # to the status card, says what happened; the page shows the rest on reload.
+    # Over a websocket message's limit (a huge structured answer): the full pushes, cut to
+    # the status card, say what happened; the page shows the rest on reload.
     return html if len(html.encode()) <= MAX_PUSH_BYTES else None
-
-
-async def _send_output(run_id: int) -> None:
-    group = run_group(run_id)
-    if not await listened(group):
-        return
-    try:
-        html = await sync_to_async(render_output)(run_id)
-    except Exception:
-        logger.exception("rendering the output push of run %s failed", run_id)
-        return
-    if html is not None:
-        await _asend(group, html)
-
-
-async def listened(group: str) -> bool:
-    """Whether a consumer in any process is in the group. In-memory: the layer's own table;
-    Redis pub/sub: PUBSUB NUMSUB of the group's channel (each process with members of the
-    group subscribes to it once). Unsure means yes."""
-    layer: Any = get_channel_layer()
-    if layer is None:
-        return False
-    if isinstance(layer, InMemoryChannelLayer):
-        return bool(layer.groups.get(group))
-    try:
-        loop_layer = layer._get_layer()
-        channel = loop_layer._get_group_channel_name(group)
-        shard = loop_layer._get_shard(channel)
-        shard._ensure_redis()
-        counts = await shard._redis.pubsub_numsub(channel)
-        return bool(counts and counts[0][1] > 0)
-    except Exception:
-        return True
 
 
 async def drain() -> None:
@@ -400,3 +354,276 @@ def render_removal(run_id: int) -> str:
 def render_rows(runs: list[Run], rows_id: str) -> str:
     """The whole table body of a list page: what a (re)connecting list resyncs from."""
     return render_to_string("runs/partials.html#run-rows", {"runs": runs, "rows_id": rows_id})
+
+
+def viewer_key(membership: Membership) -> tuple[Any, ...]:
+    """What `for_viewer` depends on: viewers with the same key see the same push, so a
+    process cuts each push once per key, not once per socket."""
+    if membership.is_admin:
+        return ("admin",)
+    member = membership.role == "member"
+    stops: Any = "all" if member and membership.team.members_can_stop_others else None
+    if stops is None:
+        stops = ("own", membership.user_id) if member else "none"
+    return (membership.can_launch, stops)
+
+
+# --- Output deltas ----------------------------------------------------------------------------
+#
+# A run's output reaches its page as appends, not as re-rendered sections. The watcher that
+# follows the run sends each run's new text (batched every RUNBRAKE_OUTPUT_PUSH_SECONDS) to the
+# run's group as a JSON frame; the database keeps the text at a slower cadence
+# (RUNBRAKE_OUTPUT_FLUSH_SECONDS) and always on a terminal state. Offsets are in characters
+# (code points) and only the server counts them; the page compares them:
+#
+#   {"type": "output.append", "run": id, "at": a, "end": e, "text": t}  text[a:e] == t
+#   {"type": "output.text", "run": id, "at": a, "end": e, "text": t}    the whole tail from a
+#
+# A page whose shown text does not end at `at` missed something (it connected between saves,
+# a frame was dropped): it sends {"type": "output.want"} and its socket answers with the saved
+# section while the run's watcher answers with an `output.text` of what it holds in memory.
+
+FRAME_TYPE = "push.frame"
+APPEND = "output.append"
+TEXT = "output.text"
+WANT = "output.want"
+
+
+def output_frame(kind: str, run_id: int, at: int, end: int, text: str) -> str:
+    # JSON is the escaping: the page inserts `text` as a text node, never as HTML.
+    return json.dumps(
+        {"type": kind, "run": run_id, "at": at, "end": end, "text": text},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def tail_frame(run_id: int, text: str) -> str:
+    """The whole text as the page shows it (its end), for a page that asked."""
+    shown = text[-OUTPUT_SHOWN_CHARS:]
+    return output_frame(TEXT, run_id, len(text) - len(shown), len(text), shown)
+
+
+# Redis: whether a run page is open anywhere costs a round trip, so the answer is kept for a
+# second (a page that opens meanwhile sees a gap at the next frame and asks for the text).
+_MEMBERS_TTL = 1.0
+_members_seen: dict[str, tuple[float, bool]] = {}
+
+
+async def _watched(group: str) -> bool:
+    layer = get_channel_layer()
+    if layer is None:
+        return False
+    if layers.is_local(layer):
+        return await layers.has_members(group)
+    now = time.monotonic()
+    seen = _members_seen.get(group)
+    if seen is not None and seen[0] > now:
+        return seen[1]
+    if len(_members_seen) > 10_000:
+        _members_seen.clear()
+    answer = await layers.has_members(group)
+    _members_seen[group] = (now + _MEMBERS_TTL, answer)
+    return answer
+
+
+class FrameSource(Protocol):
+    """A run's output as it arrives (the watcher's session)."""
+
+    @property
+    def run_id(self) -> int: ...
+
+    def take_frame(self) -> str | None:
+        """The text the pages have not been sent yet, as a frame (None: nothing new)."""
+
+    def skip_frame(self) -> None:
+        """Nobody watches the run: forget what was not sent."""
+
+
+async def send_frames(sources: Iterable[FrameSource]) -> None:
+    """Send each run's new output to the pages that have the run open; a run nobody watches
+    costs no frame. Best effort: a lost frame is a gap the page repairs."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    for source in sources:
+        group = run_group(source.run_id)
+        if not await _watched(group):
+            source.skip_frame()
+            continue
+        frame = source.take_frame()
+        if frame is None:
+            continue
+        try:
+            await layer.group_send(group, {"type": FRAME_TYPE, "frame": frame})
+        except Exception:
+            logger.warning("output frame for run %s not sent", source.run_id, exc_info=True)
+
+
+# --- Watchers: "a run was launched", "a page wants a run's text" --------------------------------
+
+# The group every watcher process listens on (scaled out; one process calls its own directly).
+WATCHERS_GROUP = "runbrake-watchers"
+NUDGE = "watcher.nudge"
+
+# The watcher of this process, if it has one: it takes its messages directly.
+_local_watcher: Callable[[dict[str, Any]], None] | None = None
+
+
+def serve_watcher(handler: Callable[[dict[str, Any]], None]) -> None:
+    """Register this process's watcher: it takes nudges and wants from this process without
+    the channel layer."""
+    global _local_watcher
+    _local_watcher = handler
+
+
+def unserve_watcher(handler: Callable[[dict[str, Any]], None]) -> None:
+    global _local_watcher
+    if _local_watcher == handler:
+        _local_watcher = None
+
+
+def nudge_watchers() -> None:
+    """A run was launched (sync code, after commit): the watchers start it now rather than at
+    their next tick. Lost on the way, it costs one tick."""
+    _to_watchers({"type": NUDGE}, from_sync=True)
+
+
+async def want_output(run_id: int) -> None:
+    """A page missed part of a run's output: the watcher following the run sends its text."""
+    _to_watchers({"type": WANT, "run": run_id}, from_sync=False)
+
+
+def _to_watchers(message: dict[str, Any], *, from_sync: bool) -> None:
+    if _local_watcher is not None:
+        _local_watcher(message)
+        if message["type"] == NUDGE:
+            return  # the local watcher takes launches; other processes poll for theirs
+    layer = get_channel_layer()
+    if layer is None or layers.is_local(layer):
+        return
+    if from_sync and layers.owning_loop() is None:
+        try:
+            async_to_sync(layer.group_send)(WATCHERS_GROUP, message)
+        except Exception:
+            logger.warning("could not reach the watchers; they pick the run up next tick")
+        return
+    _send_control(WATCHERS_GROUP, message)
+
+
+async def listen_as_watcher(handler: Callable[[dict[str, Any]], None], pause: float) -> None:
+    """Scaled out, feed the watcher's handler with what other processes send the watchers,
+    until cancelled. Errors (Redis down) are logged and retried: a lost nudge costs a tick,
+    a lost want a page's retry."""
+    layer = get_channel_layer()
+    if layer is None or layers.is_local(layer):
+        return
+    while True:
+        try:
+            channel = await layer.new_channel()
+            await layer.group_add(WATCHERS_GROUP, channel)
+            while True:
+                handler(await layer.receive(channel))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.warning("watcher messages unavailable; polling every tick", exc_info=True)
+            await asyncio.sleep(pause)
+
+
+# --- Fan-out: one subscription per group per process ----------------------------------------------
+
+
+class Listener(Protocol):
+    """A socket of this process (runs/consumers.py)."""
+
+    def deliver(self, message: dict[str, Any], cuts: dict[Any, str]) -> None:
+        """Take one group message, without waiting; `cuts` is shared by every listener of
+        this message, for versions of it that several viewers see the same way."""
+
+
+class Hub:
+    """A process's subscriptions to the channel layer: each group with sockets here is
+    received once and handed to every local socket in a plain loop, instead of one
+    channel-layer receive, dispatch and task per socket (the cost that made a stop seen by
+    1,000 viewers take half a second)."""
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+        self.members: dict[str, set[Listener]] = {}
+        self.readers: dict[str, asyncio.Task[None]] = {}
+        self.subscribed: dict[str, asyncio.Future[None]] = {}
+
+    async def join(self, group: str, member: Listener) -> None:
+        """Return once the group's messages reach this member."""
+        self.members.setdefault(group, set()).add(member)
+        ready = self.subscribed.get(group)
+        if ready is None:
+            ready = self.subscribed[group] = asyncio.get_running_loop().create_future()
+            self.readers[group] = asyncio.create_task(self._read(group, ready))
+        try:
+            await asyncio.shield(ready)
+        except BaseException:
+            self.leave(group, member)
+            raise
+
+    def leave(self, group: str, member: Listener) -> None:
+        members = self.members.get(group)
+        if members is None:
+            return
+        members.discard(member)
+        if members:
+            return
+        del self.members[group]
+        self.subscribed.pop(group, None)
+        reader = self.readers.pop(group, None)
+        if reader is not None:
+            reader.cancel()
+
+    async def _read(self, group: str, ready: asyncio.Future[None]) -> None:
+        layer = self.layer
+        try:
+            channel = await layer.new_channel()
+            await layer.group_add(group, channel)
+        except BaseException as exc:
+            if self.readers.get(group) is asyncio.current_task():
+                del self.readers[group]
+                self.subscribed.pop(group, None)
+            if not ready.done():
+                ready.set_exception(exc if isinstance(exc, Exception) else ConnectionError())
+            raise
+        ready.set_result(None)
+        try:
+            while True:
+                try:
+                    message = await layer.receive(channel)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    logger.warning("live group %s: receive failed; retrying", group, exc_info=True)
+                    await asyncio.sleep(0.5)
+                    continue
+                cuts: dict[Any, str] = {}
+                for member in list(self.members.get(group, ())):
+                    try:
+                        member.deliver(message, cuts)
+                    except Exception:
+                        logger.exception("live group %s: a socket failed a push", group)
+        finally:
+            try:
+                await layer.group_discard(group, channel)
+            except Exception:
+                logger.debug("live group %s: discard failed", group, exc_info=True)
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()
+
+
+def hub() -> Hub:
+    """This event loop's hub (one per process in production; tests run several loops)."""
+    loop = asyncio.get_running_loop()
+    layer = get_channel_layer()
+    found = _hubs.get(loop)
+    if found is None or found.layer is not layer:
+        found = _hubs[loop] = Hub(layer)
+    return found

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, models, transaction
+from django.db import IntegrityError, connections, models, transaction
 from django.db.models import F
 from django.urls import reverse
 from django.utils import timezone
@@ -464,6 +464,16 @@ PROOF_BY_SOURCE = {
 }
 
 ACTIVE = (Status.PENDING, Status.RUNNING, Status.STOPPING, Status.STOP_UNCONFIRMED)
+# What a batched output save writes (RunQuerySet.record_outputs).
+OUTPUT_COLUMNS = ("id", "status", "output", "stall_deadline", "updated_at", "version")
+
+
+def _column(field: Any) -> str:
+    column = field.column
+    assert isinstance(column, str)
+    return column
+
+
 STOP_IN_PROGRESS = (Status.STOPPING, Status.STOP_UNCONFIRMED)
 TERMINAL = (Status.STOPPED, Status.COMPLETED, Status.FAILED)
 FINISHED = (Status.COMPLETED, Status.FAILED)
@@ -673,21 +683,42 @@ class RunQuerySet(models.QuerySet["Run"]):
             return list(self.active().filter(watched_by=watcher_id).values_list("pk", flat=True))
 
     def record_outputs(self, outputs: dict[int, tuple[str, int]]) -> set[int]:
-        """Save many runs' output so far in one transaction (the watcher's batched writes),
-        push each after commit, and return the ids of those with a stop under way (their
-        output after the stop is worth a look). `outputs` maps id → (text, no-progress s)."""
+        """Save many runs' output so far (the watcher's batched writes: one statement run
+        for every row, in one transaction) and return the ids of those with a stop under way
+        (their output after the stop is worth a look). `outputs` maps id → (text,
+        no-progress s). Nothing is pushed: pages got the text as it arrived (live.py)."""
+        if not outputs:
+            return set()
         now = timezone.now()
-        with transaction.atomic():
-            # In id order, like every multi-row lock here: two transactions that lock rows
-            # in the same order wait for each other instead of deadlocking.
-            for pk, (text, no_progress_seconds) in sorted(outputs.items()):
-                stall = (
-                    now + dt.timedelta(seconds=no_progress_seconds) if no_progress_seconds else None
-                )
-                if self.filter(pk=pk, status__in=ACTIVE).update(
-                    output=text, stall_deadline=stall, updated_at=now, version=F("version") + 1
-                ):
-                    transaction.on_commit(lambda pk=pk: live.push_output(pk))  # type: ignore[misc]
+        connection = connections[self.db]
+        ops = connection.ops
+        meta = self.model._meta
+        column = {name: ops.quote_name(_column(meta.get_field(name))) for name in OUTPUT_COLUMNS}
+        active = [status.value for status in ACTIVE]
+        # Only quoted names of our own model are formatted in; every value is a parameter.
+        sql = (
+            f"UPDATE {ops.quote_name(meta.db_table)} SET {column['output']} = %s, "  # noqa: S608
+            f"{column['stall_deadline']} = %s, {column['updated_at']} = %s, "
+            f"{column['version']} = {column['version']} + 1 "
+            f"WHERE {column['id']} = %s AND {column['status']} IN "
+            f"({', '.join(['%s'] * len(active))})"
+        )
+        at = ops.adapt_datetimefield_value(now)
+        # In id order, like every multi-row lock here: two transactions that lock rows in the
+        # same order wait for each other instead of deadlocking.
+        rows = [
+            (
+                text,
+                ops.adapt_datetimefield_value(now + dt.timedelta(seconds=stall)) if stall else None,
+                at,
+                pk,
+                *active,
+            )
+            for pk, (text, stall) in sorted(outputs.items())
+        ]
+        with transaction.atomic(using=self.db):
+            with connection.cursor() as cursor:
+                cursor.executemany(sql, rows)
             return set(
                 self.filter(pk__in=list(outputs), status__in=STOP_IN_PROGRESS).values_list(
                     "pk", flat=True
@@ -802,7 +833,7 @@ class RunQuerySet(models.QuerySet["Run"]):
             message=f"Launched on {account.name}.",
         )
         transaction.on_commit(lambda: live.push_run(run.pk, created=True))
-        transaction.on_commit(_nudge_watchers)
+        transaction.on_commit(live.nudge_watchers)
         return run
 
 
@@ -813,12 +844,6 @@ class IdempotencyConflict(Exception):
             f"This Idempotency-Key was already used for run {run.pk} with a different "
             "request. Use a new key for a new run."
         )
-
-
-def _nudge_watchers() -> None:
-    from .watcher import nudge_watchers
-
-    nudge_watchers()
 
 
 class Run(models.Model):
@@ -1143,14 +1168,13 @@ class Run(models.Model):
         return won
 
     def record_output(self, text: str) -> None:
-        """Save the answer so far (batched by the watcher) and push it; no status change."""
+        """Save the answer so far (the page got it as it arrived); no status change."""
         Run.objects.filter(pk=self.pk, status__in=ACTIVE).update(
             output=text,
             stall_deadline=self._next_stall_deadline(),
             updated_at=timezone.now(),
             version=F("version") + 1,
         )
-        transaction.on_commit(lambda: live.push_output(self.pk))
         self.output = text
 
     def record_output_complete(self) -> None:

@@ -28,13 +28,13 @@ import threading
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from asgiref.sync import async_to_sync, sync_to_async
-from channels.layers import InMemoryChannelLayer, get_channel_layer
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
+from . import live
 from .models import (
     ACTIVE,
     STOP_IN_PROGRESS,
@@ -66,9 +66,6 @@ _current: Watcher | None = None
 _shutting_down: Watcher | None = None
 _current_lock = threading.Lock()
 
-# The channel-layer group every watcher listens on for "a run was launched" nudges.
-NUDGE_GROUP = "runbrake-watchers"
-
 
 def new_identity() -> str:
     return f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -80,6 +77,8 @@ class Watcher:
         self.tick_seconds = tick if tick is not None else settings.RUNBRAKE_WATCHER_TICK
         self.capacity = capacity if capacity is not None else settings.RUNBRAKE_WATCHER_CAPACITY
         self.sessions: dict[int, asyncio.Task[None]] = {}
+        # The sessions following a provider now, by run: a page that missed output asks them.
+        self.live_sessions: dict[int, Session] = {}
         # Runs whose start call is in flight: a graceful shutdown waits for their ids, since a
         # start cut off before its id is saved can never be followed or safely re-sent.
         self.starting: dict[int, asyncio.Event] = {}
@@ -101,7 +100,8 @@ class Watcher:
     async def run_forever(self) -> None:
         self._loop = asyncio.get_running_loop()
         logger.info("watcher %s started", self.identity)
-        listener = asyncio.create_task(self._listen_for_nudges())
+        live.serve_watcher(self.on_message)
+        listener = asyncio.create_task(live.listen_as_watcher(self.on_message, self.tick_seconds))
         self._start_heartbeat()
         try:
             while not self._stopping:
@@ -113,6 +113,7 @@ class Watcher:
                     await asyncio.wait_for(self._wakeup.wait(), timeout=self.tick_seconds)
                 self._wakeup.clear()
         finally:
+            live.unserve_watcher(self.on_message)
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
 
@@ -132,25 +133,19 @@ class Watcher:
                 logger.warning("watcher %s could not renew leases", self.identity, exc_info=True)
             await asyncio.sleep(every)
 
-    async def _listen_for_nudges(self) -> None:
-        """Scaled out, launches happen in web processes: they nudge every watcher through the
-        channel layer so a new run starts now, not at the next tick. Losing a nudge (Redis
-        down) only costs that tick, so errors are logged and the listener carries on."""
-        layer = get_channel_layer()
-        if layer is None or isinstance(layer, InMemoryChannelLayer):
-            return  # one process: launches nudge the in-process watcher directly
-        while not self._stopping:
-            try:
-                channel = await layer.new_channel()
-                await layer.group_add(NUDGE_GROUP, channel)
-                while not self._stopping:
-                    await layer.receive(channel)
-                    self._wakeup.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.warning("watcher nudges unavailable; polling every tick", exc_info=True)
-                await asyncio.sleep(self.tick_seconds)
+    def on_message(self, message: dict[str, Any]) -> None:
+        """Thread-safe: a launch (wake up now) or a page's want of a run's text (live.py)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._on_message, message)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == live.NUDGE:
+            self._wakeup.set()
+        elif kind == live.WANT and isinstance(run_id := message.get("run"), int):
+            session = self.live_sessions.get(run_id)
+            if session is not None:
+                session.want_text()
 
     def hurry(self) -> None:
         """Thread- and signal-handler safe: a shutdown under way stops waiting for
@@ -178,6 +173,8 @@ class Watcher:
         """
         self._stopping = True
         self._wakeup.set()
+        # From here on launches and wants are for the other watchers.
+        live.unserve_watcher(self.on_message)
         self._start_heartbeat()
         current = asyncio.current_task()
         if self.main_task is not None and self.main_task is not current:
@@ -209,7 +206,7 @@ class Watcher:
         else:
             if released:
                 logger.info("watcher %s handed back %d runs", self.identity, released)
-                await sync_to_async(nudge_watchers)()
+                await sync_to_async(live.nudge_watchers)()
 
     async def _drain_connection_bound(self) -> None:
         """Closing an IntelligenceBox stream ends the chat, so those sessions are given up to
@@ -346,6 +343,7 @@ class Watcher:
         finally:
             self._started(pk)
             self.connection_bound.discard(pk)
+            self.live_sessions.pop(pk, None)
 
     async def _follow_or_start(self, run: Run) -> None:
         pk = run.pk
@@ -365,6 +363,7 @@ class Watcher:
             session = Session(
                 run, provider, on_started=lambda: self._started(pk), writer=self._output_writer()
             )
+            self.live_sessions[pk] = session
             if provider.disconnect_aborts:
                 self.connection_bound.add(pk)
             try:
@@ -425,7 +424,9 @@ class Watcher:
 
     def _output_writer(self) -> OutputWriter:
         if self.writer is None:
-            self.writer = OutputWriter(settings.RUNBRAKE_OUTPUT_FLUSH_SECONDS)
+            self.writer = OutputWriter(
+                settings.RUNBRAKE_OUTPUT_FLUSH_SECONDS, settings.RUNBRAKE_OUTPUT_PUSH_SECONDS
+            )
             self._writer_task = asyncio.create_task(self.writer.run_forever())
         return self.writer
 
@@ -471,23 +472,32 @@ def _claim(identity: str, capacity: int) -> list[int]:
 
 
 class OutputWriter:
-    """Saves the output of every session of one watcher: each interval, one thread hop and
-    one transaction for all runs with new text, instead of one of each per run. With a
-    thousand runs streaming that is the difference between keeping up and falling behind.
+    """Sends and saves the output of every session of one watcher.
+
+    Every `push_interval` the new text of each run is sent to the pages that show it, as
+    appends (live.py, "Output deltas"); every `interval` all runs with new text are saved in
+    one thread hop and one transaction. A thousand runs streaming cost one statement batch
+    a second instead of a thousand UPDATEs, renders and pushes.
 
     Batches are written one after another, so a run's saved text never goes backwards, and a
     session that needs its text saved now (before a status change) waits for the next batch.
     """
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, push_interval: float = 0.05) -> None:
         self.interval = interval
+        self.push_interval = push_interval
         self.pending: dict[int, Session] = {}
+        self.unsent: dict[int, Session] = {}
         self.in_flight: set[int] = set()
         self.waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
 
     def mark(self, session: Session) -> None:
         self.pending[session.run.pk] = session
+        self.unsent[session.run.pk] = session
+
+    def mark_unsent(self, session: Session) -> None:
+        self.unsent[session.run.pk] = session
 
     async def flush_now(self, session: Session) -> None:
         """Return once the session's latest text is saved (batches run in order, so waiting
@@ -502,11 +512,22 @@ class OutputWriter:
         await done
 
     async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        save_at = loop.time() + self.interval
         while True:
+            wait = min(self.push_interval, max(0.0, save_at - loop.time()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
             self._wake.clear()
-            await self.write_batch()
+            await self.send_frames()
+            if self.waiters or loop.time() >= save_at:
+                await self.write_batch()
+                save_at = loop.time() + self.interval
+
+    async def send_frames(self) -> None:
+        if self.unsent:
+            batch, self.unsent = self.unsent, {}
+            await live.send_frames(batch.values())
 
     async def write_batch(self) -> None:
         batch, self.pending = self.pending, {}
@@ -537,7 +558,8 @@ class OutputWriter:
             await batch[pk]._check_output_after_stop()
 
     async def close(self) -> None:
-        """Write what is still pending (shutdown)."""
+        """Send and write what is still pending (shutdown)."""
+        await self.send_frames()
         while self.pending or self.waiters:
             await self.write_batch()
 
@@ -561,6 +583,10 @@ class Session:
         # kept is marked incomplete until the provider's own final text replaces it.
         self.incomplete = run.output_incomplete
         self.dirty = False
+        # How much of the text the pages were sent, and whether they need all of it again
+        # (the provider replaced it, or a page missed some).
+        self.sent = len(self.text)
+        self.resend = False
         self.reported_output_after_stop = False
         self.progress_marker: str | None = None
         self._flush_lock = asyncio.Lock()
@@ -585,6 +611,32 @@ class Session:
             if self.dirty:
                 await self.flush()
                 await self._check_output_after_stop()
+
+    @property
+    def run_id(self) -> int:
+        return self.run.pk
+
+    def take_frame(self) -> str | None:
+        """What the pages have not been sent yet, as one frame (live.py, "Output deltas")."""
+        pk, end = self.run.pk, len(self.text)
+        if self.resend or end - self.sent > live.OUTPUT_SHOWN_CHARS:
+            self.resend, self.sent = False, end
+            return live.tail_frame(pk, self.text)
+        if end > self.sent:
+            at, self.sent = self.sent, end
+            return live.output_frame(live.APPEND, pk, at, end, self.text[at:])
+        return None
+
+    def skip_frame(self) -> None:
+        """Nobody watches: a page that opens later starts from the saved text (and asks for
+        the rest when its first frame does not follow on)."""
+        self.resend, self.sent = False, len(self.text)
+
+    def want_text(self) -> None:
+        """A page missed some output: send the whole text (its shown tail) next."""
+        self.resend = True
+        if self.writer is not None:
+            self.writer.mark_unsent(self)
 
     def take_text(self) -> str:
         """The writer takes the latest text to save; new deltas mark the session dirty again."""
@@ -648,6 +700,11 @@ class Session:
                 self.progress_marker = progress
             case OutputDelta(text=text, replace=replace):
                 self.text = text if replace else self.text + text
+                self.resend = self.resend or replace
+                if self.writer is None:
+                    await live.send_frames([self])
+                else:
+                    self.writer.mark_unsent(self)
                 if replace and self.incomplete:
                     # The provider's own whole text: nothing is missing any more.
                     self.incomplete = False
@@ -800,20 +857,6 @@ def start_embedded() -> Watcher | None:
 def nudge() -> None:
     if _current is not None:
         _current.nudge()
-
-
-def nudge_watchers() -> None:
-    """Wake the watchers: the in-process one directly, the others through the channel layer."""
-    if _current is not None:
-        _current.nudge()
-        return
-    layer = get_channel_layer()
-    if layer is None or isinstance(layer, InMemoryChannelLayer):
-        return
-    try:
-        async_to_sync(layer.group_send)(NUDGE_GROUP, {"type": "watcher.nudge"})
-    except Exception:
-        logger.warning("could not nudge the watchers; they pick the run up next tick")
 
 
 def hurry_embedded() -> None:

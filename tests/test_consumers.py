@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.test import Client
 
+from runs import live
 from runs.models import Channel
 from webapp.asgi import application
 
@@ -181,9 +184,10 @@ async def test_a_push_is_rendered_only_for_groups_someone_listens_to(bob, launch
     await communicator.disconnect()
 
 
-async def test_new_output_pushes_only_the_output_section_and_not_the_list_row(bob, acme, launch):
-    """The watcher saves output many times a second: those pushes carry the run page's
-    output section alone, and the list (whose rows show no output) is not sent anything."""
+async def test_saving_output_pushes_nothing_and_frames_reach_only_the_run_page(bob, acme, launch):
+    """Output reaches pages as frames from the watcher (live.py, "Output deltas"); the
+    database save behind them pushes nothing, and the list (whose rows show no output) is
+    sent no frame."""
     run = await sync_to_async(launch)()
     await sync_to_async(run.mark_running)("PROCESSING")
     page, connected = await connect(f"/ws/runs/{run.pk}/", bob)
@@ -194,10 +198,26 @@ async def test_new_output_pushes_only_the_output_section_and_not_the_list_row(bo
     await team.receive_from(timeout=5)
 
     await sync_to_async(run.record_output)("Hello **world**")
-    message = await page.receive_from(timeout=5)
-    assert message.lstrip().startswith(f'<section id="run-output-{run.pk}"')
-    assert "<strong>world</strong>" in message
-    assert f'id="run-status-{run.pk}"' not in message
+    assert await page.receive_nothing(timeout=0.3)
+
+    class Source:
+        run_id = run.pk
+
+        def take_frame(self) -> str:
+            return live.output_frame(live.APPEND, run.pk, 0, 15, "Hello **world**")
+
+        def skip_frame(self) -> None:
+            raise AssertionError("the run page is watched")
+
+    await live.send_frames([Source()])
+    frame = json.loads(await page.receive_from(timeout=5))
+    assert frame == {
+        "type": "output.append",
+        "run": run.pk,
+        "at": 0,
+        "end": 15,
+        "text": "Hello **world**",
+    }
 
     # The next transition is a full push: the list hears of it, and heard nothing before.
     await sync_to_async(run.mark_stopped)(confirmation="a test", proof="status_read")

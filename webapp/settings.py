@@ -324,7 +324,10 @@ RUNBRAKE_STOP_CALL_TIMEOUT = env_float("RUNBRAKE_STOP_CALL_TIMEOUT", 5.0, minimu
 # A stop the provider accepted without proof is sent again this long after, if unconfirmed.
 RUNBRAKE_STOP_RECHECK_SECONDS = env_float("RUNBRAKE_STOP_RECHECK_SECONDS", 5.0, minimum=0.1)
 # Streamed output is saved and pushed at most this often per run (≤ 10 pushes a second).
-RUNBRAKE_OUTPUT_FLUSH_SECONDS = env_float("RUNBRAKE_OUTPUT_FLUSH_SECONDS", 0.1, minimum=0.01)
+# Output reaches pages as it arrives, batched every PUSH seconds; the database keeps it every
+# FLUSH seconds (and on every status change), so a restart loses at most that much.
+RUNBRAKE_OUTPUT_PUSH_SECONDS = env_float("RUNBRAKE_OUTPUT_PUSH_SECONDS", 0.05, minimum=0.01)
+RUNBRAKE_OUTPUT_FLUSH_SECONDS = env_float("RUNBRAKE_OUTPUT_FLUSH_SECONDS", 1.0, minimum=0.01)
 RUNBRAKE_PROVIDER_TIMEOUT = env_float("RUNBRAKE_PROVIDER_TIMEOUT", 30.0, minimum=0.1)
 RUNBRAKE_POLL_INTERVAL = env_float("RUNBRAKE_POLL_INTERVAL", 2.0, minimum=0.05)
 RUNBRAKE_WATCHER_TICK = env_float("RUNBRAKE_WATCHER_TICK", 1.0, minimum=0.05)

@@ -170,6 +170,85 @@
   });
 })();
 
+// --- Output as it arrives (runs/live.py, "Output deltas"): the run's socket sends JSON frames
+// of new text with the offsets it covers; the page appends them as text (never as HTML). A
+// frame that does not follow on from what the page shows means something was missed: the
+// page asks for the text again ({"type": "output.want"}) and shows the answer.
+(function () {
+  "use strict";
+  var SHOWN = 12000;        // what the server shows of a long output (live.OUTPUT_SHOWN_CHARS)
+  var KEPT = 2 * SHOWN;     // the page trims back to SHOWN when it holds more than this
+  var wantedAt = {};
+  function want(socket, run) {
+    var now = Date.now();
+    if (!socket || (wantedAt[run] && now - wantedAt[run] < 1000)) return;
+    wantedAt[run] = now;
+    socket.send(JSON.stringify({ type: "output.want" }));
+  }
+  function show(section, live, end, cut) {
+    live.dataset.outputEnd = String(end);
+    section.dataset.outputEnd = String(end);
+    if (live.textContent.length > KEPT) {
+      live.textContent = live.textContent.slice(-SHOWN);
+      cut = true;
+    }
+    var cutNote = section.querySelector(".output-cut");
+    if (cutNote && cut) cutNote.hidden = false;
+    var count = section.querySelector("[data-output-count]");
+    if (count) count.textContent = String(end);
+    var counter = section.querySelector(".output-count");
+    if (counter && end > 0) counter.hidden = false;
+    var waiting = section.querySelector(".output-waiting");
+    if (waiting && end > 0) waiting.hidden = true;
+    section.dispatchEvent(new CustomEvent("runbrake:output", { bubbles: true }));
+  }
+  document.addEventListener("htmx:wsBeforeMessage", function (e) {
+    var message = e.detail.message;
+    if (typeof message !== "string" || message.charAt(0) !== "{") return;
+    e.preventDefault();  // not HTML: htmx must not swap it
+    var frame;
+    try { frame = JSON.parse(message); } catch (err) { return; }
+    if (!frame || typeof frame.text !== "string" || typeof frame.at !== "number" || typeof frame.end !== "number") return;
+    var section = document.getElementById("run-output-" + Number(frame.run));
+    var live = section && section.querySelector("[data-output-live]");
+    if (!live) return;  // the run ended (its final text replaced the live one) or is not shown
+    var end = Number(live.dataset.outputEnd || 0);
+    if (frame.type === "output.text") {
+      live.textContent = frame.text;
+      show(section, live, frame.end, frame.at > 0);
+    } else if (frame.type === "output.append") {
+      if (frame.end <= end) return;  // already shown
+      if (frame.at > end) { want(e.detail.socketWrapper, frame.run); return; }
+      // Offsets count characters (code points), as the server does; slice the same way.
+      var text = frame.at === end ? frame.text : Array.from(frame.text).slice(end - frame.at).join("");
+      live.appendChild(document.createTextNode(text));
+      if (live.childNodes.length > 500) live.normalize();
+      show(section, live, frame.end, false);
+    }
+  });
+  // A section re-rendered from the database (a status change) can be behind what the page
+  // already shows of a running run: keep the newer text.
+  document.addEventListener("htmx:oobBeforeSwap", function (e) {
+    var target = e.detail.target, fragment = e.detail.fragment;
+    var root = fragment && fragment.firstElementChild;
+    if (!target || !root || !target.classList || !target.classList.contains("run-output")) return;
+    var incoming = root.querySelector("[data-output-live]");
+    var current = target.querySelector("[data-output-live]");
+    if (!incoming || !current) return;
+    var shown = Number(current.dataset.outputEnd || 0);
+    if (shown <= Number(incoming.dataset.outputEnd || 0)) return;
+    incoming.textContent = current.textContent;
+    incoming.dataset.outputEnd = String(shown);
+    root.dataset.outputEnd = String(shown);
+    var count = root.querySelector("[data-output-count]");
+    if (count) count.textContent = String(shown);
+    ["output-count", "output-waiting", "output-cut"].forEach(function (name) {
+      var from = target.querySelector("." + name), to = root.querySelector("." + name);
+      if (from && to) to.hidden = from.hidden;
+    });
+  });
+})();
+
 // --- The output follows its tail while the run streams, unless the reader scrolled up; then a
 // "Jump to latest" button appears. Copy takes the whole text (the page shows its end).
 (function () {
@@ -189,6 +268,8 @@
       jump.textContent = "Jump to latest ↓";
       box.appendChild(jump);
     }
+    if (box.dataset.scrollWatched) return;  // once per box: settle runs on every append
+    box.dataset.scrollWatched = "1";
     box.addEventListener("scroll", function () {
       following[id] = atEnd(box);
       var jump = box.querySelector(".jump-latest");
@@ -216,6 +297,8 @@
   document.addEventListener("DOMContentLoaded", function () {
     document.querySelectorAll(".run-output").forEach(settle);
   });
+  // New text appended (the block above): keep following the tail.
+  document.addEventListener("runbrake:output", function (e) { settle(e.target); });
   document.addEventListener("click", function (e) {
     var el = e.target;
     if (el && el.classList && el.classList.contains("jump-latest")) {

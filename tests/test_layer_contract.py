@@ -1,0 +1,100 @@
+"""The contract runs/layers.py holds with the private parts of Channels, channels-redis and
+asgiref. An upgrade that renames or reshapes any of them fails here, not in production (where
+a missing name would silently turn into lost pushes or a layer that never resyncs)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import re
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from asgiref.sync import SyncToAsync, sync_to_async
+from channels import layers as channels_layers
+from channels_redis import pubsub
+
+from runs import layers
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_installed_versions_are_the_ones_pinned_in_pyproject_and_in_the_module() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins = {}
+    for requirement in project["project"]["dependencies"]:
+        found = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?==([^,;\s]+)", requirement)
+        if found:
+            pins[found.group(1).lower()] = found.group(2)
+    for package, version in layers.PINNED.items():
+        assert pins.get(package) == version, f"pyproject.toml must pin {package}=={version}"
+        assert metadata.version(package) == version, package
+
+
+@pytest.mark.parametrize(
+    ("owner", "names"),
+    [
+        (
+            channels_layers.InMemoryChannelLayer,
+            ["_clean_expired", "get_capacity", "require_valid_channel_name"],
+        ),
+        (
+            pubsub.RedisPubSubLoopLayer,
+            ["_get_shard", "_get_group_channel_name", "_subscribe_to_channel"],
+        ),
+        (pubsub.RedisSingleShardConnection, ["_do_receiving", "_receive_message", "_ensure_redis"]),
+    ],
+)
+def test_the_private_methods_layers_py_uses_still_exist(owner: type, names: list[str]) -> None:
+    for name in names:
+        assert callable(getattr(owner, name, None)), f"{owner.__qualname__}.{name}"
+    assert inspect.iscoroutinefunction(pubsub.RedisSingleShardConnection._do_receiving)
+    assert callable(pubsub._wrap_close)
+
+
+def test_the_private_state_layers_py_reads_is_still_there() -> None:
+    memory = channels_layers.InMemoryChannelLayer()
+    assert isinstance(memory.channels, dict)
+    assert isinstance(memory.groups, dict)
+    assert isinstance(memory.expiry, int | float)
+    assert isinstance(memory.group_expiry, int | float)
+    redis = pubsub.RedisPubSubChannelLayer(hosts=["redis://127.0.0.1:1"])
+    assert redis._layers == {}
+    assert isinstance(redis._args, tuple)
+    assert isinstance(redis._kwargs, dict)
+    shard = pubsub.RedisSingleShardConnection("redis://127.0.0.1:1", None)
+    assert shard._redis is None
+    assert shard._pubsub is None
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    queue.put_nowait(1)
+    assert list(queue._queue) == [1]  # type: ignore[attr-defined]
+
+
+async def test_sync_code_finds_the_loop_that_called_it_through_asgirefs_thread_local() -> None:
+    loop = asyncio.get_running_loop()
+    found = await sync_to_async(layers.owning_loop)()
+    assert found is loop
+    assert SyncToAsync.threadlocal is not None
+    assert layers.owning_loop() is loop
+
+
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="needs Redis (REDIS_URL)")
+async def test_has_members_reads_redis_subscriptions_through_the_private_path() -> None:
+    layer = layers.RedisPubSubChannelLayer(hosts=[os.environ["REDIS_URL"]])
+    from channels.layers import channel_layers
+
+    channel_layers.set("default", layer)
+    try:
+        group = f"contract-{os.getpid()}"
+        assert not await layers.has_members(group)
+        channel = await layer.new_channel()
+        await layer.group_add(group, channel)
+        assert await layers.has_members(group)
+        await layer.group_discard(group, channel)
+        assert not await layers.has_members(group)
+    finally:
+        await layer.flush()
+        channel_layers.backends.clear()
