@@ -171,9 +171,12 @@
 })();
 
 // --- Output as it arrives (runs/live.py, "Output deltas"): the run's socket sends JSON frames
-// of new text with the offsets it covers; the page appends them as text (never as HTML). A
-// frame that does not follow on from what the page shows means something was missed: the
-// page asks for the text again ({"type": "output.want"}) and shows the answer.
+// of new text with the offsets it covers; the page adds them to the text it keeps and shows
+// it. A frame that does not follow on from what the page has means something was missed: the
+// page asks for the text again ({"type": "output.want"}) and shows the answer. While the run
+// streams, the text is shown with the common Markdown blocks (headings, lists, code, bold,
+// emphasis) built as DOM nodes from text, never parsed as HTML; the server's full rendering
+// replaces it when the run ends.
 (function () {
   "use strict";
   var SHOWN = 12000;        // what the server shows of a long output (live.OUTPUT_SHOWN_CHARS)
@@ -185,13 +188,80 @@
     wantedAt[run] = now;
     socket.send(JSON.stringify({ type: "output.want" }));
   }
-  function show(section, live, end, cut) {
-    live.dataset.outputEnd = String(end);
-    section.dataset.outputEnd = String(end);
-    if (live.textContent.length > KEPT) {
-      live.textContent = live.textContent.slice(-SHOWN);
+  var INLINE = /(\*\*[^*\n]+\*\*|`[^`\n]+`|\*[^*\s][^*\n]*\*|_[^_\s][^_\n]*_)/g;
+  function inline(parent, text) {
+    var last = 0, match;
+    INLINE.lastIndex = 0;
+    while ((match = INLINE.exec(text))) {
+      if (match.index > last) parent.appendChild(document.createTextNode(text.slice(last, match.index)));
+      var token = match[0], el;
+      if (token.charAt(0) === "`") { el = document.createElement("code"); el.textContent = token.slice(1, -1); }
+      else if (token.slice(0, 2) === "**") { el = document.createElement("strong"); el.textContent = token.slice(2, -2); }
+      else { el = document.createElement("em"); el.textContent = token.slice(1, -1); }
+      parent.appendChild(el);
+      last = INLINE.lastIndex;
+    }
+    if (last < text.length) parent.appendChild(document.createTextNode(text.slice(last)));
+  }
+  function render(live) {
+    var out = document.createDocumentFragment(), para = null, list = null, code = null;
+    live.rbRaw.split("\n").forEach(function (line) {
+      var match;
+      if (code) {
+        if (/^\s*```/.test(line)) code = null; else code.textContent += line + "\n";
+        return;
+      }
+      if (/^\s*```/.test(line)) {
+        para = list = null;
+        var pre = document.createElement("pre");
+        code = pre.appendChild(document.createElement("code"));
+        out.appendChild(pre);
+      } else if (!line.trim()) {
+        para = list = null;
+      } else if ((match = /^(#{1,6})\s+(.*)$/.exec(line))) {
+        para = list = null;
+        var heading = out.appendChild(document.createElement("h" + match[1].length));
+        inline(heading, match[2]);
+      } else if ((match = /^\s*(?:[-*+]|(\d+)[.)])\s+(.*)$/.exec(line))) {
+        var tag = match[1] ? "OL" : "UL";
+        para = null;
+        if (!list || list.tagName !== tag) {
+          list = out.appendChild(document.createElement(tag));
+          if (match[1]) list.start = Number(match[1]);
+        }
+        inline(list.appendChild(document.createElement("li")), match[2]);
+      } else {
+        list = null;
+        if (para) para.appendChild(document.createElement("br"));
+        else para = out.appendChild(document.createElement("p"));
+        inline(para, line);
+      }
+    });
+    live.replaceChildren(out);
+    live.dataset.rendered = "1";
+  }
+  // The text as sent, kept beside what is shown (the server renders it as plain text).
+  function raw(live) {
+    if (live.rbRaw === undefined) live.rbRaw = live.textContent;
+    return live.rbRaw;
+  }
+  function renderAll(root) {
+    (root || document).querySelectorAll("[data-output-live]").forEach(function (live) {
+      raw(live);
+      render(live);
+    });
+  }
+  function show(section, live, text, end, cut) {
+    if (text.length > KEPT) {
+      text = text.slice(-SHOWN);
+      var line = text.indexOf("\n");
+      if (line >= 0 && line < 2000) text = text.slice(line + 1);
       cut = true;
     }
+    live.rbRaw = text;
+    render(live);
+    live.dataset.outputEnd = String(end);
+    section.dataset.outputEnd = String(end);
     var cutNote = section.querySelector(".output-cut");
     if (cutNote && cut) cutNote.hidden = false;
     var count = section.querySelector("[data-output-count]");
@@ -214,16 +284,13 @@
     if (!live) return;  // the run ended (its final text replaced the live one) or is not shown
     var end = Number(live.dataset.outputEnd || 0);
     if (frame.type === "output.text") {
-      live.textContent = frame.text;
-      show(section, live, frame.end, frame.at > 0);
+      show(section, live, frame.text, frame.end, frame.at > 0);
     } else if (frame.type === "output.append") {
       if (frame.end <= end) return;  // already shown
       if (frame.at > end) { want(e.detail.socketWrapper, frame.run); return; }
       // Offsets count characters (code points), as the server does; slice the same way.
       var text = frame.at === end ? frame.text : Array.from(frame.text).slice(end - frame.at).join("");
-      live.appendChild(document.createTextNode(text));
-      if (live.childNodes.length > 500) live.normalize();
-      show(section, live, frame.end, false);
+      show(section, live, raw(live) + text, frame.end, false);
     }
   });
   // A section re-rendered from the database (a status change) can be behind what the page
@@ -237,7 +304,7 @@
     if (!incoming || !current) return;
     var shown = Number(current.dataset.outputEnd || 0);
     if (shown <= Number(incoming.dataset.outputEnd || 0)) return;
-    incoming.textContent = current.textContent;
+    incoming.textContent = raw(current);
     incoming.dataset.outputEnd = String(shown);
     root.dataset.outputEnd = String(shown);
     var count = root.querySelector("[data-output-count]");
@@ -247,6 +314,11 @@
       if (from && to) to.hidden = from.hidden;
     });
   });
+  document.addEventListener("htmx:oobAfterSwap", function (e) {
+    var target = e.detail.target;
+    if (target && target.id && target.id.indexOf("run-output-") === 0) renderAll(document.getElementById(target.id));
+  });
+  document.addEventListener("DOMContentLoaded", function () { renderAll(); });
 })();
 
 // --- The output follows its tail while the run streams, unless the reader scrolled up; then a
