@@ -118,7 +118,9 @@ class LaunchForm(forms.Form):
         self.username = username
         field = self.fields["provider_account"]
         assert isinstance(field, forms.ModelChoiceField)
-        field.queryset = ProviderAccount.objects.filter(team=team)
+        # The form never shows a key: deferring it saves a decryption per account per page
+        # (the launch reads the chosen account's key when it sends the run).
+        field.queryset = ProviderAccount.objects.filter(team=team).defer("api_key")
         self.accounts = {a.pk: a for a in field.queryset}
         if not self.is_bound and self.accounts:
             self.initial.setdefault("provider_account", next(iter(self.accounts)))
