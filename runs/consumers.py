@@ -23,6 +23,7 @@ from django.http import QueryDict
 
 from . import live
 from .forms import RunFilterForm
+from .layers import RESYNC
 from .models import Membership, Run
 from .views import list_page
 
@@ -83,31 +84,38 @@ class PushConsumer(AsyncWebsocketConsumer):
     _backlog: collections.deque[str] | None = None
     _resync_due = False
     _closed = False
-    # Until the snapshot is out, pushes wait (they are newer: the snapshot was read first).
-    _held = True
+    # What arrives while the socket is authorised and its snapshot read: kept, then handled
+    # once the snapshot is out (older pushes among them lose to it by data-version).
+    _early: list[dict[str, Any]] | None = None
 
     async def connect(self) -> None:
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await self.close()
             return
-        group, snapshot = await self.authorise(user)
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Subscribed *before* the snapshot is read: a change committed in between reaches the
+        # page after it, instead of falling in the gap and never showing.
+        self._early = []
+        self.group = self.group_name()
+        self.user_group = live.user_group(user.pk)
+        hub = live.hub()
+        await hub.join(self.group, self)
+        await hub.join(self.user_group, self)
+        _group, snapshot = await self.authorise(user)
         if snapshot is None:
             # Another team's id looks exactly like one that does not exist.
             await self.close()
             return
-        self.group = group
-        self.user_group = live.user_group(user.pk)
-        self._tasks: set[asyncio.Task[None]] = set()
-        hub = live.hub()
-        await hub.join(group, self)
-        await hub.join(self.user_group, self)
         await self.accept()
         _open.add(self)
         await self.send_html(snapshot)
-        self._held = False
-        if self._backlog:
-            self._writer = asyncio.eager_task_factory(asyncio.get_running_loop(), self._write())
+        early, self._early = self._early, None
+        for message in early:
+            self.deliver(message, {})
+
+    def group_name(self) -> str:
+        raise NotImplementedError
 
     def cut(self, html: str, cuts: dict[Any, str], *extra: Any) -> str:
         """The push as this viewer may see it, cut once per kind of viewer per message."""
@@ -125,6 +133,12 @@ class PushConsumer(AsyncWebsocketConsumer):
     # --- Fed by the hub -------------------------------------------------------------------------
 
     def deliver(self, message: dict[str, Any], cuts: dict[Any, str]) -> None:
+        if self._early is not None:
+            if len(self._early) < BACKLOG:
+                self._early.append(message)
+            else:
+                self._early[-1] = dict(RESYNC)  # too many: a snapshot after all
+            return
         kind = message["type"]
         if kind == live.MESSAGE_TYPE:
             self.on_push(message, cuts)
@@ -146,7 +160,7 @@ class PushConsumer(AsyncWebsocketConsumer):
         then collapse into one snapshot."""
         if self._closed:
             return
-        if not self._held and (self._writer is None or self._writer.done()):
+        if self._writer is None or self._writer.done():
             loop = asyncio.get_running_loop()
             self._writer = asyncio.eager_task_factory(loop, self._write(text))
             return
@@ -228,6 +242,9 @@ class TeamRunsConsumer(PushConsumer):
     shown: set[int]
     takes_new_rows = False
 
+    def group_name(self) -> str:
+        return live.team_group(int(self.scope["url_route"]["kwargs"]["team_id"]))
+
     async def authorise(self, user: Any) -> tuple[str, str | None]:
         team_id = int(self.scope["url_route"]["kwargs"]["team_id"])
         query = parse_qs(self.scope.get("query_string", b"").decode())
@@ -264,6 +281,9 @@ def _saved_output(run_id: int) -> str | None:
 
 class RunConsumer(PushConsumer):
     wanted_at = 0.0
+
+    def group_name(self) -> str:
+        return live.run_group(int(self.scope["url_route"]["kwargs"]["run_id"]))
 
     async def authorise(self, user: Any) -> tuple[str, str | None]:
         run_id = int(self.scope["url_route"]["kwargs"]["run_id"])

@@ -252,3 +252,29 @@ async def test_a_socket_that_cannot_keep_up_gets_a_snapshot_instead_of_a_backlog
     assert len(sent) == 2
     assert json.loads(sent[0])["at"] == 0
     await page.disconnect()
+
+
+async def test_a_change_committed_while_a_page_reads_its_snapshot_still_reaches_it(
+    bob, launch, monkeypatch
+):
+    """Seen in an independent load run: the Running push fell between the snapshot read and
+    the subscription, and the page showed Pending for the whole run."""
+    run = await sync_to_async(launch)("racing")
+    read_snapshot = consumers._run_snapshot
+
+    async def snapshot_then_change(user: Any, run_id: int) -> Any:
+        found = await read_snapshot(user, run_id)
+        await sync_to_async(run.mark_running)("PROCESSING")
+        await live.drain()
+        return found
+
+    monkeypatch.setattr(consumers, "_run_snapshot", snapshot_then_change)
+    page, connected = await connect(f"/ws/runs/{run.pk}/", bob)
+    assert connected
+    try:
+        first = await page.receive_from(timeout=5)
+        assert 'data-status="pending"' in first
+        second = await page.receive_from(timeout=5)
+        assert 'data-status="running"' in second
+    finally:
+        await page.disconnect()
