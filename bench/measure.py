@@ -177,7 +177,13 @@ def fixed(account: int, prompts: list[str]) -> list[tuple[int, Callable[[], str]
 
 
 def wait_for(
-    client: httpx.Client, base: str, token: str, ids: list[int], pred: Any, timeout: float
+    client: httpx.Client,
+    base: str,
+    token: str,
+    ids: list[int],
+    pred: Any,
+    timeout: float,
+    poll: float = 1.0,
 ) -> dict[int, dict[str, Any]]:
     """Poll the API's list (200 runs a page, once a second: light next to what is measured)
     until pred(run_json) holds for every run (bounded)."""
@@ -200,7 +206,7 @@ def wait_for(
                 break
         if len(done) == len(wanted):
             return done
-        time.sleep(1.0)
+        time.sleep(poll)
     raise RuntimeError(f"{len(wanted) - len(done)} runs not ready in {timeout} s")
 
 
@@ -371,19 +377,33 @@ def p3_capacity(
 # --- P4: the watcher with many streaming runs ----------------------------------------------
 
 
-def chunk_ends(backend: str, prompts: list[str], chunks: int) -> list[list[int]]:
-    """The character count after each chunk, from the measured tree's simulator."""
-    done = subprocess.run(
-        [PY, str(ROOT / "bench" / "chunks.py")],
-        cwd=common.tree().root,
-        env=env_for(backend),
-        input=json.dumps([[p, chunks] for p in prompts]),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    return [list(c) for c in json.loads(done.stdout.strip().splitlines()[-1])]
+class ChunkEnds:
+    """The character count after each chunk of these prompts, from the measured tree's
+    simulator (bench/chunks.py, started at once so it works while the streams run)."""
+
+    def __init__(self, backend: str, prompts: list[str], chunks: int) -> None:
+        self.prompts = prompts
+        self.proc = subprocess.Popen(
+            [PY, str(ROOT / "bench" / "chunks.py")],
+            cwd=common.tree().root,
+            env=env_for(backend),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.input = json.dumps([[p, chunks] for p in prompts])
+
+    def result(self) -> list[list[int]]:
+        out, err = self.proc.communicate(self.input, timeout=120)
+        if self.proc.returncode:
+            raise RuntimeError(f"chunks.py failed: {err[-2000:]}")
+        return [list(c) for c in json.loads(out.strip().splitlines()[-1])]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
 
 
 DELAY = re.compile(r"sim:delay=([\d.]+)")
@@ -402,6 +422,7 @@ class StreamPlan:
         self.launch_rate = 40.0  # runs/s; measured after each size
         self.start_at = 0.0
         self.late = 0
+        self.made: dict[int, str] = {}
 
     def begin(self, n: int, watched: int) -> float:
         lead = max(4.0, n / self.launch_rate * 1.2 + watched / 40 + 2)
@@ -418,10 +439,11 @@ class StreamPlan:
             if wait < 0.5:
                 self.late += 1
             delay = max(0.5, wait) + phase
-            return (
+            self.made[index] = (
                 f"bench {tag} {name} sim:duration={self.duration} "
                 f"sim:chunks={self.chunks} sim:delay={delay:.3f}"
             )
+            return self.made[index]
 
         return make
 
@@ -536,6 +558,7 @@ def p4_size(
     launched_at = time.time()
     sample = launch(web.url, token, jobs[:watched], 32)
     launching = time.time() - launched_at
+    ends = ChunkEnds(backend, [plan.made[i] for i in range(watched)], plan.chunks)
     urls = [ws_url(web, f"/ws/runs/{pk}/") for pk in sample]
     gen = Clients(urls, data["cookies"], len(urls))
     try:
@@ -560,6 +583,7 @@ def p4_size(
                 ids,
                 lambda r: r["status"] in ("completed", "failed", "stopped"),
                 plan.duration * 3 + 120,
+                poll=0.5,
             )
             drained = time.time() - (plan.start_at + plan.duration)
             # The database can be ahead of the pushes: wait (bounded) until every viewer has
@@ -570,9 +594,10 @@ def p4_size(
             time.sleep(0.5)
             gen.send("DUMP")
             records = gen.read()["records"]
-            lags = _p4_lags(backend, client, sims, accounts, sample, urls, finals, records, plan)
+            lags = _p4_lags(ends, client, sims, accounts, sample, urls, finals, records, plan)
     finally:
         gen.close()
+        ends.close()
     return {
         "runs": n,
         "work_chunks_per_s": round(n * plan.chunks / plan.duration, 1),
@@ -591,7 +616,7 @@ def p4_size(
 
 
 def _p4_lags(
-    backend: str,
+    chunk_ends: ChunkEnds,
     client: httpx.Client,
     sims: list[Server],
     accounts: list[int],
@@ -606,7 +631,9 @@ def _p4_lags(
     that chunk, minus when the simulator emitted it (spaced evenly between the stream's start
     and its finish, which absorbs the simulator's drift under load)."""
     runs = [finals[pk] for pk in sample]
-    ends = chunk_ends(backend, [r["prompt"] for r in runs], plan.chunks)
+    if [r["prompt"] for r in runs] != chunk_ends.prompts:
+        raise RuntimeError("the watched runs' prompts are not the ones launched")
+    ends = chunk_ends.result()
     status_lag: list[float] = []
     output_lag: list[float] = []
     lost = missing = 0
