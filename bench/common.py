@@ -222,6 +222,31 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMark:
+    """How many cores each process kept busy from now until `cores()`."""
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self.pids = pids
+        self.started = time.monotonic()
+        self.start = {name: sum(cpu_seconds(p) for p in ps) for name, ps in pids.items()}
+
+    def cores(self) -> dict[str, float]:
+        wall = max(1e-6, time.monotonic() - self.started)
+        return {
+            name: round((sum(cpu_seconds(p) for p in ps) - self.start[name]) / wall, 2)
+            for name, ps in self.pids.items()
+        }
+
+
 def script(backend: str, path: str, *args: str, timeout: float = 900) -> Any:
     """Run a bench script (this checkout's) against the measured tree, in its own process;
     it prints one JSON document last."""

@@ -146,11 +146,15 @@ async def read_streams(spec: dict[str, Any]) -> dict[str, Any]:
                         if mine is not None:
                             mine.append(time.time())
 
+    from common import CpuMark, summary
+
     tasks = [asyncio.create_task(one(i)) for i in range(n)]
     await asyncio.sleep(max(0.0, start_at - time.time()))
+    sims_cpu = CpuMark({"simulators": spec["sim_pids"]})
     cpu0, wall0, got0 = time.process_time(), time.time(), received
     await asyncio.gather(*tasks)
     cpu, wall, got = time.process_time() - cpu0, time.time() - wall0, received - got0
+    sims_cores = sims_cpu.cores()["simulators"]
     lag: list[float] = []
     for i, stamps in times.items():
         sim = sims[i % len(sims)]
@@ -164,14 +168,14 @@ async def read_streams(spec: dict[str, Any]) -> dict[str, Any]:
         step = (_ts(st["lastActivity"]) - start) / chunks
         lag += [(t - (start + k * step)) * 1000 for k, t in enumerate(stamps)]
     await client.aclose()
-    from common import summary
-
     return {
         "streams": n,
         "chunks": got,
         "cpu_us_per_chunk": round(cpu / max(1, got) * 1e6, 1),
         "busy_cores": round(cpu / wall, 2) if wall else None,
         "chunks_per_s": round(got / wall, 1) if wall else None,
+        # The simulators on the same cores: a reader cannot be faster than what feeds it.
+        "simulators_busy_cores": sims_cores,
         "lag": summary(lag),
     }
 
@@ -257,16 +261,17 @@ def bare_websockets(fanout: int, trials: int, capacity: int, reconnect_box: floa
     }
 
 
-def bare_sse(sims: list[str], n: int, duration: float, chunks: int, sample: int) -> Any:
+def bare_sse(sims: list[Any], n: int, duration: float, chunks: int, sample: int) -> Any:
     from common import script
 
     spec = {
-        "sims": sims,
+        "sims": [s.url for s in sims],
+        "sim_pids": [s.pid for s in sims],
         "n": n,
         "duration": duration,
         "chunks": chunks,
         "sample": sample,
-        "lead": 4 + n / 200,
+        "lead": 4 + n / 400,
     }
     return script("sqlite", "bench/floors.py", "sse", json.dumps(spec), timeout=300)
 

@@ -23,6 +23,7 @@ from common import (
     PY,
     ROOT,
     SIM_INSPECT_TOKEN,
+    CpuMark,
     LagMark,
     Proc,
     Server,
@@ -419,13 +420,15 @@ class StreamPlan:
     def __init__(self, duration: float, chunks: int) -> None:
         self.duration = duration
         self.chunks = chunks
-        self.launch_rate = 40.0  # runs/s; measured after each size
+        self.launch_rate = 20.0  # runs/s; measured after each size
+        self.viewer_rate = 20.0  # viewers connected/s; measured after each size
         self.start_at = 0.0
         self.late = 0
         self.made: dict[int, str] = {}
 
     def begin(self, n: int, watched: int) -> float:
-        lead = max(4.0, n / self.launch_rate * 1.2 + watched / 40 + 2)
+        # The viewers connect while the rest is launched: the longer of the two, plus room.
+        lead = max(5.0, max(n / self.launch_rate, watched / self.viewer_rate) * 1.2 + 2)
         self.start_at = time.time() + lead
         self.late = 0
         return lead
@@ -463,6 +466,11 @@ def p4_growth(
 ) -> dict[str, Any]:
     """P4 at each size in turn on the same web process and watcher: the growth table."""
     plan = StreamPlan(duration, chunks)
+    # Whose CPU each size's streaming window used (the watcher is the web process when
+    # embedded).
+    pids = {"web": [web.pid], "simulators": [s.pid for s in sims]}
+    if watcher_pid != web.pid:
+        pids["watcher"] = [watcher_pid]
     out: dict[str, Any] = {
         "duration_s": duration,
         "chunks": chunks,
@@ -476,7 +484,7 @@ def p4_growth(
         if profile and n == sizes[-1]:
             spy = Spy(f"p4-{backend}-{common.tree().name}", watcher_pid, plan, duration)
         try:
-            res = p4_size(backend, web, sims, data, n, min(n, watched), plan, spy)
+            res = p4_size(backend, web, pids, sims, data, n, min(n, watched), plan, spy)
         except Exception as exc:
             res = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         res["loop_lag"] = lag_since(marks)
@@ -538,6 +546,7 @@ class Spy:
 def p4_size(
     backend: str,
     web: Server,
+    pids: dict[str, list[int]],
     sims: list[Server],
     data: dict[str, Any],
     n: int,
@@ -549,8 +558,8 @@ def p4_size(
     accounts = data["ib_accounts"]
     tag = uuid.uuid4().hex[:6]
     lead = plan.begin(n, watched)
-    # The watched sample first (one viewer per run page, connected before the rest is
-    # launched), then the rest; the accounts alternate over the simulator processes.
+    # The watched sample first (one viewer per run page), then the rest; the accounts
+    # alternate over the simulator processes.
     jobs = [
         (accounts[i % len(accounts)], plan.prompt(tag, f"{'w' if i < watched else 'r'}{i}", i))
         for i in range(n)
@@ -560,21 +569,27 @@ def p4_size(
     launching = time.time() - launched_at
     ends = ChunkEnds(backend, [plan.made[i] for i in range(watched)], plan.chunks)
     urls = [ws_url(web, f"/ws/runs/{pk}/") for pk in sample]
+    # The viewers connect (their own process) while the rest is launched; both are done
+    # before the streams start.
+    viewers_at = time.time()
     gen = Clients(urls, data["cookies"], len(urls))
     try:
+        ids = sample + launch(web.url, token, jobs[watched:], 32)
+        launching += time.time() - viewers_at
         gen.ready()
         gen.send("RECORD")
         gen.read()
-        viewers_ready = time.time() - launched_at
-        rest_at = time.time()
-        ids = sample + launch(web.url, token, jobs[watched:], 32)
-        launching += time.time() - rest_at
+        viewers_ready = time.time() - viewers_at
         launch_s = time.time() - launched_at
         plan.launch_rate = max(5.0, n / max(0.1, launching))
+        plan.viewer_rate = max(5.0, watched / max(0.1, gen.ready()["seconds"]))
+        viewers_late = time.time() > plan.start_at
+        time.sleep(max(0.0, plan.start_at - time.time()))
         if spy is not None:
-            time.sleep(max(0.0, plan.start_at - time.time()))
             spy.start()
+        cpu = CpuMark(pids)
         time.sleep(max(0.0, plan.start_at + plan.duration - time.time()))
+        cpu_cores = cpu.cores()
         with httpx.Client(timeout=60) as client:
             finals = wait_for(
                 client,
@@ -609,6 +624,8 @@ def p4_size(
         "launches_per_s": round(n / max(0.1, launching), 1),
         "launched_late": plan.late,
         "viewers_ready_s": round(viewers_ready, 1),
+        "viewers_late": viewers_late,
+        "cpu_cores": cpu_cores,
         "viewers_connected": gen.ready()["ready"],
         "done_after_streams_s": round(drained, 1),
         "shown_after_streams_s": round(shown, 1),

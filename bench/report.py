@@ -337,7 +337,8 @@ def growth_table(after: dict[str, Any], before: dict[str, Any] | None) -> list[s
     head = [
         f"Each run streams {p4.get('chunks')} chunks over {_num(p4.get('duration_s'))} s; all "
         "runs of a size stream at once (each run's start is set in its prompt), on one watcher; "
-        f"{p4.get('watched')} runs have a viewer on their page. Work = chunks per second over "
+        f"{p4.get('watched')} runs have a viewer on their page. CPU cores = CPU time of each "
+        "process over the streaming window. Work = chunks per second over "
         "all runs. x = p99 at this size ÷ p99 at the smallest size, next to the work's x: the "
         "lag grows no faster than the work while the lag's x stays at or under the work's.",
         "",
@@ -352,6 +353,7 @@ def growth_table(after: dict[str, Any], before: dict[str, Any] | None) -> list[s
         "output p99 x",
         "not completed · lost · chunks never shown",
         "loop lag p99 ms (web · watcher)",
+        "CPU cores while streaming",
     ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     ordered = sorted(sizes.items(), key=lambda kv: int(kv[0]))
@@ -365,15 +367,22 @@ def growth_table(after: dict[str, Any], before: dict[str, Any] | None) -> list[s
         for kind in ("status_lag", "output_lag"):
             a, b = _get(r, kind, "p99"), _get(first, kind, "p99")
             cells.append(f"{a / max(b, 1.0):.1f}" if _real(a) and _real(b) else "—")
-        cells.append(
-            " · ".join(
+        if "error" in r:
+            cells.append(r["error"][:80])
+        else:
+            text = " · ".join(
                 _num(r.get(k)) for k in ("not_completed", "lost", "output_chunks_never_shown")
             )
-            if "error" not in r
-            else r["error"][:80]
-        )
+            # The plan did not hold: some streams started before their viewers or late.
+            if r.get("viewers_late"):
+                text += " (viewers late)"
+            if r.get("launched_late"):
+                text += f" ({r['launched_late']} started late)"
+            cells.append(text)
         lag = r.get("loop_lag") or {}
         cells.append(" · ".join(_num(_get(v, "p99")) for v in lag.values()) or "—")
+        cpu = r.get("cpu_cores") or {}
+        cells.append(", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if _real(v)) or "—")
         lines.append("| " + " | ".join(cells) + " |")
     return [*head, *lines, ""]
 
@@ -417,6 +426,8 @@ def floors_table(floors: dict[str, Any]) -> list[str]:
             f"{_num(sse.get('cpu_us_per_chunk'))} µs ({_num(sse.get('busy_cores'))} of a core) |",
             f"| SSE: chunk lag p50 / p99 (simulator emits → reader has it) | "
             f"{_pair(sse, 'lag')} ms |",
+            f"| SSE: the two simulator processes meanwhile | "
+            f"{_num(sse.get('simulators_busy_cores'))} cores busy |",
         ]
     return [*lines, ""]
 
