@@ -23,7 +23,8 @@ help:
 	@echo "make test   - set up and run every test (unit, integration, browser)"
 	@echo "make lint   - ruff and mypy"
 	@echo "make run-scaled - 2 web + 2 watcher processes on PostgreSQL + Redis (see Procfile)"
-	@echo "make bench  - measure performance, write docs/PERFORMANCE.md (BENCH_QUICK=1: ~2 min)"
+	@echo "make bench  - measure performance, write docs/PERFORMANCE.md (BENCH_QUICK=1: a few min;"
+	@echo "              BENCH_BEFORE=<git ref>: before and after side by side)"
 
 $(UV):
 	@test -n "$(PYTHON)" || { echo "Runbrake needs Python 3.12 or newer on PATH (or under pyenv)." >&2; exit 1; }
@@ -96,7 +97,9 @@ fmt: setup
 clean:
 	rm -rf $(VENV) .tools db.sqlite3* .test-db.sqlite3*
 
-# Measure P1–P6 on SQLite and on PostgreSQL+Redis, daphne vs uvicorn; writes docs/PERFORMANCE.md.
-# BENCH_QUICK=1 for a ~2 minute run with smaller sizes.
+# Measure P1–P6 on SQLite and on PostgreSQL+Redis (≤ 15 min); writes docs/PERFORMANCE.md.
+# BENCH_QUICK=1: smaller sizes, a few minutes. BENCH_BEFORE=<git ref>: the same rows on that
+# commit too (a temporary git worktree), before and after side by side. BENCH_SERVERS=both: daphne
+# and uvicorn compared. More knobs at the top of bench/run.py.
 bench: setup
 	ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn); $(PY) bench/run.py

@@ -3,7 +3,8 @@ accounts on the simulator process, and (for the list rows) bulk-seeded runs.
 
     setup_data.py accounts <sim_url,...> <n_users>   -> JSON {team, cookies, token, accounts}
     setup_data.py seed <big_n> <small_n>        -> JSON {big_team, small_team, cookie}
-Runs inside the bench's environment (DATABASE_URL picks the backend)."""
+Runs inside the bench's environment (DATABASE_URL picks the backend) against the measured
+tree's code (BENCH_APP: this checkout, or the BENCH_BEFORE checkout)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, os.environ.get("BENCH_APP") or str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
 
 import django
@@ -128,41 +129,76 @@ def seed(big_n: int, small_n: int) -> dict[str, object]:
 
 
 def _insert_runs(team_id: int, account_id: int, user_id: int, n: int) -> None:
+    """Mostly finished runs, a realistic mix; created_at spread over the last n seconds. The
+    columns come from the model (any column the measured tree has that is not set here gets
+    its field's default), so the same code seeds an older or a newer schema."""
     now = timezone.now()
-    # Mostly finished runs, a realistic mix; created_at spread over the last n minutes.
-    if connection.vendor == "postgresql":
-        sql = """
-        INSERT INTO runs_run (team_id, provider_account_id, provider, created_by_id, status,
-            version, external_id, provider_refs, provider_status, prompt, options,
-            timeout_seconds, deadline, output, error, created_at, updated_at, stop_channel,
-            stop_reason, stop_attempts, stop_error, stop_confirmation, idempotency_key,
-            request_fingerprint)
-        SELECT %s, %s, 'fay', %s,
-            (ARRAY['completed','completed','completed','stopped','failed'])[1 + g %% 5],
-            3, 'bench-' || g, '{}', '', 'Bench prompt number ' || g, '{}', 1800, %s,
-            '', '', %s - make_interval(secs => %s - g), %s, '', '', 0, '', '', '', ''
-        FROM generate_series(1, %s) AS g
-        """
-        params: list[Any] = [team_id, account_id, user_id, now, now, n, now, n]
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-        return
-    sql = """
-    WITH RECURSIVE g(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM g WHERE x < %s)
-    INSERT INTO runs_run (team_id, provider_account_id, provider, created_by_id, status,
-        version, external_id, provider_refs, provider_status, prompt, options,
-        timeout_seconds, deadline, output, error, created_at, updated_at, stop_channel,
-        stop_reason, stop_attempts, stop_error, stop_confirmation, idempotency_key,
-        request_fingerprint)
-    SELECT %s, %s, 'fay', %s,
-        CASE x %% 5 WHEN 3 THEN 'stopped' WHEN 4 THEN 'failed' ELSE 'completed' END,
-        3, 'bench-' || x, '{}', '', 'Bench prompt number ' || x, '{}', 1800, %s,
-        '', '', datetime(%s, '-' || (%s - x) || ' seconds'), %s, '', '', 0, '', '', '', ''
-    FROM g
-    """
-    stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f")
+    pg = connection.vendor == "postgresql"
+    stamp: Any = now if pg else now.strftime("%Y-%m-%d %H:%M:%S.%f")
+    if pg:
+        status = "(ARRAY['completed','completed','completed','stopped','failed'])[1 + g %% 5]"
+        created = "%s - make_interval(secs => %s - g)"
+    else:
+        status = "CASE g %% 5 WHEN 3 THEN 'stopped' WHEN 4 THEN 'failed' ELSE 'completed' END"
+        created = "datetime(%s, '-' || (%s - g) || ' seconds')"
+    special: dict[str, tuple[str, list[Any]]] = {
+        "team_id": ("%s", [team_id]),
+        "provider_account_id": ("%s", [account_id]),
+        "created_by_id": ("%s", [user_id]),
+        "provider": ("'fay'", []),
+        "status": (status, []),
+        "version": ("3", []),
+        "external_id": ("'bench-' || g", []),
+        "prompt": ("'Bench prompt number ' || g", []),
+        "timeout_seconds": ("1800", []),
+        "deadline": ("%s", [stamp]),
+        "created_at": (created, [stamp, n]),
+        "updated_at": ("%s", [stamp]),
+    }
+    columns, values, params = [], [], []
+    for field in Run._meta.concrete_fields:
+        if field.primary_key:
+            continue
+        column = str(field.column)
+        columns.append(connection.ops.quote_name(column))
+        if column in special:
+            expr, args = special[column]
+        elif field.null:
+            expr, args = "NULL", []
+        else:
+            expr, args = "%s", [field.get_db_prep_save(field.get_default(), connection)]
+        values.append(expr)
+        params += args
+    head = f"INSERT INTO runs_run ({', '.join(columns)}) SELECT {', '.join(values)}"
+    if pg:
+        sql = f"{head} FROM generate_series(1, %s) AS g"
+        params.append(n)
+    else:
+        sql = (
+            "WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < %s) "
+            f"{head} FROM s"
+        )
+        params.insert(0, n)
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(sql, [n, team_id, account_id, user_id, stamp, stamp, n, stamp])
+        if not pg or n < 100_000:
+            cursor.execute(sql, params)
+            return
+        # A million rows load several times faster without per-row foreign-key triggers (the
+        # rows point at the team, account and user just made) and with the plain indexes built
+        # once afterwards, from their own definitions; all in one transaction.
+        cursor.execute("SET LOCAL session_replication_role = replica")
+        cursor.execute(
+            """SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
+            FROM pg_index i
+            WHERE i.indrelid = 'runs_run'::regclass AND NOT i.indisprimary
+            AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)"""
+        )
+        indexes = cursor.fetchall()
+        for name, _ddl in indexes:
+            cursor.execute(f"DROP INDEX {name}")
+        cursor.execute(sql, params)
+        for _name, ddl in indexes:
+            cursor.execute(ddl)
 
 
 if __name__ == "__main__":
