@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -33,7 +33,7 @@ from .models import (
     Team,
     astop_each,
 )
-from .ratelimit import Limited, ahit, apeek
+from .ratelimit import Limited, ahit, hit, peek
 
 
 class HtmxHttpRequest(HttpRequest):
@@ -156,7 +156,7 @@ def launch_run(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
     team = membership.team
     if not membership.can_launch:
         return _refused(request, "Viewers can watch runs but not launch them.")
-    if limited := async_to_sync(ahit)("launch", str(request.user.pk)):
+    if limited := hit("launch", str(request.user.pk)):
         return _too_many(request, limited)
     form = LaunchForm(request.POST, team=team, username=request.user.get_username())
     if not form.is_valid():
@@ -434,7 +434,7 @@ def run_again(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
     if not membership_for(request, run.team_id).can_launch:
         return _refused(request, "Viewers can watch runs but not launch them.")
     # A launch like any other: counted by the same limit.
-    if limited := async_to_sync(ahit)("launch", str(request.user.pk)):
+    if limited := hit("launch", str(request.user.pk)):
         return _too_many(request, limited)
     again = run.launch_again(user=request.user)
     if request.htmx:
@@ -473,14 +473,14 @@ def throttled_login(
     name = login_name(request.POST.get("username", ""))
     buckets = [("login", f"{request.META.get('REMOTE_ADDR', '?')}:{name}"), ("login_name", name)]
     for scope, who in buckets:
-        if limited := async_to_sync(apeek)(scope, who):
+        if limited := peek(scope, who):
             refused = render(request, "runs/refused.html", {"message": limited.message}, status=429)
             refused["Retry-After"] = str(limited.retry_after)
             return refused
     answer = view(request)
     if not request.user.is_authenticated:
         for scope, who in buckets:
-            async_to_sync(ahit)(scope, who)
+            hit(scope, who)
     return answer
 
 
