@@ -1219,13 +1219,22 @@ class Run(models.Model):
         # With a provider id the requester takes the first stop call's lease in the same
         # update, so the watcher's pass cannot send it first and leave the requester's answer
         # behind. Without an id there is nothing to send yet: due now, for whoever gets it.
-        first_call: dict[str, Any] = {"stop_next_attempt_at": now}
-        if Run.objects.filter(pk=self.pk).exclude(external_id="").exists():
-            first_call = {
-                "stop_next_attempt_at": now + self._stop_lease(),
-                "stop_attempts": F("stop_attempts") + 1,
-                "stop_sent_at": now,
-            }
+        # The row decides, under the transition's lock (no query of its own before it).
+        named = ~models.Q(external_id="")
+        first_call: dict[str, Any] = {
+            "stop_next_attempt_at": models.Case(
+                models.When(named, then=models.Value(now + self._stop_lease())),
+                default=models.Value(now),
+            ),
+            "stop_attempts": models.Case(
+                models.When(named, then=F("stop_attempts") + 1),
+                default=F("stop_attempts"),
+                output_field=models.PositiveIntegerField(),
+            ),
+            "stop_sent_at": models.Case(
+                models.When(named, then=models.Value(now)), default=F("stop_sent_at")
+            ),
+        }
         won = self._transition(
             (Status.PENDING, Status.RUNNING),
             Status.STOPPING,
