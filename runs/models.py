@@ -1624,18 +1624,28 @@ class Run(models.Model):
         requested = await sync_to_async(self.request_stop)(
             actor=actor, channel=channel, reason=reason
         )
+        return await self.asend_requested_stop(requested)
+
+    async def asend_requested_stop(
+        self, requested: bool, account: ProviderAccount | None = None
+    ) -> StopOutcome:
+        """The rest of `astop`, for a view that called `request_stop` itself, in the thread
+        hop of its own checks; `account` when it loaded the run's account with the run."""
         if requested:
             # request_stop took the first call's lease when the provider id was known.
-            await self.asend_stop(claimed=self.stop_sent_at is not None)
+            await self.asend_stop(claimed=self.stop_sent_at is not None, account=account)
         return StopOutcome(run=self, requested=requested)
 
-    async def asend_stop(self, *, claimed: bool = False) -> None:
+    async def asend_stop(
+        self, *, claimed: bool = False, account: ProviderAccount | None = None
+    ) -> None:
         """Make one provider stop call if one is due (or already leased to us), and record
         what the provider said."""
         sent_before = None if claimed else self.stop_sent_at
         if not claimed and not await sync_to_async(self.claim_stop_attempt)():
             return
-        account = await ProviderAccount.objects.aget(pk=self.provider_account_id)
+        if account is None:
+            account = await ProviderAccount.objects.aget(pk=self.provider_account_id)
         provider = account.provider()
         try:
             result = await provider.stop(
