@@ -264,14 +264,17 @@ class ProviderAccount(models.Model):
         stoppable, a status read can wait)."""
         now = now or timezone.now()
         limits = self.limits
+        if not limits:
+            # Nothing to count, so nothing to lock: only the provider's own refusal (a block)
+            # holds the call back. On SQLite the lock is the database's write lock, which a
+            # stop call would otherwise queue for behind the watcher's writes.
+            return self._blocked(endpoint, now)
         with transaction.atomic():
             list(ProviderAccount.objects.select_for_update().filter(pk=self.pk).values("pk"))
             refusal = self._blocked(endpoint, now) or self._over_hourly(endpoint, limits, now)
             refusal = refusal or self._over_monthly(endpoint, limits, now)
             if refusal is not None:
                 return refusal
-            if not limits:
-                return None  # nothing to count against (the provider may still refuse)
             QuotaSpend.objects.create(account_id=self.pk, endpoint=endpoint, at=now)
             # A month and a day is all any window looks back.
             QuotaSpend.objects.filter(
