@@ -12,10 +12,12 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.contrib.auth.models import AnonymousUser
 from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from .access import run_to_stop
 from .forms import JSON_FIELDS, OPTIONS_BY_KIND, LaunchForm
 from .hostile import MAX_DEPTH, as_id, as_whole_number, json_problem
 from .models import (
@@ -30,7 +32,7 @@ from .models import (
     Status,
     astop_each,
 )
-from .ratelimit import Limited, ahit
+from .ratelimit import Limited, ahit, hit
 from .views import HtmxHttpRequest
 
 PAGE_SIZE = 50
@@ -50,25 +52,41 @@ def too_many(limited: Limited) -> JsonResponse:
     return response
 
 
-def api_view(*methods: str) -> Callable[[ApiView], ApiView]:
-    """Token auth, method check and JSON errors, once for every API endpoint."""
+def bearer_token(request: HtmxHttpRequest) -> str:
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header.startswith("Bearer ") else ""
+
+
+def unauthenticated() -> JsonResponse:
+    response = error(
+        401,
+        "UNAUTHENTICATED",
+        "Send a valid token as 'Authorization: Bearer <token>' "
+        "(create one with `manage.py issue_token <username>`).",
+    )
+    response["WWW-Authenticate"] = 'Bearer realm="runbrake"'
+    return response
+
+
+def api_view(*methods: str, authenticates: bool = False) -> Callable[[ApiView], ApiView]:
+    """Token auth, method check and JSON errors, once for every API endpoint.
+
+    A view that `authenticates` looks its token up itself, in the thread hop of its own
+    database work (the stop path): on its methods it is called with an anonymous
+    `request.user`, and answers `unauthenticated()` when `ApiToken.user_for` finds no one."""
 
     def decorate(view: ApiView) -> ApiView:
         @csrf_exempt
         @functools.wraps(view)
         async def wrapper(request: HtmxHttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
-            header = request.headers.get("Authorization", "")
-            token = header[7:].strip() if header.startswith("Bearer ") else ""
+            token = bearer_token(request)
+            if authenticates and token and request.method in methods:
+                # Never the session's user: the API is exempt from CSRF checks.
+                request.user = AnonymousUser()  # type: ignore[assignment]
+                return await view(request, *args, **kwargs)
             user = await sync_to_async(ApiToken.user_for)(token) if token else None
             if user is None:
-                response = error(
-                    401,
-                    "UNAUTHENTICATED",
-                    "Send a valid token as 'Authorization: Bearer <token>' "
-                    "(create one with `manage.py issue_token <username>`).",
-                )
-                response["WWW-Authenticate"] = 'Bearer realm="runbrake"'
-                return response
+                return unauthenticated()
             if request.method not in methods:
                 response = error(
                     405, "METHOD_NOT_ALLOWED", f"Use {' or '.join(methods)} on this endpoint."
@@ -425,23 +443,22 @@ async def stop_many(request: HtmxHttpRequest) -> JsonResponse:
 
 
 @sync_to_async
-def _stop_target(user: Any, pk: int) -> tuple[Run, Membership] | None:
-    # One thread hop for both lookups: the stop call waits for everything before it.
-    run = _runs(user).filter(pk=pk).first()
-    if run is None:
-        return None
-    return run, Membership.objects.select_related("team").get(team_id=run.team_id, user=user)
-
-
-@api_view("POST")
-async def stop_run(request: HtmxHttpRequest, pk: int) -> JsonResponse:
-    found = await _stop_target(request.user, pk)
+def _request_stop(
+    request: HtmxHttpRequest, pk: int
+) -> JsonResponse | tuple[Run, ProviderAccount, bool]:
+    """Everything before the provider call, in one thread hop: the token, the run and the
+    membership, the rate limit, the body, and the stop intent, committed."""
+    user = ApiToken.user_for(bearer_token(request))
+    if user is None:
+        return unauthenticated()
+    request.user = user
+    found = run_to_stop(user, pk)
     if found is None:
         return error(404, "NOT_FOUND", f"No run {pk} in your teams.")
     run, membership = found
     if not membership.can_stop(run):
         return error(403, "FORBIDDEN", membership.stop_refusal)
-    if limited := await ahit("stop", str(request.user.pk)):
+    if limited := hit("stop", str(user.pk)):
         return too_many(limited)
     body = read_json(request)
     if isinstance(body, JsonResponse):
@@ -449,10 +466,22 @@ async def stop_run(request: HtmxHttpRequest, pk: int) -> JsonResponse:
     reason = body.get("reason", "")
     if not isinstance(reason, str):
         return error(400, "VALIDATION_ERROR", "reason must be a string.", field="reason")
+    # Loaded with the run: the stop call needs no query of its own (request_stop's refresh
+    # forgets it).
+    account = run.provider_account
     try:
-        await run.astop(actor=request.user, channel=Channel.API, reason=reason)
+        requested = run.request_stop(actor=user, channel=Channel.API, reason=reason)
     except RunAlreadyFinished as exc:
-        run = await _runs(request.user).aget(pk=pk)
-        return error(409, "RUN_ALREADY_FINISHED", str(exc), run=run_json(run))
+        return error(409, "RUN_ALREADY_FINISHED", str(exc), run=run_json(_runs(user).get(pk=pk)))
+    return run, account, requested
+
+
+@api_view("POST", authenticates=True)
+async def stop_run(request: HtmxHttpRequest, pk: int) -> JsonResponse:
+    before = await _request_stop(request, pk)
+    if isinstance(before, JsonResponse):
+        return before
+    run, account, requested = before
+    await run.asend_requested_stop(requested, account)
     run = await _runs(request.user).aget(pk=pk)
     return JsonResponse(run_json(run))

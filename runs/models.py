@@ -264,14 +264,17 @@ class ProviderAccount(models.Model):
         stoppable, a status read can wait)."""
         now = now or timezone.now()
         limits = self.limits
+        if not limits:
+            # Nothing to count, so nothing to lock: only the provider's own refusal (a block)
+            # holds the call back. On SQLite the lock is the database's write lock, which a
+            # stop call would otherwise queue for behind the watcher's writes.
+            return self._blocked(endpoint, now)
         with transaction.atomic():
             list(ProviderAccount.objects.select_for_update().filter(pk=self.pk).values("pk"))
             refusal = self._blocked(endpoint, now) or self._over_hourly(endpoint, limits, now)
             refusal = refusal or self._over_monthly(endpoint, limits, now)
             if refusal is not None:
                 return refusal
-            if not limits:
-                return None  # nothing to count against (the provider may still refuse)
             QuotaSpend.objects.create(account_id=self.pk, endpoint=endpoint, at=now)
             # A month and a day is all any window looks back.
             QuotaSpend.objects.filter(
@@ -1243,13 +1246,22 @@ class Run(models.Model):
         # With a provider id the requester takes the first stop call's lease in the same
         # update, so the watcher's pass cannot send it first and leave the requester's answer
         # behind. Without an id there is nothing to send yet: due now, for whoever gets it.
-        first_call: dict[str, Any] = {"stop_next_attempt_at": now}
-        if Run.objects.filter(pk=self.pk).exclude(external_id="").exists():
-            first_call = {
-                "stop_next_attempt_at": now + self._stop_lease(),
-                "stop_attempts": F("stop_attempts") + 1,
-                "stop_sent_at": now,
-            }
+        # The row decides, under the transition's lock (no query of its own before it).
+        named = ~models.Q(external_id="")
+        first_call: dict[str, Any] = {
+            "stop_next_attempt_at": models.Case(
+                models.When(named, then=models.Value(now + self._stop_lease())),
+                default=models.Value(now),
+            ),
+            "stop_attempts": models.Case(
+                models.When(named, then=F("stop_attempts") + 1),
+                default=F("stop_attempts"),
+                output_field=models.PositiveIntegerField(),
+            ),
+            "stop_sent_at": models.Case(
+                models.When(named, then=models.Value(now)), default=F("stop_sent_at")
+            ),
+        }
         won = self._transition(
             (Status.PENDING, Status.RUNNING),
             Status.STOPPING,
@@ -1639,18 +1651,28 @@ class Run(models.Model):
         requested = await sync_to_async(self.request_stop)(
             actor=actor, channel=channel, reason=reason
         )
+        return await self.asend_requested_stop(requested)
+
+    async def asend_requested_stop(
+        self, requested: bool, account: ProviderAccount | None = None
+    ) -> StopOutcome:
+        """The rest of `astop`, for a view that called `request_stop` itself, in the thread
+        hop of its own checks; `account` when it loaded the run's account with the run."""
         if requested:
             # request_stop took the first call's lease when the provider id was known.
-            await self.asend_stop(claimed=self.stop_sent_at is not None)
+            await self.asend_stop(claimed=self.stop_sent_at is not None, account=account)
         return StopOutcome(run=self, requested=requested)
 
-    async def asend_stop(self, *, claimed: bool = False) -> None:
+    async def asend_stop(
+        self, *, claimed: bool = False, account: ProviderAccount | None = None
+    ) -> None:
         """Make one provider stop call if one is due (or already leased to us), and record
         what the provider said."""
         sent_before = None if claimed else self.stop_sent_at
         if not claimed and not await sync_to_async(self.claim_stop_attempt)():
             return
-        account = await ProviderAccount.objects.aget(pk=self.provider_account_id)
+        if account is None:
+            account = await ProviderAccount.objects.aget(pk=self.provider_account_id)
         provider = account.provider()
         try:
             result = await provider.stop(

@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache
 
@@ -32,10 +33,11 @@ class Limited:
         )
 
 
-async def ahit(scope: str, who: str) -> Limited | None:
-    """Count one attempt; None while within the limit, else how long to wait."""
+def hit(scope: str, who: str) -> Limited | None:
+    """Count one attempt; None while within the limit, else how long to wait. Sync, so a view
+    checks it in the same thread hop as its database work."""
     try:
-        return await _ahit(scope, who)
+        return _hit(scope, who)
     except Exception as exc:
         # The cache (Redis, scaled out) is down: a limiter that cannot count must not keep
         # anyone from stopping a run, so it lets the attempt through.
@@ -43,36 +45,44 @@ async def ahit(scope: str, who: str) -> Limited | None:
         return None
 
 
-async def _ahit(scope: str, who: str) -> Limited | None:
+async def ahit(scope: str, who: str) -> Limited | None:
+    """`hit` from async code: one thread hop for all its cache calls."""
+    return await sync_to_async(hit)(scope, who)
+
+
+def _hit(scope: str, who: str) -> Limited | None:
     limit, seconds = settings.RUNBRAKE_RATE_LIMITS[scope]
     key = f"rl:{scope}:{who}"
     now = time.time()
-    # The first attempt opens the window (both keys expire with it); later ones count in it.
-    await cache.aadd(f"{key}:opened", now, seconds)
-    await cache.aadd(key, 0, seconds)
-    try:
-        count = await cache.aincr(key)
-    except ValueError:  # the window closed between add and incr: this attempt opens one
-        await cache.aset(f"{key}:opened", now, seconds)
-        await cache.aset(key, 1, seconds)
+    # The first attempt opens the window (both keys expire with it); later ones count in it:
+    # one cache call each while the window is open.
+    if cache.add(key, 1, seconds):
+        cache.set(f"{key}:opened", now, seconds)
         count = 1
+    else:
+        try:
+            count = cache.incr(key)
+        except ValueError:  # the window closed between add and incr: this attempt opens one
+            cache.set(f"{key}:opened", now, seconds)
+            cache.set(key, 1, seconds)
+            count = 1
     if count <= limit:
         return None
-    opened = await cache.aget(f"{key}:opened", now)
+    opened = cache.get(f"{key}:opened", now)
     return Limited(scope, max(1, round(opened + seconds - now)))
 
 
-async def apeek(scope: str, who: str) -> Limited | None:
+def peek(scope: str, who: str) -> Limited | None:
     """Whether `who` is over the limit now, without counting an attempt (a login checks
     before it tries and counts only failures)."""
     try:
         limit, seconds = settings.RUNBRAKE_RATE_LIMITS[scope]
         key = f"rl:{scope}:{who}"
-        count = await cache.aget(key, 0)
+        count = cache.get(key, 0)
         if count < limit:
             return None
         now = time.time()
-        opened = await cache.aget(f"{key}:opened", now)
+        opened = cache.get(f"{key}:opened", now)
         return Limited(scope, max(1, round(opened + seconds - now)))
     except Exception as exc:
         logger.warning("rate limit %s not read, the cache failed: %s", scope, exc)

@@ -6,13 +6,13 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
-from django.contrib.auth.views import LoginView
-from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.contrib.auth.views import LoginView, redirect_to_login
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import aget_object_or_404, get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_GET, require_POST
@@ -20,6 +20,7 @@ from django_htmx.http import trigger_client_event
 from django_htmx.middleware import HtmxDetails
 
 from . import live
+from .access import run_to_stop
 from .forms import LaunchForm, RunFilterForm
 from .hostile import as_id, stop_reason
 from .models import (
@@ -27,13 +28,14 @@ from .models import (
     Channel,
     IdempotencyConflict,
     Membership,
+    ProviderAccount,
     Run,
     RunAlreadyFinished,
     Status,
     Team,
     astop_each,
 )
-from .ratelimit import Limited, ahit, apeek
+from .ratelimit import Limited, ahit, hit, peek
 
 
 class HtmxHttpRequest(HttpRequest):
@@ -156,7 +158,7 @@ def launch_run(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
     team = membership.team
     if not membership.can_launch:
         return _refused(request, "Viewers can watch runs but not launch them.")
-    if limited := async_to_sync(ahit)("launch", str(request.user.pk)):
+    if limited := hit("launch", str(request.user.pk)):
         return _too_many(request, limited)
     form = LaunchForm(request.POST, team=team, username=request.user.get_username())
     if not form.is_valid():
@@ -265,27 +267,45 @@ def _stop_message(run: Run, requested: bool) -> tuple[str, str]:
     return f"Stopping run #{run.pk}; waiting for the provider to confirm.", "info"
 
 
-@require_POST
-@login_required
-async def stop_run(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
-    user = await request.auser()
-    assert user.is_authenticated  # login_required ran; this narrows the type
-    run = await aget_object_or_404(Run.objects.for_user(user), pk=pk)
-    membership = await Membership.objects.select_related("team").aget(
-        team_id=run.team_id, user=user
-    )
+@sync_to_async
+def _request_stop(
+    request: HtmxHttpRequest, pk: int
+) -> HttpResponseBase | tuple[Run, ProviderAccount, bool | RunAlreadyFinished]:
+    """Everything before the provider call, in one thread hop: the session and its user,
+    the run and the membership, the rate limit, and the stop intent, committed."""
+    # login_required's check, here rather than as the decorator: awaiting request.auser()
+    # would cost two hops of its own (the session, then the user) before this one.
+    if not request.user.is_authenticated:
+        return redirect_to_login(request.get_full_path())
+    found = run_to_stop(request.user, pk)
+    if found is None:
+        raise Http404("No Run matches the given query.")
+    run, membership = found
     if not membership.can_stop(run):
-        return await sync_to_async(_refused)(request, membership.stop_refusal)
-    if limited := await ahit("stop", str(user.pk)):
-        return await sync_to_async(_too_many)(request, limited)
+        return _refused(request, membership.stop_refusal)
+    if limited := hit("stop", str(request.user.pk)):
+        return _too_many(request, limited)
     # A one-click reason button and the free-text box share the name: the first said wins.
     reason = stop_reason(request.POST.getlist("reason"))
+    account = run.provider_account  # loaded with the run; request_stop's refresh forgets it
+    requested: bool | RunAlreadyFinished
     try:
-        outcome = await run.astop(actor=user, channel=Channel.BUTTON, reason=reason)
+        requested = run.request_stop(actor=request.user, channel=Channel.BUTTON, reason=reason)
     except RunAlreadyFinished as exc:
-        message, level, requested = str(exc), "error", False
+        requested = exc
+    return run, account, requested
+
+
+@require_POST
+async def stop_run(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
+    before = await _request_stop(request, pk)
+    if isinstance(before, HttpResponseBase):
+        return before
+    run, account, requested = before
+    if isinstance(requested, RunAlreadyFinished):
+        message, level, requested = str(requested), "error", False
     else:
-        requested = outcome.requested
+        await run.asend_requested_stop(requested, account)
         message, level = _stop_message(run, requested)
     if not request.htmx:
         await sync_to_async(messages.add_message)(
@@ -365,10 +385,10 @@ async def retry_stop(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
     """Send a stop the provider has not confirmed again, now, instead of at the next retry."""
     user = await request.auser()
     assert user.is_authenticated  # login_required ran; this narrows the type
-    run = await aget_object_or_404(Run.objects.for_user(user), pk=pk)
-    membership = await Membership.objects.select_related("team").aget(
-        team_id=run.team_id, user=user
-    )
+    found = await sync_to_async(run_to_stop)(user, pk)
+    if found is None:
+        raise Http404("No Run matches the given query.")
+    run, membership = found
     if not membership.can_stop(run):
         return await sync_to_async(_refused)(request, membership.stop_refusal)
     if limited := await ahit("stop", str(user.pk)):
@@ -434,7 +454,7 @@ def run_again(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
     if not membership_for(request, run.team_id).can_launch:
         return _refused(request, "Viewers can watch runs but not launch them.")
     # A launch like any other: counted by the same limit.
-    if limited := async_to_sync(ahit)("launch", str(request.user.pk)):
+    if limited := hit("launch", str(request.user.pk)):
         return _too_many(request, limited)
     again = run.launch_again(user=request.user)
     if request.htmx:
@@ -473,14 +493,14 @@ def throttled_login(
     name = login_name(request.POST.get("username", ""))
     buckets = [("login", f"{request.META.get('REMOTE_ADDR', '?')}:{name}"), ("login_name", name)]
     for scope, who in buckets:
-        if limited := async_to_sync(apeek)(scope, who):
+        if limited := peek(scope, who):
             refused = render(request, "runs/refused.html", {"message": limited.message}, status=429)
             refused["Retry-After"] = str(limited.retry_after)
             return refused
     answer = view(request)
     if not request.user.is_authenticated:
         for scope, who in buckets:
-            async_to_sync(ahit)(scope, who)
+            hit(scope, who)
     return answer
 
 

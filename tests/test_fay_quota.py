@@ -155,6 +155,21 @@ def test_a_429_from_fay_blocks_every_process_and_doubles_while_it_repeats(acme, 
     assert account.take_quota("status", now=now + dt.timedelta(seconds=200)) is None
 
 
+def test_an_account_without_a_quota_only_reads_its_blocks_and_locks_nothing(acme, sim):
+    """Nothing to count: no transaction and no row lock (on SQLite that is the database's
+    write lock, which a stop call would wait for behind the watcher's writes)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    account = fay_account(acme, sim, QuotaTier.UNLIMITED, "sim-x")
+    with CaptureQueriesContext(connection) as queries:
+        assert account.take_quota("stop") is None
+    assert [q["sql"].split()[0] for q in queries] == ["SELECT"]
+    assert "runs_quotablock" in queries[0]["sql"]
+    assert "FOR UPDATE" not in queries[0]["sql"]
+    assert QuotaSpend.objects.count() == 0
+
+
 # --- Against the simulator ----------------------------------------------------------------------
 
 

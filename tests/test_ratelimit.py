@@ -141,3 +141,20 @@ def test_run_again_counts_as_a_launch(client, bob, acme, fay_account):
     refused = client.post(reverse("runs:again", args=[done.pk]), **HTMX)
     assert refused.status_code == 429
     assert Run.objects.count() == 3
+
+
+def test_a_cache_that_cannot_count_lets_a_stop_through(client, bob, launch, monkeypatch, caplog):
+    """Scaled out the cache is Redis: a limiter that cannot count must not keep anyone from
+    stopping a run."""
+    from django.core.cache import caches
+
+    def down(*args, **kwargs):
+        raise ConnectionError("the cache is down")
+
+    monkeypatch.setattr(type(caches["default"]), "add", down)
+    client.force_login(bob)
+    runs = [launch(f"r{i}") for i in range(3)]
+    codes = [client.post(reverse("runs:stop", args=[r.pk]), **HTMX).status_code for r in runs]
+    assert codes == [200, 200, 200]
+    assert Run.objects.filter(status=Status.STOPPING).count() == 3
+    assert "rate limit stop not counted, the cache failed: the cache is down" in caplog.text

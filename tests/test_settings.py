@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,10 @@ PRODUCTION = {
     "ALLOWED_HOSTS": "runbrake.example.com",
     "RUNBRAKE_SIMULATORS": "false",
 }
+
+
+# Never connected to: `check` and printing settings open no database connection.
+POSTGRES = "postgres://runbrake@db.invalid:5432/runbrake"
 
 
 def manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -53,12 +58,65 @@ def test_production_settings_pass_check_deploy():
         ({"DATABASE_URL": "nosuch://x"}, "DATABASE_URL is not a valid database URL"),
         ({"REDIS_URL": "http://localhost"}, "REDIS_URL must be a redis:// URL"),
         ({"RUNBRAKE_RATE_LAUNCH": "lots"}, "RUNBRAKE_RATE_LAUNCH must look like 30/60"),
+        (
+            {"DATABASE_URL": POSTGRES, "RUNBRAKE_DB_POOL_MAX_SIZE": "many"},
+            "RUNBRAKE_DB_POOL_MAX_SIZE must be an integer",
+        ),
+        (
+            {"DATABASE_URL": POSTGRES, "RUNBRAKE_DB_POOL_MAX_SIZE": "0"},
+            "RUNBRAKE_DB_POOL_MAX_SIZE must be at least 1",
+        ),
+        (
+            {"DATABASE_URL": POSTGRES, "RUNBRAKE_DB_POOL_MIN_SIZE": "-1"},
+            "RUNBRAKE_DB_POOL_MIN_SIZE must be at least 0",
+        ),
+        (
+            {
+                "DATABASE_URL": POSTGRES,
+                "RUNBRAKE_DB_POOL_MIN_SIZE": "8",
+                "RUNBRAKE_DB_POOL_MAX_SIZE": "4",
+            },
+            "RUNBRAKE_DB_POOL_MAX_SIZE (4) must be at least RUNBRAKE_DB_POOL_MIN_SIZE (8)",
+        ),
+        ({"DATABASE_URL": POSTGRES, "RUNBRAKE_DB_POOL": "sometimes"}, "RUNBRAKE_DB_POOL must be"),
     ],
 )
 def test_bad_values_stop_start_up_with_a_clear_error(env, message):
     result = manage("check", **{**PRODUCTION, **env})
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def database_settings(**env: str) -> dict[str, object]:
+    result = manage(
+        "shell",
+        "-c",
+        "import json; from django.conf import settings; "
+        "d = settings.DATABASES['default']; "
+        "print(json.dumps({'pool': d.get('OPTIONS', {}).get('pool'), "
+        "'age': d['CONN_MAX_AGE']}))",
+        **{**PRODUCTION, **env},
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_it_pools_postgresql_connections_by_default_and_never_keeps_them_past_a_request():
+    assert database_settings(DATABASE_URL=POSTGRES) == {
+        "pool": {"min_size": 2, "max_size": 20},
+        "age": 0,
+    }
+    assert database_settings(
+        DATABASE_URL=POSTGRES,
+        RUNBRAKE_DB_POOL_MIN_SIZE="0",
+        RUNBRAKE_DB_POOL_MAX_SIZE="50",
+    ) == {"pool": {"min_size": 0, "max_size": 50}, "age": 0}
+    assert database_settings(DATABASE_URL=POSTGRES, RUNBRAKE_DB_POOL="false")["pool"] is None
+
+
+def test_it_does_not_pool_or_keep_sqlite_connections(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    assert database_settings(DATABASE_URL=url) == {"pool": None, "age": 0}
 
 
 def test_keys_are_ciphertext_at_rest_and_masked(fay_account):

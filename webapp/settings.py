@@ -175,8 +175,27 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
     }
     # A file, not memory: browser tests run the ASGI server in a subprocess that must see it.
     _db["TEST"] = {"NAME": env_str("TEST_DATABASE_NAME", str(BASE_DIR / ".test-db.sqlite3"))}
+    # CONN_MAX_AGE stays 0, as Django advises under ASGI: every request runs its database work
+    # on a thread of its own, so a connection kept open would never be used again, only closed
+    # whenever that thread's storage is collected. The long-lived threads (the watcher, live
+    # pushes) keep theirs anyway, since nothing closes it between calls. Opening SQLite is a
+    # file open and two PRAGMAs: 0.4 ms measured here.
 else:
     _db["TEST"] = {"NAME": env_str("TEST_DATABASE_NAME", f"test_{_db.get('NAME') or 'runbrake'}")}
+if _db["ENGINE"] == "django.db.backends.postgresql" and env_bool("RUNBRAKE_DB_POOL", True):
+    # Django's pool (psycopg_pool): a request takes an open connection and gives it back when
+    # it ends, instead of connecting (~5 ms here) and disconnecting every time. Each request
+    # in flight holds one (a stop until its provider call is answered), and so does each
+    # long-lived thread; a request that finds them all taken waits up to 30 s.
+    # It requires CONN_MAX_AGE=0 (parsed so above): closing a connection returns it.
+    _pool_min = env_int("RUNBRAKE_DB_POOL_MIN_SIZE", 2, minimum=0)
+    _pool_max = env_int("RUNBRAKE_DB_POOL_MAX_SIZE", 20, minimum=1)
+    if _pool_max < _pool_min:
+        raise ImproperlyConfigured(
+            f"RUNBRAKE_DB_POOL_MAX_SIZE ({_pool_max}) must be at least "
+            f"RUNBRAKE_DB_POOL_MIN_SIZE ({_pool_min})."
+        )
+    _db.setdefault("OPTIONS", {})["pool"] = {"min_size": _pool_min, "max_size": _pool_max}
 DATABASES = {"default": _db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
