@@ -138,6 +138,8 @@ def test_on_a_phone_each_run_is_a_card_with_its_status_and_cancel_in_view(
     row = page.locator(f"#run-row-{run.pk}")
     expect(row).to_have_attribute("data-status", "running")
     for part in (row.locator(".badge"), row.get_by_role("button", name=re.compile("Cancel"))):
+        # A later push may be swapping the row in: measure it once it is on screen.
+        expect(part).to_be_visible()
         box = part.bounding_box()
         assert box is not None
         assert box["x"] >= 0
