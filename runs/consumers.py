@@ -17,7 +17,6 @@ import weakref
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.http import QueryDict
 
@@ -28,7 +27,7 @@ from .models import Membership, Run
 from .views import list_page
 
 
-@database_sync_to_async
+@live.socket_query
 def _team_snapshot(
     user: Any, team_id: int, query: dict[str, list[str]]
 ) -> tuple[Membership, RunFilterForm | None, set[int], bool, str] | None:
@@ -45,7 +44,7 @@ def _team_snapshot(
     return found, kept, shown, page["rows_id"] == "run-rows", html
 
 
-@database_sync_to_async
+@live.socket_query
 def _run_snapshot(user: Any, run_id: int) -> tuple[Membership, str] | None:
     run = Run.objects.for_user(user).filter(pk=run_id).first()
     if run is None:
@@ -274,7 +273,7 @@ class TeamRunsConsumer(PushConsumer):
 WANT_INTERVAL = 1.0
 
 
-@database_sync_to_async
+@live.socket_query
 def _saved_output(run_id: int) -> str | None:
     return live.render_output(run_id)
 
