@@ -17,6 +17,7 @@ import weakref
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.http import QueryDict
 
@@ -27,7 +28,7 @@ from .models import Membership, Run
 from .views import list_page
 
 
-@live.socket_query
+@database_sync_to_async
 def _team_snapshot(
     user: Any, team_id: int, query: dict[str, list[str]]
 ) -> tuple[Membership, RunFilterForm | None, set[int], bool, str] | None:
@@ -44,7 +45,7 @@ def _team_snapshot(
     return found, kept, shown, page["rows_id"] == "run-rows", html
 
 
-@live.socket_query
+@database_sync_to_async
 def _run_snapshot(user: Any, run_id: int) -> tuple[Membership, str] | None:
     run = Run.objects.for_user(user).filter(pk=run_id).first()
     if run is None:
@@ -273,7 +274,7 @@ class TeamRunsConsumer(PushConsumer):
 WANT_INTERVAL = 1.0
 
 
-@live.socket_query
+@database_sync_to_async
 def _saved_output(run_id: int) -> str | None:
     return live.render_output(run_id)
 

@@ -31,11 +31,10 @@ import logging
 import re
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from asgiref.sync import async_to_sync, sync_to_async
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.db import DatabaseError, close_old_connections
 from django.template.loader import render_to_string
@@ -48,16 +47,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MESSAGE_TYPE = "push.html"
-
-
-def socket_query[**P, R](func: Callable[P, R]) -> Callable[P, Awaitable[R]]:
-    """A socket's database read (its handshake, its snapshot), on a pool thread of its own.
-    Outside a request, asgiref runs every thread-sensitive call on one shared thread, so under
-    load a connecting page queued behind the watcher's writes for seconds (a load run saw
-    viewers give up before their handshake was answered). The connection is closed (or
-    returned to the pool) after each call."""
-    return database_sync_to_async(func, thread_sensitive=False)
-
 
 # Every push must fit one websocket frame: daphne refuses to *send* a message over its 64 KiB
 # limit (serve.py) and the consumer dies with it, so a run with a long output could never be

@@ -15,13 +15,12 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user
 from django.contrib.auth.models import AnonymousUser
 from django.db import router
 from django.http import parse_cookie
-
-from . import live
 
 # What Channels' session and auth middleware put in a scope; never passed on from here.
 DROPPED = ("cookies", "session")
@@ -65,7 +64,7 @@ def session_key(scope: dict[str, Any]) -> str | None:
     return parse_cookie(cookies.decode("latin-1")).get(settings.SESSION_COOKIE_NAME) or None
 
 
-@live.socket_query
+@database_sync_to_async
 def user_for(key: str) -> Any:
     """The session's user, as little of it as a socket needs, or AnonymousUser."""
     store = import_module(settings.SESSION_ENGINE).SessionStore(key)
