@@ -25,7 +25,7 @@ def _frame(text: str) -> tuple[str, str]:
 
 def area(path: str) -> str:
     """A short name for where a frame's file lives (py-spy gives paths relative to the
-    import path: `django/db/models/query.py`, `asyncio/events.py`, `runs/live.py`)."""
+    import path: `django/db/models/query.py`, `asyncio/events.py`, `runs/realtime/live.py`)."""
     parts = path.split("/")
     top = parts[0].removesuffix(".py")
     if top in OURS:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .models import Membership, Run
+from runs.models import Membership, Run
 
 
 def run_to_stop(user: Any, pk: int) -> tuple[Run, Membership] | None:

@@ -24,8 +24,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from .hostile import as_id
-from .models import (
+from runs.models import (
     ACTIVE,
     FINISHED,
     FORCE_REASON_MAX,
@@ -42,7 +41,8 @@ from .models import (
     Team,
     astop_runs,
 )
-from .views import throttled_login
+from runs.security.hostile import as_id
+from runs.web.views import throttled_login
 
 admin.site.site_header = "Runbrake operations"
 # The admin's login form is limited like Runbrake's own (failed attempts per address and name).

@@ -39,13 +39,13 @@ from django.db.models import F
 from django.urls import reverse
 from django.utils import timezone
 
-from . import live
-from .crypto import EncryptedTextField, mask
-from .hostile import stop_reason
-from .providers import PROVIDERS, ProviderConfig, ProviderError, get_provider
-from .providers.base import Finished, Provider, QuotaExhausted, Refusal, StopResult
-from .providers.destinations import check_url
-from .providers.http import shared_client
+from runs.providers import PROVIDERS, ProviderConfig, ProviderError, get_provider
+from runs.providers.base import Finished, Provider, QuotaExhausted, Refusal, StopResult
+from runs.providers.destinations import check_url
+from runs.providers.http import shared_client
+from runs.realtime import live
+from runs.security.crypto import EncryptedTextField, mask
+from runs.security.hostile import stop_reason
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser, AnonymousUser

@@ -10,7 +10,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from runs.openapi import SCHEMA
+from runs.web.openapi import SCHEMA
 
 DOCUMENT = "urn:runbrake:openapi"
 _REGISTRY = Registry().with_resource(

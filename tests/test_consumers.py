@@ -10,8 +10,8 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.test import Client
 
-from runs import live
 from runs.models import Channel
+from runs.realtime import live
 from webapp.asgi import application
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -113,7 +113,7 @@ async def test_a_client_that_sends_anything_is_disconnected(bob, acme):
 async def test_pushes_requested_together_coalesce_and_a_new_run_is_still_inserted(
     bob, acme, launch
 ):
-    from runs import live
+    from runs.realtime import live
 
     communicator, connected = await connect(f"/ws/teams/{acme.pk}/", bob)
     assert connected
@@ -159,7 +159,7 @@ async def test_pushes_from_sync_code_reach_the_socket_in_order(bob, launch):
 
 
 async def test_a_push_is_rendered_only_for_groups_someone_listens_to(bob, launch, monkeypatch):
-    from runs import live
+    from runs.realtime import live
 
     rendered: list[int] = []
     real = live.render_detail

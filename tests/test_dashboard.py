@@ -11,8 +11,8 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from runs.dashboard import parse_period, percentile
 from runs.models import ProviderAccount, Run, Status
+from runs.web.dashboard import parse_period, percentile
 
 NOWHERE = "http://127.0.0.1:9/unused"  # nothing is sent: no watcher runs in these tests
 

@@ -12,7 +12,7 @@ from asgiref.testing import ApplicationCommunicator
 from django.db import connection
 
 from runs.models import ApiToken
-from runs.watcher import _claim
+from runs.watcher.watcher import _claim
 from webapp.asgi import application
 
 pytestmark = [

@@ -17,7 +17,7 @@ from asgiref.sync import sync_to_async
 from runs.models import Channel, Run, RunEvent, Status
 from runs.providers.base import Finished, ProviderConfig
 from runs.providers.dify import DifyProvider
-from runs.watcher import Watcher
+from runs.watcher.watcher import Watcher
 from simulators.dify import answer_text, topic_of
 from tests.conftest import SIM_BASE, sim_account
 

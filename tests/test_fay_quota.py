@@ -27,7 +27,7 @@ from runs.models import (
     astop_runs,
 )
 from runs.providers.base import QuotaExhausted
-from runs.watcher import Watcher
+from runs.watcher.watcher import Watcher
 from tests.wire import Answer
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -132,7 +132,7 @@ def test_a_replayed_event_changes_nothing(hooked):
 
 def test_a_bad_signature_is_refused_with_401_and_logged(hooked, caplog):
     account, run = hooked
-    caplog.set_level(logging.WARNING, logger="runs.webhooks")
+    caplog.set_level(logging.WARNING, logger="runs.web.webhooks")
     forged = "sha256=" + "0" * 64
     response = deliver(account, "webhook_output.json", signature=forged)
     assert response.status_code == 401

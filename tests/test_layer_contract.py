@@ -1,4 +1,4 @@
-"""The contract runs/layers.py holds with the private parts of Channels, channels-redis and
+"""The contract runs/realtime/layers.py holds with the private parts of Channels, channels-redis and
 asgiref. An upgrade that renames or reshapes any of them fails here, not in production (where
 a missing name would silently turn into lost pushes or a layer that never resyncs)."""
 
@@ -17,7 +17,7 @@ from asgiref.sync import SyncToAsync, sync_to_async
 from channels import layers as channels_layers
 from channels_redis import pubsub
 
-from runs import layers
+from runs.realtime import layers
 
 ROOT = Path(__file__).resolve().parent.parent
 

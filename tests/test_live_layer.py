@@ -3,7 +3,7 @@ full member loses only its own copy; members that left get nothing."""
 
 from __future__ import annotations
 
-from runs.layers import InMemoryChannelLayer as LocalChannelLayer
+from runs.realtime.layers import InMemoryChannelLayer as LocalChannelLayer
 
 
 async def test_it_delivers_each_message_to_every_member_in_order() -> None:

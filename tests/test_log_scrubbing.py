@@ -47,7 +47,7 @@ async def test_a_provider_error_with_the_key_in_scope_logs_only_a_masked_key(
     )
     account = await ProviderAccount.objects.aget(pk=created.pk)  # decrypted from the column
     provider = account.provider()
-    logger = logging.getLogger("runs.watcher")
+    logger = logging.getLogger("runs.watcher.watcher")
     try:
         await provider.check()  # the simulator refuses keys that do not start with sim-
     except ProviderError as error:
@@ -71,7 +71,7 @@ async def test_a_provider_error_with_the_key_in_scope_logs_only_a_masked_key(
 
 def test_bearer_tokens_and_key_fields_are_masked(bob, log_output):
     token = ApiToken.issue(bob)
-    logger = logging.getLogger("runs.api")
+    logger = logging.getLogger("runs.web.api")
     logger.warning("refused request with Authorization: Bearer %s", token)
     logger.error("payload %s", {"api_key": "a-provider-key-0123456789", "prompt": "hello"})
     try:

@@ -1,4 +1,4 @@
-"""The output delta protocol (runs/live.py, "Output deltas") end to end: a real watcher
+"""The output delta protocol (runs/realtime/live.py, "Output deltas") end to end: a real watcher
 streaming from the IntelligenceBox simulator over HTTP, run pages on the real ASGI stack, and
 a model of what static/js/app.js does with the frames. Offsets must line up, a page that
 missed text must be made whole by asking, and what the database keeps must match what pages
@@ -16,9 +16,9 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 
-from runs import consumers, layers, live
 from runs.models import Run, Status
-from runs.watcher import Watcher
+from runs.realtime import consumers, layers, live
+from runs.watcher.watcher import Watcher
 from tests.conftest import sim_account
 from tests.livekit import eventually
 from tests.test_consumers import connect

@@ -130,7 +130,7 @@ def test_keys_are_ciphertext_at_rest_and_masked(fay_account):
 
 
 def test_rotated_keys_still_decrypt_old_rows(settings):
-    from runs import crypto
+    from runs.security import crypto
 
     old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
     settings.RUNBRAKE_ENCRYPTION_KEYS = [old]

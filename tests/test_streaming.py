@@ -14,7 +14,7 @@ from asgiref.sync import sync_to_async
 from django.utils import timezone
 
 from runs.models import Channel, ProviderAccount, Run, Status
-from runs.watcher import Watcher
+from runs.watcher.watcher import Watcher
 from tests.conftest import sim_account
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -92,7 +92,7 @@ def test_the_list_filters_by_status_provider_owner_and_text(as_bob, acme, launch
 
 
 def test_status_counts_stop_at_the_cap_and_say_so(as_bob, acme, launch, monkeypatch):
-    from runs import views
+    from runs.web import views
 
     monkeypatch.setattr(views, "COUNT_CAP", 2)
     for n in range(3):
@@ -695,8 +695,8 @@ def test_a_run_that_completed_despite_the_stop_says_so_in_the_list(client, bob, 
 def test_an_overlong_prompt_is_refused_with_the_limit_named_and_kept_whole(
     client, bob, fay_account
 ):
-    from runs.forms import MAX_PROMPT
     from runs.models import Run
+    from runs.web.forms import MAX_PROMPT
 
     client.force_login(bob)
     prompt = "word " * (MAX_PROMPT // 5) + "TRAILING DIRECTIVE sim:duration=1"
@@ -719,8 +719,8 @@ def test_an_overlong_prompt_is_refused_with_the_limit_named_and_kept_whole(
 
 
 def test_the_api_refuses_an_overlong_prompt_in_json(client, bob, fay_account):
-    from runs.forms import MAX_PROMPT
     from runs.models import ApiToken
+    from runs.web.forms import MAX_PROMPT
 
     token = ApiToken.issue(bob)
     response = client.post(

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from runs.models import Channel, ProviderAccount, Run, Status
 from runs.providers.base import Finished, Running, Started
-from runs.watcher import Session, Watcher
+from runs.watcher.watcher import Session, Watcher
 from tests.conftest import sim_account, start_at_provider
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -14,7 +14,7 @@ from django.contrib.sessions.models import Session
 from django.test import Client
 from django.utils import timezone
 
-from runs.wsauth import SessionUserMiddleware
+from runs.realtime.wsauth import SessionUserMiddleware
 from webapp.asgi import application
 
 pytestmark = pytest.mark.django_db(transaction=True)

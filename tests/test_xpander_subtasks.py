@@ -15,7 +15,7 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from runs.models import Channel, Run, Status
-from runs.watcher import Watcher
+from runs.watcher.watcher import Watcher
 from tests.conftest import sim_account
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -16,16 +16,17 @@ if settings.DEBUG:
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from runs.lifespan import lifespan  # noqa: E402
-from runs.origin import SameOriginValidator  # noqa: E402
-from runs.routing import websocket_urlpatterns  # noqa: E402
-from runs.wsauth import SessionUserMiddleware  # noqa: E402
+from runs.realtime.origin import SameOriginValidator  # noqa: E402
+from runs.realtime.routing import websocket_urlpatterns  # noqa: E402
+from runs.realtime.wsauth import SessionUserMiddleware  # noqa: E402
+from runs.watcher.lifespan import lifespan  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        # Scheme, host and port of the page must be the site's own (runs/origin.py); the user
-        # is read from the session once, and only the user is kept (runs/wsauth.py).
+        # Scheme, host and port of the page must be the site's own (runs/realtime/origin.py);
+        # the user is read from the session once, and only the user is kept
+        # (runs/realtime/wsauth.py).
         "websocket": SameOriginValidator(SessionUserMiddleware(URLRouter(websocket_urlpatterns))),
         # uvicorn sends lifespan events; daphne does not, so `manage.py serve` starts the
         # watcher itself once daphne is listening.

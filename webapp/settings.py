@@ -127,7 +127,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "runs.middleware.FriendlyNotFoundMiddleware",
+    "runs.web.middleware.FriendlyNotFoundMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -135,9 +135,9 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
-    "runs.middleware.HtmxSessionEndedMiddleware",
+    "runs.web.middleware.HtmxSessionEndedMiddleware",
     "django.middleware.csp.ContentSecurityPolicyMiddleware",
-    "runs.middleware.PrivacyHeadersMiddleware",
+    "runs.web.middleware.PrivacyHeadersMiddleware",
 ]
 
 ROOT_URLCONF = "webapp.urls"
@@ -210,16 +210,16 @@ if REDIS_URL:
         "default": {
             # Pub/sub: a group_send costs ~0.5 ms flat in the number of sockets (stack notes).
             # It may drop messages across reconnects; clients resync from the database.
-            # Ours (runs/layers.py): bounded backlogs that overflow into a resync, and a
+            # Ours (runs/realtime/layers.py): bounded backlogs that overflow into a resync, and a
             # resync of every viewer after a lost Redis connection comes back.
-            "BACKEND": "runs.layers.RedisPubSubChannelLayer",
+            "BACKEND": "runs.realtime.layers.RedisPubSubChannelLayer",
             "CONFIG": {"hosts": [REDIS_URL], "capacity": RUNBRAKE_CHANNEL_CAPACITY},
         }
     }
 else:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "runs.layers.InMemoryChannelLayer",
+            "BACKEND": "runs.realtime.layers.InMemoryChannelLayer",
             "CONFIG": {"capacity": RUNBRAKE_CHANNEL_CAPACITY},
         }
     }
@@ -279,7 +279,7 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 
 # --- Security -------------------------------------------------------------------------------
 SESSION_COOKIE_HTTPONLY = True
-CSRF_FAILURE_VIEW = "runs.views.csrf_failure"
+CSRF_FAILURE_VIEW = "runs.web.views.csrf_failure"
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
@@ -369,7 +369,7 @@ RUNBRAKE_RUNS_PER_PAGE = env_int("RUNBRAKE_RUNS_PER_PAGE", 25, minimum=1)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"scrub_secrets": {"()": "runs.logscrub.ScrubSecrets"}},
+    "filters": {"scrub_secrets": {"()": "runs.security.logscrub.ScrubSecrets"}},
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {
         "console": {

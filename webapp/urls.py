@@ -3,8 +3,8 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
 
-from runs import health
-from runs import views as runs_views
+from runs.web import health
+from runs.web import views as runs_views
 
 urlpatterns = [
     # Browsers (and the admin's pages) ask for it at the root.
@@ -15,7 +15,7 @@ urlpatterns = [
     # Our login (rate limited) shadows the one in django.contrib.auth.urls.
     path("accounts/login/", runs_views.login, name="login"),
     path("accounts/", include("django.contrib.auth.urls")),
-    path("", include("runs.urls")),
+    path("", include("runs.web.urls")),
 ]
 
 if settings.RUNBRAKE_SIMULATORS:

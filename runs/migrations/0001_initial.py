@@ -5,7 +5,7 @@ import django.utils.timezone
 from django.conf import settings
 from django.db import migrations, models
 
-import runs.crypto
+import runs.security.crypto
 
 
 class Migration(migrations.Migration):
@@ -30,7 +30,7 @@ class Migration(migrations.Migration):
                 ("base_url", models.URLField(max_length=500)),
                 (
                     "api_key",
-                    runs.crypto.EncryptedTextField(
+                    runs.security.crypto.EncryptedTextField(
                         help_text="Stored encrypted; never shown again after saving."
                     ),
                 ),

@@ -6,8 +6,8 @@ import django.db.models.deletion
 import django.utils.timezone
 from django.db import migrations, models
 
-import runs.crypto
 import runs.models
+import runs.security.crypto
 
 
 def fill_webhook_tokens(apps, schema_editor):
@@ -64,7 +64,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name="provideraccount",
             name="webhook_secret",
-            field=runs.crypto.EncryptedTextField(blank=True),
+            field=runs.security.crypto.EncryptedTextField(blank=True),
         ),
         # Added without the unique constraint, filled one token per row, then made unique:
         # a callable default gives every existing row the same value.

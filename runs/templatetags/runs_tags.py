@@ -23,7 +23,7 @@ def markdown(text: str) -> SafeString:
 def shown_output(text: str) -> str:
     """The end of a long output, from a line start: what the page and every push show. A push
     must fit one websocket frame (64 KiB under daphne), so the whole text is a link away."""
-    from runs.live import OUTPUT_SHOWN_CHARS
+    from runs.realtime.live import OUTPUT_SHOWN_CHARS
 
     text = text or ""
     if len(text) <= OUTPUT_SHOWN_CHARS:
@@ -56,7 +56,7 @@ def duration(seconds: float | None) -> str:
 def may_stop(membership: Any, run: Any) -> bool:
     """On a page, whether its viewer may stop this run (controls they cannot use are not
     rendered). A push has no viewer: it carries the controls between markers and each socket
-    removes those its user may not use (runs/live.py `for_viewer`)."""
+    removes those its user may not use (runs/realtime/live.py `for_viewer`)."""
     if membership is None or membership == "":
         return True
     return bool(membership.can_stop(run))

@@ -38,7 +38,7 @@ class Command(BaseCommand):
 
     async def _main(self, capacity: int | None, lag_file: str) -> None:
         from runs.management.commands.serve import start_loop_lag_probe
-        from runs.watcher import Watcher
+        from runs.watcher.watcher import Watcher
 
         if lag_file:
             start_loop_lag_probe(lag_file)

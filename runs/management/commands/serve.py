@@ -56,7 +56,7 @@ class Command(BaseCommand):
         from twisted.internet import defer
         from twisted.internet import reactor as twisted_reactor
 
-        from runs import watcher
+        from runs.watcher import watcher
         from webapp.asgi import application
 
         # Typed through IReactorCore, whose stub leaves out `self`.
@@ -115,7 +115,8 @@ class Command(BaseCommand):
 
     async def _shut_down(self) -> None:
         """After the port is closed: tell open pages to reconnect, then hand the runs back."""
-        from runs import consumers, watcher
+        from runs.realtime import consumers
+        from runs.watcher import watcher
 
         self.stdout.write(
             "Shutting down: handing the runs back (Ctrl-C again to stop waiting for streams "
@@ -127,7 +128,7 @@ class Command(BaseCommand):
         await watcher.stop_embedded()
 
     def _hurry(self) -> None:
-        from runs import watcher
+        from runs.watcher import watcher
 
         watcher.hurry_embedded()
 

@@ -13,9 +13,9 @@ from django.shortcuts import get_object_or_404, render
 from django.utils import timezone
 from django.views.decorators.http import require_http_methods
 
-from .hostile import as_id, text_problem
-from .models import ApiToken
-from .views import HtmxHttpRequest, toast
+from runs.models import ApiToken
+from runs.security.hostile import as_id, text_problem
+from runs.web.views import HtmxHttpRequest, toast
 
 EXPIRY_CHOICES = [
     ("", "Never"),

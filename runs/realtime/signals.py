@@ -1,6 +1,6 @@
 """Who may watch changes outside a socket's life: logging out, leaving a team, a new role,
-or a team's stop rule. Each tells the user's open sockets (runs/live.py), which close or check
-again, so a page never keeps receiving runs its user may no longer see."""
+or a team's stop rule. Each tells the user's open sockets (runs/realtime/live.py), which
+close or check again, so a page never keeps receiving runs its user may no longer see."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from . import live
-from .models import Membership, Team
+from runs.models import Membership, Team
+from runs.realtime import live
 
 
 @receiver(user_logged_out)

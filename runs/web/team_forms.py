@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from django import forms
 from django.contrib.auth import get_user_model
 
-from .models import (
+from runs.models import (
     Membership,
     ProviderAccount,
     ProviderKind,

@@ -1,5 +1,5 @@
 """Live updates: the only module that knows group names and talks to the channel layer
-(through the public API; the private parts live in runs/layers.py).
+(through the public API; the private parts live in runs/realtime/layers.py).
 
 Contract:
 - `team-<id>` carries the run rows of a team's shared list; `run-<id>` one run's detail and
@@ -39,10 +39,10 @@ from channels.layers import get_channel_layer
 from django.db import DatabaseError, close_old_connections
 from django.template.loader import render_to_string
 
-from . import layers
+from runs.realtime import layers
 
 if TYPE_CHECKING:
-    from .models import Membership, Run
+    from runs.models import Membership, Run
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def run_group(run_id: int) -> str:
 
 
 def load(run_id: int) -> Run:
-    from .models import Run
+    from runs.models import Run
 
     # Fragments never show the account's key: deferring it saves a decryption per push.
     return (
@@ -228,7 +228,7 @@ def _render(
 ) -> Rendered | None:
     """A run's pushes, rendered once for every viewer: (team id, row, row facts, detail);
     a part nobody listens to is not rendered (None)."""
-    from .models import Run
+    from runs.models import Run
 
     try:
         run = load(run_id)
@@ -323,7 +323,7 @@ async def _send_waiting(run_id: int) -> None:
 
 
 def render_output(run_id: int) -> str | None:
-    from .models import Run
+    from runs.models import Run
 
     run = (
         Run.objects.only(
@@ -535,7 +535,7 @@ async def listen_as_watcher(handler: Callable[[dict[str, Any]], None], pause: fl
 
 
 class Listener(Protocol):
-    """A socket of this process (runs/consumers.py)."""
+    """A socket of this process (runs/realtime/consumers.py)."""
 
     def deliver(self, message: dict[str, Any], cuts: dict[Any, str]) -> None:
         """Take one group message, without waiting; `cuts` is shared by every listener of

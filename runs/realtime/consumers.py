@@ -21,11 +21,11 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.http import QueryDict
 
-from . import live
-from .forms import RunFilterForm
-from .layers import RESYNC
-from .models import Membership, Run
-from .views import list_page
+from runs.models import Membership, Run
+from runs.realtime import live
+from runs.realtime.layers import RESYNC
+from runs.web.forms import RunFilterForm
+from runs.web.views import list_page
 
 
 @database_sync_to_async
@@ -225,7 +225,7 @@ class PushConsumer(AsyncWebsocketConsumer):
         return False
 
     async def push_resync(self, event: dict[str, Any]) -> None:
-        # Pushes were dropped (a full backlog, a lost Redis connection: runs/layers.py):
+        # Pushes were dropped (a full backlog, a lost Redis connection: runs/realtime/layers.py):
         # the snapshot from the database makes the page whole, as on a reconnect.
         _group, snapshot = await self.authorise(self.scope["user"])
         if snapshot is None:

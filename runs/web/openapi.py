@@ -10,8 +10,8 @@ from typing import Any
 
 from django.http import HttpRequest, JsonResponse
 
-from .hostile import MAX_ID
-from .models import Channel, Proof, ProviderKind, QuotaTier, Status
+from runs.models import Channel, Proof, ProviderKind, QuotaTier, Status
+from runs.security.hostile import MAX_ID
 
 NULLABLE_STRING: dict[str, Any] = {"type": ["string", "null"]}
 TIME: dict[str, Any] = {"type": ["string", "null"], "format": "date-time"}

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import consumers
+from runs.realtime import consumers
 
 websocket_urlpatterns = [
     path("ws/teams/<int:team_id>/", consumers.TeamRunsConsumer.as_asgi()),

@@ -19,11 +19,8 @@ from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import trigger_client_event
 from django_htmx.middleware import HtmxDetails
 
-from . import live
-from .access import run_to_stop
-from .forms import LaunchForm, RunFilterForm
-from .hostile import as_id, stop_reason
-from .models import (
+from runs.access import run_to_stop
+from runs.models import (
     FORCE_REASON_MAX,
     Channel,
     IdempotencyConflict,
@@ -35,7 +32,10 @@ from .models import (
     Team,
     astop_each,
 )
-from .ratelimit import Limited, ahit, hit, peek
+from runs.realtime import live
+from runs.security.hostile import as_id, stop_reason
+from runs.security.ratelimit import Limited, ahit, hit, peek
+from runs.web.forms import LaunchForm, RunFilterForm
 
 
 class HtmxHttpRequest(HttpRequest):

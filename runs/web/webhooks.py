@@ -17,10 +17,10 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from .models import ACTIVE, ProviderAccount, ProviderKind, Run, Status, WebhookEvent
-from .providers import ProviderError
-from .providers.base import Finished, Running
-from .providers.fay import SIGNATURE_HEADER, WebhookNews, parse_webhook, signature_ok
+from runs.models import ACTIVE, ProviderAccount, ProviderKind, Run, Status, WebhookEvent
+from runs.providers import ProviderError
+from runs.providers.base import Finished, Running
+from runs.providers.fay import SIGNATURE_HEADER, WebhookNews, parse_webhook, signature_ok
 
 logger = logging.getLogger(__name__)
 

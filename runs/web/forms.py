@@ -10,8 +10,8 @@ import jsonschema
 from django import forms
 from django.conf import settings
 
-from .hostile import MAX_DEPTH, as_id, json_problem, text_problem
-from .models import ProviderAccount, ProviderKind, Status, Team
+from runs.models import ProviderAccount, ProviderKind, Status, Team
+from runs.security.hostile import MAX_DEPTH, as_id, json_problem, text_problem
 
 MAX_PROMPT = 20_000
 

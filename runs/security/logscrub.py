@@ -2,7 +2,7 @@
 that masks provider keys this process has seen, bearer tokens and key-like header values in
 a record's message, its arguments and its traceback.
 
-Pure Python and cheap: the keys are registered by runs/crypto.py when they are encrypted or
+Pure Python and cheap: the keys are registered by runs/security/crypto.py when they are encrypted or
 decrypted, so the filter never touches the database."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 import re
 import threading
 
-from .crypto import mask
+from runs.security.crypto import mask
 
 _lock = threading.Lock()
 _known: set[str] = set()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from . import watcher
+from runs.watcher import watcher
 
 
 async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:

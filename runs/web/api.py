@@ -17,10 +17,8 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from .access import run_to_stop
-from .forms import JSON_FIELDS, OPTIONS_BY_KIND, LaunchForm
-from .hostile import MAX_DEPTH, as_id, as_whole_number, json_problem
-from .models import (
+from runs.access import run_to_stop
+from runs.models import (
     ApiToken,
     Channel,
     IdempotencyConflict,
@@ -32,8 +30,10 @@ from .models import (
     Status,
     astop_each,
 )
-from .ratelimit import Limited, ahit, hit
-from .views import HtmxHttpRequest
+from runs.security.hostile import MAX_DEPTH, as_id, as_whole_number, json_problem
+from runs.security.ratelimit import Limited, ahit, hit
+from runs.web.forms import JSON_FIELDS, OPTIONS_BY_KIND, LaunchForm
+from runs.web.views import HtmxHttpRequest
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200

@@ -26,10 +26,10 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
-from .models import Membership, ProviderAccount, ProviderKind, Role, Team
-from .providers import ProviderError
-from .team_forms import AddMemberForm, ProviderAccountForm, RoleForm, TeamSettingsForm
-from .views import HtmxHttpRequest, _refused, membership_for, toast
+from runs.models import Membership, ProviderAccount, ProviderKind, Role, Team
+from runs.providers import ProviderError
+from runs.web.team_forms import AddMemberForm, ProviderAccountForm, RoleForm, TeamSettingsForm
+from runs.web.views import HtmxHttpRequest, _refused, membership_for, toast
 
 
 def _unknown_action(request: HtmxHttpRequest) -> HttpResponseBase:

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import api, dashboard, openapi, teams, tokens, views, webhooks
+from runs.web import api, dashboard, openapi, teams, tokens, views, webhooks
 
 app_name = "runs"
 

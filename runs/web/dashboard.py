@@ -23,8 +23,8 @@ from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
-from .models import Proof, ProviderKind, Run, Status, Team
-from .views import HtmxHttpRequest, membership_for
+from runs.models import Proof, ProviderKind, Run, Status, Team
+from runs.web.views import HtmxHttpRequest, membership_for
 
 PERIODS: dict[str, tuple[dt.timedelta, str]] = {
     "day": (dt.timedelta(days=1), "last 24 hours"),

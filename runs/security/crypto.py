@@ -43,8 +43,8 @@ def decrypt(token: str) -> str:
 
 
 def _remember(secret: str) -> None:
-    # Every key this process handles becomes known to the log filter (runs/logscrub.py).
-    from .logscrub import remember
+    # Every key this process handles becomes known to the log filter (runs/security/logscrub.py).
+    from runs.security.logscrub import remember
 
     remember(secret)
 

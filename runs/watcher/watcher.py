@@ -34,8 +34,7 @@ from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
-from . import live
-from .models import (
+from runs.models import (
     ACTIVE,
     STOP_IN_PROGRESS,
     Channel,
@@ -45,8 +44,8 @@ from .models import (
     RunEvent,
     Status,
 )
-from .providers import ProviderError
-from .providers.base import (
+from runs.providers import ProviderError
+from runs.providers.base import (
     Event,
     Finished,
     OutputDelta,
@@ -58,6 +57,7 @@ from .providers.base import (
     StreamEnded,
     Waiting,
 )
+from runs.realtime import live
 
 logger = logging.getLogger(__name__)
 

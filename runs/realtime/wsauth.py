@@ -3,11 +3,12 @@
 Channels' AuthMiddlewareStack keeps the cookies, a lazy session and a lazy user (the whole
 row) in every socket's scope for the socket's whole life, a few kilobytes each. A consumer
 needs only who the user is: whether they may see a team or a run is read from the database
-when it connects and whenever a membership changes (runs/consumers.py), and logging out closes
-their sockets (runs/signals.py). So this middleware reads the session cookie, checks the
-session exactly as Django's auth does for a page (`get_user`: its backend, an active user, and
-the session hash that a password change invalidates), and leaves in the scope only `user`: a
-User with its id and username loaded, or AnonymousUser. No `cookies`, no `session`.
+when it connects and whenever a membership changes (runs/realtime/consumers.py), and logging
+out closes their sockets (runs/realtime/signals.py). So this middleware reads the session
+cookie, checks the session exactly as Django's auth does for a page (`get_user`: its backend,
+an active user, and the session hash that a password change invalidates), and leaves in the
+scope only `user`: a User with its id and username loaded, or AnonymousUser. No `cookies`, no
+`session`.
 """
 
 from __future__ import annotations
