@@ -36,16 +36,18 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connections, models, transaction
 from django.db.models import F
+from django.dispatch import Signal
 from django.urls import reverse
 from django.utils import timezone
 
 from runs.providers import PROVIDERS, ProviderConfig, ProviderError, get_provider
-from runs.providers.base import Finished, Provider, QuotaExhausted, Refusal, StopResult
+from runs.providers.base import Finished, Provider, Refusal, StopResult
 from runs.providers.destinations import check_url
+from runs.providers.errors import QuotaExhausted
 from runs.providers.http import shared_client
-from runs.realtime import live
-from runs.security.crypto import EncryptedTextField, mask
+from runs.security.crypto import EncryptedTextField
 from runs.security.hostile import stop_reason
+from runs.security.logscrub import mask
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
@@ -54,6 +56,15 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger(__name__)
+
+# What changed, said once the transaction has committed. The model says it; whoever shows runs
+# listens (runs/realtime/signals.py pushes to open pages and wakes the watchers), so the state
+# machine depends on nobody that displays it.
+run_changed = Signal()  # run_id: int, created: bool
+
+
+def announce_after_commit(run_id: int, *, created: bool = False) -> None:
+    transaction.on_commit(lambda: run_changed.send(sender=Run, run_id=run_id, created=created))
 
 
 class TeamQuerySet(models.QuerySet["Team"]):
@@ -835,8 +846,7 @@ class RunQuerySet(models.QuerySet["Run"]):
             channel=channel,
             message=f"Launched on {account.name}.",
         )
-        transaction.on_commit(lambda: live.push_run(run.pk, created=True))
-        transaction.on_commit(live.nudge_watchers)
+        announce_after_commit(run.pk, created=True)
         return run
 
 
@@ -1102,7 +1112,7 @@ class Run(models.Model):
                     message=message,
                     data=data or {},
                 )
-                transaction.on_commit(lambda: live.push_run(self.pk))
+                announce_after_commit(self.pk)
         self.refresh_from_db()
         return won
 
@@ -1134,7 +1144,7 @@ class Run(models.Model):
                 message=message,
                 data=data or {},
             )
-            transaction.on_commit(lambda: live.push_run(self.pk))
+            announce_after_commit(self.pk)
         self.refresh_from_db()
 
     def record_external_id(
@@ -1166,7 +1176,7 @@ class Run(models.Model):
                     else f"Sent to the provider as {external_id} (an id of Runbrake's own).",
                     data={"external_id": external_id},
                 )
-                transaction.on_commit(lambda: live.push_run(self.pk))
+                announce_after_commit(self.pk)
         self.refresh_from_db()
         return won
 
@@ -1203,7 +1213,7 @@ class Run(models.Model):
         with transaction.atomic():
             updated = Run.objects.filter(pk=self.pk, status=Status.RUNNING).update(**fields)
             if updated and changed:
-                transaction.on_commit(lambda: live.push_run(self.pk))
+                announce_after_commit(self.pk)
         if updated and changed:
             self.provider_status = provider_status
         return bool(updated)
@@ -1449,7 +1459,7 @@ class Run(models.Model):
             if Run.objects.filter(pk=self.pk, status__in=statuses).update(
                 updated_at=timezone.now(), version=F("version") + 1, **fields
             ):
-                transaction.on_commit(lambda: live.push_run(self.pk))
+                announce_after_commit(self.pk)
         self.refresh_from_db()
 
     def _stop_backoff(self) -> float:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from django.core.exceptions import ValidationError
 
-from runs.providers.base import ProviderConfig, ProviderError
+from runs.providers.base import ProviderConfig
 from runs.providers.destinations import check_url, refused_reason
+from runs.providers.errors import ProviderError
 from runs.providers.fay import FayProvider
 
 

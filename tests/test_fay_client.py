@@ -8,15 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
-from runs.providers.base import (
-    Finished,
-    ProviderConfig,
-    ProviderError,
-    QuotaExhausted,
-    Running,
-    Started,
-    Waiting,
-)
+from runs.providers.base import Finished, ProviderConfig, Running, Started, Waiting
+from runs.providers.errors import ProviderError, QuotaExhausted
 from runs.providers.fay import FayProvider
 
 

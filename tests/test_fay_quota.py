@@ -26,7 +26,7 @@ from runs.models import (
     Status,
     astop_runs,
 )
-from runs.providers.base import QuotaExhausted
+from runs.providers.errors import QuotaExhausted
 from runs.watcher.watcher import Watcher
 from tests.wire import Answer
 

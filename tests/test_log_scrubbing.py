@@ -15,7 +15,7 @@ import pytest
 from django.conf import settings
 
 from runs.models import ApiToken, ProviderAccount
-from runs.providers.base import ProviderError
+from runs.providers.errors import ProviderError
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -8,7 +8,8 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from runs.models import Channel, ProviderAccount, Run, RunEvent, Status
-from runs.providers.base import MAX_RETRY_AFTER, ProviderConfig, ProviderError, retry_after_seconds
+from runs.providers.base import MAX_RETRY_AFTER, ProviderConfig, retry_after_seconds
+from runs.providers.errors import ProviderError
 from runs.providers.fay import FayProvider
 from tests.wire import Answer, fixture
 

@@ -17,7 +17,8 @@ from runs.models import (
     RunAlreadyFinished,
     Status,
 )
-from runs.providers.base import ProviderError, StopResult
+from runs.providers.base import StopResult
+from runs.providers.errors import ProviderError
 
 # Every edge the state machine may take; anything else is a bug.
 EDGES = {

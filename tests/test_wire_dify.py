@@ -19,7 +19,6 @@ from runs.providers.base import (
     Finished,
     OutputDelta,
     ProviderConfig,
-    ProviderError,
     Running,
     Started,
     StreamEnded,
@@ -27,6 +26,7 @@ from runs.providers.base import (
     Waiting,
 )
 from runs.providers.dify import DifyProvider
+from runs.providers.errors import ProviderError
 from tests.wire import Answer, fixture
 
 pytestmark = pytest.mark.asyncio

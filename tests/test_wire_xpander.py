@@ -20,11 +20,11 @@ from runs.providers.base import (
     Finished,
     OutputDelta,
     ProviderConfig,
-    ProviderError,
     Running,
     Started,
     StreamEnded,
 )
+from runs.providers.errors import ProviderError
 from runs.providers.xpander import XpanderProvider
 from tests.wire import Answer, Replay, fixture
 

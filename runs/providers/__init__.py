@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import httpx
 
-from .base import Budget, Provider, ProviderConfig, ProviderError
+from .base import Budget, Provider, ProviderConfig
 from .dify import DifyProvider
+from .errors import ProviderError
 from .fay import FayProvider
 from .intelligencebox import IntelligenceBoxProvider
 from .xpander import XpanderProvider

@@ -34,6 +34,9 @@ from urllib.parse import quote
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
+from .destinations import acheck_url
+from .errors import ProviderError, QuotaExhausted
+
 # What may not appear in an id that goes into a URL path.
 UNSAFE_SEGMENT = re.compile(r"/|\.\.|[\x00-\x1f\x7f]")
 
@@ -55,36 +58,6 @@ class ProviderConfig:
     timeout: float = 30.0
     # Only development and the demo may call loopback/private addresses (the simulators).
     allow_private: bool = False
-
-
-class ProviderError(Exception):
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        *,
-        retryable: bool = False,
-        retry_after: float | None = None,
-        http_status: int | None = None,
-    ) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.retryable = retryable
-        self.retry_after = retry_after
-        self.http_status = http_status
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "http_status": self.http_status}
-
-
-class QuotaExhausted(ProviderError):
-    """The account's budget for this kind of call is spent: nothing was sent. `retry_after`
-    says when the next call of this kind may go out; `message` says which quota, in words."""
-
-    def __init__(self, endpoint: str, retry_after: float, message: str) -> None:
-        super().__init__("QUOTA_EXHAUSTED", message, retryable=True, retry_after=retry_after)
-        self.endpoint = endpoint
 
 
 @dataclass(frozen=True)
@@ -327,8 +300,6 @@ class Provider:
 
     async def check_destination(self) -> None:
         if not self.config.allow_private:
-            from .destinations import acheck_url
-
             await acheck_url(self.config.base_url)
 
     def error_from(self, response: httpx.Response) -> ProviderError:

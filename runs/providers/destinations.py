@@ -10,7 +10,7 @@ import socket
 import time
 from urllib.parse import urlsplit
 
-from .base import ProviderError
+from .errors import ProviderError
 
 _CACHE_SECONDS = 60.0
 _checked: dict[tuple[str, int], float] = {}

@@ -22,7 +22,6 @@ from .base import (
     Finished,
     OutputDelta,
     Provider,
-    ProviderError,
     Running,
     Started,
     StatusResult,
@@ -36,6 +35,7 @@ from .base import (
     retry_after_seconds,
     start_stream,
 )
+from .errors import ProviderError
 
 MESSAGES = {
     "unauthorized": "Dify refused the app API key. The key is set on the Dify provider account "

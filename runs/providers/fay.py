@@ -28,8 +28,6 @@ from .base import (
     Event,
     Finished,
     Provider,
-    ProviderError,
-    QuotaExhausted,
     QuotaWait,
     Running,
     Started,
@@ -41,6 +39,7 @@ from .base import (
     parse_json,
     retry_after_seconds,
 )
+from .errors import ProviderError, QuotaExhausted
 
 TERMINAL: dict[str, TerminalStatus] = {
     "COMPLETED": COMPLETED,

@@ -28,7 +28,6 @@ from .base import (
     Finished,
     OutputDelta,
     Provider,
-    ProviderError,
     Running,
     Started,
     StatusResult,
@@ -41,6 +40,7 @@ from .base import (
     retry_after_seconds,
     start_stream,
 )
+from .errors import ProviderError
 
 STREAM_STATUS: dict[str, TerminalStatus | None] = {
     "active": None,

@@ -21,7 +21,6 @@ from .base import (
     Finished,
     OutputDelta,
     Provider,
-    ProviderError,
     Running,
     Source,
     Started,
@@ -35,6 +34,7 @@ from .base import (
     retry_after_seconds,
     start_stream,
 )
+from .errors import ProviderError
 
 # The SDK's AgentExecutionStatus. Older docs say `running` and `cancelled`: read as aliases.
 TASK_STATUS: dict[str, TerminalStatus | None] = {

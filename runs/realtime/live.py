@@ -32,17 +32,15 @@ import re
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from django.db import DatabaseError, close_old_connections
 from django.template.loader import render_to_string
 
+from runs.models import Membership, Role, Run
 from runs.realtime import layers
-
-if TYPE_CHECKING:
-    from runs.models import Membership, Run
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +69,7 @@ def for_viewer(html: str, membership: Membership) -> str:
     html = ADMIN_CONTROL.sub("", html)
     if not membership.can_launch:
         html = LAUNCH_CONTROL.sub("", html)
-    member = membership.role == "member"  # Role.MEMBER (models imports this module)
+    member = membership.role == Role.MEMBER
     if member and membership.team.members_can_stop_others:
         return html
 
@@ -142,8 +140,6 @@ def run_group(run_id: int) -> str:
 
 
 def load(run_id: int) -> Run:
-    from runs.models import Run
-
     # Fragments never show the account's key: deferring it saves a decryption per push.
     return (
         Run.objects.select_related("provider_account", "created_by", "stop_requested_by", "team")
@@ -228,8 +224,6 @@ def _render(
 ) -> Rendered | None:
     """A run's pushes, rendered once for every viewer: (team id, row, row facts, detail);
     a part nobody listens to is not rendered (None)."""
-    from runs.models import Run
-
     try:
         run = load(run_id)
     except Run.DoesNotExist:
@@ -323,8 +317,6 @@ async def _send_waiting(run_id: int) -> None:
 
 
 def render_output(run_id: int) -> str | None:
-    from runs.models import Run
-
     run = (
         Run.objects.only(
             "id", "version", "status", "provider", "output", "structured_output", "team_id"

@@ -1,6 +1,8 @@
-"""Who may watch changes outside a socket's life: logging out, leaving a team, a new role,
-or a team's stop rule. Each tells the user's open sockets (runs/realtime/live.py), which
-close or check again, so a page never keeps receiving runs its user may no longer see."""
+"""What open pages and watchers hear, besides a socket's own messages: a run changed (the
+state machine announces it after commit; pages get the push, watchers a nudge for a launch),
+and who may watch changes outside a socket's life: logging out, leaving a team, a new role, or
+a team's stop rule. Each tells the user's open sockets (runs/realtime/live.py), which close or
+check again, so a page never keeps receiving runs its user may no longer see."""
 
 from __future__ import annotations
 
@@ -11,8 +13,15 @@ from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from runs.models import Membership, Team
+from runs.models import Membership, Run, Team, run_changed
 from runs.realtime import live
+
+
+@receiver(run_changed, sender=Run)
+def _run_changed(sender: Any, run_id: int, created: bool, **kwargs: Any) -> None:
+    live.push_run(run_id, created=created)
+    if created:
+        live.nudge_watchers()
 
 
 @receiver(user_logged_out)

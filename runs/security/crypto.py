@@ -9,6 +9,8 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import models
 
+from runs.security.logscrub import remember
+
 
 @functools.cache
 def _fernet() -> MultiFernet:
@@ -26,7 +28,8 @@ def check_keys() -> None:
 
 
 def encrypt(plaintext: str) -> str:
-    _remember(plaintext)
+    # Every key this process handles becomes known to the log filter.
+    remember(plaintext)
     return _fernet().encrypt(plaintext.encode()).decode()
 
 
@@ -38,30 +41,13 @@ def decrypt(token: str) -> str:
             "A stored provider key cannot be decrypted with RUNBRAKE_ENCRYPTION_KEYS: "
             "keep the old key in the list until every row is re-encrypted."
         ) from None
-    _remember(plaintext)
+    # Every key this process handles becomes known to the log filter.
+    remember(plaintext)
     return plaintext
-
-
-def _remember(secret: str) -> None:
-    # Every key this process handles becomes known to the log filter (runs/security/logscrub.py).
-    from runs.security.logscrub import remember
-
-    remember(secret)
 
 
 def rotate(token: str) -> str:
     return _fernet().rotate(token.encode()).decode()
-
-
-def mask(secret: str) -> str:
-    """What a human may see of a key: its last four characters, enough to tell two apart and
-    to match it with the provider's dashboard, never enough to use (its first four would often
-    be a known prefix like `sk-`; together they gave away eight)."""
-    if not secret:
-        return ""
-    if len(secret) <= 12:
-        return "•" * 8
-    return f"••••{secret[-4:]}"
 
 
 class EncryptedTextField(models.TextField):

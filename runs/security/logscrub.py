@@ -11,8 +11,6 @@ import logging
 import re
 import threading
 
-from runs.security.crypto import mask
-
 _lock = threading.Lock()
 _known: set[str] = set()
 _known_pattern: re.Pattern[str] | None = None
@@ -25,6 +23,17 @@ _SHAPES = re.compile(
     r"|(?P<shaped>\b(?:sk|app|rb)[-_][A-Za-z0-9_-]{12,})",
     re.IGNORECASE,
 )
+
+
+def mask(secret: str) -> str:
+    """What a human may see of a key: its last four characters, enough to tell two apart and
+    to match it with the provider's dashboard, never enough to use (its first four would often
+    be a known prefix like `sk-`; together they gave away eight)."""
+    if not secret:
+        return ""
+    if len(secret) <= 12:
+        return "•" * 8
+    return f"••••{secret[-4:]}"
 
 
 def remember(secret: str) -> None:

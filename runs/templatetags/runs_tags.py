@@ -7,6 +7,8 @@ from django import template
 from django.utils.safestring import SafeString, mark_safe
 from markdown_it import MarkdownIt
 
+from runs.realtime.live import OUTPUT_SHOWN_CHARS
+
 register = template.Library()
 
 # Raw HTML is off, so provider output can never inject markup; markdown-it also refuses
@@ -23,8 +25,6 @@ def markdown(text: str) -> SafeString:
 def shown_output(text: str) -> str:
     """The end of a long output, from a line start: what the page and every push show. A push
     must fit one websocket frame (64 KiB under daphne), so the whole text is a link away."""
-    from runs.realtime.live import OUTPUT_SHOWN_CHARS
-
     text = text or ""
     if len(text) <= OUTPUT_SHOWN_CHARS:
         return text

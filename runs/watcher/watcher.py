@@ -50,13 +50,13 @@ from runs.providers.base import (
     Finished,
     OutputDelta,
     Provider,
-    QuotaExhausted,
     QuotaWait,
     Running,
     Started,
     StreamEnded,
     Waiting,
 )
+from runs.providers.errors import QuotaExhausted
 from runs.realtime import live
 
 logger = logging.getLogger(__name__)
