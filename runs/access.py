@@ -1,18 +1,69 @@
-"""Who may do what to a run. Sync lookups that start from the user, so that a view makes them
-in the same thread hop as the rest of its database work."""
+"""Who may see what: every view, API call and socket finds "this user's team" and "this user's
+run" here (in the manner of healthchecks' `_get_check_for_user`). Another team's run or team
+looks exactly like one that does not exist: a 404 for pages, None for callers that answer in
+their own way (the JSON API, websockets).
+
+Sync lookups that start from the user, so that a view makes them in the same thread hop as the
+rest of its database work; the `a`-prefixed twins are for async views."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from runs.models import Membership, Run
+from django.http import Http404
+
+from runs.models import Membership, Run, RunQuerySet
+
+NOT_FOUND = "No such run in your teams."
 
 
-def run_to_stop(user: Any, pk: int) -> tuple[Run, Membership] | None:
-    """The user's run `pk`, with its provider account (the stop call needs it), and the user's
-    membership of its team (whether they may stop it); None when it is in none of their teams:
-    another team's run looks exactly like one that does not exist."""
-    run = Run.objects.for_user(user).select_related("provider_account").filter(pk=pk).first()
+def find_membership(user: Any, team_id: int) -> Membership | None:
+    """The user's membership of a team (with the team), or None."""
+    return Membership.objects.select_related("team").filter(team_id=team_id, user=user).first()
+
+
+async def afind_membership(user: Any, team_id: int) -> Membership | None:
+    return (
+        await Membership.objects.select_related("team").filter(team_id=team_id, user=user).afirst()
+    )
+
+
+def membership_for(user: Any, team_id: int) -> Membership:
+    """The user's membership of a team; any other team is a 404."""
+    if (membership := find_membership(user, team_id)) is None:
+        raise Http404("No such team among yours.")
+    return membership
+
+
+async def amembership_for(user: Any, team_id: int) -> Membership:
+    if (membership := await afind_membership(user, team_id)) is None:
+        raise Http404("No such team among yours.")
+    return membership
+
+
+def _visible_runs(user: Any, related: tuple[str, ...]) -> RunQuerySet:
+    runs = Run.objects.for_user(user)
+    # Never a bare select_related(): that follows every foreign key.
+    return runs.select_related(*related) if related else runs
+
+
+def run_for_user(user: Any, pk: int, *related: str) -> Run:
+    """The user's run `pk` (with `related` loaded); a run of another team is a 404."""
+    run = _visible_runs(user, related).filter(pk=pk).first()
+    if run is None:
+        raise Http404(NOT_FOUND)
+    return run
+
+
+def run_and_membership(user: Any, pk: int, *related: str) -> tuple[Run, Membership] | None:
+    """The user's run `pk` and their membership of its team (what they may do to it), or None
+    when it is in none of their teams."""
+    run = _visible_runs(user, related).filter(pk=pk).first()
     if run is None:
         return None
     return run, Membership.objects.select_related("team").get(team_id=run.team_id, user=user)
+
+
+def run_to_stop(user: Any, pk: int) -> tuple[Run, Membership] | None:
+    """`run_and_membership` with the provider account loaded: the stop call needs it."""
+    return run_and_membership(user, pk, "provider_account")

@@ -42,7 +42,7 @@ from runs.models import (
     astop_runs,
 )
 from runs.security.hostile import as_id
-from runs.web.views import throttled_login
+from runs.web.login import throttled_login
 
 admin.site.site_header = "Runbrake operations"
 # The admin's login form is limited like Runbrake's own (failed attempts per address and name).

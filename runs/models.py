@@ -634,6 +634,29 @@ class RunQuerySet(models.QuerySet["Run"]):
     def active(self) -> RunQuerySet:
         return self.filter(status__in=ACTIVE)
 
+    def listed(self) -> RunQuerySet:
+        """With what a list row shows, and without the account's key: a row never shows it,
+        and deferring it saves a decryption per row."""
+        return self.select_related("provider_account", "created_by", "stop_requested_by").defer(
+            "provider_account__api_key"
+        )
+
+    def page_before(self, cursor: int | None, size: int) -> tuple[list[Run], int | None]:
+        """One page, newest first, of the runs older than `cursor` (all when None), and the
+        cursor of the next page (None on the last).
+
+        A cursor instead of page numbers: a live list keeps gaining rows at the top, which
+        would shift every numbered page under the reader's feet."""
+        runs = self if cursor is None else self.filter(pk__lt=cursor)
+        rows: list[Run] = list(runs.order_by("-id")[: size + 1])
+        return rows[:size], rows[size - 1].pk if len(rows) > size else None
+
+    def status_counts(self, cap: int) -> dict[str, int]:
+        """Runs per status, each counted up to `cap` + 1: an index range scan per status, not
+        a count of the whole team, and the caller can say "1,000+"."""
+        runs = self.order_by()  # no ORDER BY: it would pick the list index over (team, status)
+        return {value: runs.filter(status=value)[: cap + 1].count() for value in Status.values}
+
     def stop_due(self, now: dt.datetime) -> RunQuerySet:
         """Stops whose (next) provider call is due: never sent, or a retry whose wait is over."""
         return self.filter(status__in=STOP_IN_PROGRESS, stop_next_attempt_at__lte=now).exclude(

@@ -3,8 +3,7 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
 
-from runs.web import health
-from runs.web import views as runs_views
+from runs.web import health, login
 
 urlpatterns = [
     # Browsers (and the admin's pages) ask for it at the root.
@@ -13,7 +12,7 @@ urlpatterns = [
     path("readyz", health.readyz, name="readyz"),
     path("admin/", admin.site.urls),
     # Our login (rate limited) shadows the one in django.contrib.auth.urls.
-    path("accounts/login/", runs_views.login, name="login"),
+    path("accounts/login/", login.login, name="login"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("", include("runs.web.urls")),
 ]

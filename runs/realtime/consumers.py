@@ -21,23 +21,22 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.http import QueryDict
 
-from runs.models import Membership, Run
+from runs.access import find_membership, run_and_membership
+from runs.models import Membership
 from runs.realtime import live
 from runs.realtime.layers import RESYNC
 from runs.web.forms import RunFilterForm
-from runs.web.views import list_page
 
 
 @database_sync_to_async
 def _team_snapshot(
     user: Any, team_id: int, query: dict[str, list[str]]
 ) -> tuple[Membership, RunFilterForm | None, set[int], bool, str] | None:
-    membership = Membership.objects.select_related("team").filter(user=user, team_id=team_id)
-    found = membership.first()
+    found = find_membership(user, team_id)
     if found is None:
         return None
     filters = RunFilterForm(QueryDict(urlencode(query, doseq=True)), team=found.team, user=user)
-    page = list_page(found.team, filters, (query.get("before") or [""])[0])
+    page = filters.list_page((query.get("before") or [""])[0])
     shown = {run.pk for run in page["runs"]}
     html = live.render_rows(page["runs"], page["rows_id"])
     # Most viewers filter nothing: they keep no form (a form per idle socket is kilobytes).
@@ -47,10 +46,10 @@ def _team_snapshot(
 
 @database_sync_to_async
 def _run_snapshot(user: Any, run_id: int) -> tuple[Membership, str] | None:
-    run = Run.objects.for_user(user).filter(pk=run_id).first()
-    if run is None:
+    found = run_and_membership(user, run_id)
+    if found is None:
         return None
-    membership = Membership.objects.select_related("team").get(user=user, team_id=run.team_id)
+    run, membership = found
     return membership, live.render_detail(live.load(run.pk))
 
 

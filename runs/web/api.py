@@ -32,8 +32,8 @@ from runs.models import (
 )
 from runs.security.hostile import MAX_DEPTH, as_id, as_whole_number, json_problem
 from runs.security.ratelimit import Limited, ahit, hit
+from runs.web.answers import HtmxHttpRequest
 from runs.web.forms import JSON_FIELDS, OPTIONS_BY_KIND, LaunchForm
-from runs.web.views import HtmxHttpRequest
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200

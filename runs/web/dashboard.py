@@ -23,8 +23,9 @@ from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
+from runs.access import membership_for
 from runs.models import Proof, ProviderKind, Run, Status, Team
-from runs.web.views import HtmxHttpRequest, membership_for
+from runs.web.answers import HtmxHttpRequest
 
 PERIODS: dict[str, tuple[dt.timedelta, str]] = {
     "day": (dt.timedelta(days=1), "last 24 hours"),
@@ -529,7 +530,7 @@ def build_dashboard(team: Team, period: str, now: dt.datetime | None = None) -> 
 @login_required
 def team_dashboard(request: HtmxHttpRequest, team_id: int) -> HttpResponse:
     """Any member of the team may look, viewers included; another team's is a 404."""
-    membership = membership_for(request, team_id)
+    membership = membership_for(request.user, team_id)
     period = parse_period(request.GET.get("period"))
     context = {
         "team": membership.team,

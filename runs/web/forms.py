@@ -10,7 +10,7 @@ import jsonschema
 from django import forms
 from django.conf import settings
 
-from runs.models import ProviderAccount, ProviderKind, Status, Team
+from runs.models import ProviderAccount, ProviderKind, Run, Status, Team
 from runs.security.hostile import MAX_DEPTH, as_id, json_problem, text_problem
 
 MAX_PROMPT = 20_000
@@ -322,6 +322,23 @@ class RunFilterForm(forms.Form):
         if reason := self.value("reason"):
             runs = runs.filter(stop_reason__icontains=reason)
         return runs
+
+    def list_page(self, before: str | None) -> dict[str, Any]:
+        """The page of the team's runs this filter selects, before the cursor `before`: what
+        the list template and its socket's snapshot render."""
+        cursor = as_id(before)
+        runs, next_cursor = (
+            self.apply(Run.objects.for_team(self.team))
+            .listed()
+            .page_before(cursor, settings.RUNBRAKE_RUNS_PER_PAGE)
+        )
+        return {
+            "runs": runs,
+            "next_cursor": next_cursor,
+            # Only the newest page takes live insertions of new runs.
+            "rows_id": "run-rows" if cursor is None else "run-rows-older",
+            "cursor": cursor,
+        }
 
     def matches(self, meta: dict[str, Any]) -> bool:
         """The same test as `apply`, on a pushed run's facts (no database round trip)."""

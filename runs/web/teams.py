@@ -26,14 +26,15 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
+from runs.access import amembership_for, membership_for
 from runs.models import Membership, ProviderAccount, ProviderKind, Role, Team
 from runs.providers import ProviderError
+from runs.web.answers import HtmxHttpRequest, refused, toast
 from runs.web.team_forms import AddMemberForm, ProviderAccountForm, RoleForm, TeamSettingsForm
-from runs.web.views import HtmxHttpRequest, _refused, membership_for, toast
 
 
 def _unknown_action(request: HtmxHttpRequest) -> HttpResponseBase:
-    response = _refused(request, "This page cannot do that; reload it and try again.")
+    response = refused(request, "This page cannot do that; reload it and try again.")
     response.status_code = 400
     return response
 
@@ -192,11 +193,11 @@ MEMBER_ACTIONS: dict[str, Callable[[HtmxHttpRequest, Membership], Outcome]] = {
 @require_http_methods(["GET", "POST"])
 @login_required
 def members(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
-    membership = membership_for(request, team_id)
+    membership = membership_for(request.user, team_id)
     if request.method == "GET":
         return render(request, "runs/members.html", _members_context(request, membership))
     if not membership.is_admin:
-        return _refused(request, "Only team admins can add or remove members and change roles.")
+        return refused(request, "Only team admins can add or remove members and change roles.")
     action = MEMBER_ACTIONS.get(request.POST.get("action", ""))
     if action is None:
         return _unknown_action(request)
@@ -271,9 +272,9 @@ def _accounts_context(
 @require_http_methods(["GET", "POST"])
 @login_required
 def accounts(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
-    membership = membership_for(request, team_id)
+    membership = membership_for(request.user, team_id)
     if not membership.is_admin:
-        return _refused(request, ADMINS_ONLY)
+        return refused(request, ADMINS_ONLY)
     team = membership.team
 
     if request.method == "GET":
@@ -322,12 +323,10 @@ async def test_account(request: HtmxHttpRequest, team_id: int, pk: int) -> HttpR
     Async, so a slow provider holds no thread while the admin waits for its answer."""
     user = await request.auser()
     assert user.is_authenticated  # login_required ran; this narrows the type
-    membership = await aget_object_or_404(
-        Membership.objects.select_related("team"), team_id=team_id, user=user
-    )
+    membership = await amembership_for(user, team_id)
     if not membership.is_admin:
         # The readable 403 page renders the top bar, which reads the database.
-        return await sync_to_async(_refused)(request, "Only team admins can test connections.")
+        return await sync_to_async(refused)(request, "Only team admins can test connections.")
     account = await aget_object_or_404(ProviderAccount.objects.filter(team_id=team_id), pk=pk)
     try:
         provider = account.provider()

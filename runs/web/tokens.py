@@ -15,7 +15,7 @@ from django.views.decorators.http import require_http_methods
 
 from runs.models import ApiToken
 from runs.security.hostile import as_id, text_problem
-from runs.web.views import HtmxHttpRequest, toast
+from runs.web.answers import HtmxHttpRequest, toast
 
 EXPIRY_CHOICES = [
     ("", "Never"),

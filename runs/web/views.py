@@ -1,25 +1,19 @@
 from __future__ import annotations
 
 import json
-import unicodedata
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from asgiref.sync import sync_to_async
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.models import User
-from django.contrib.auth.views import LoginView, redirect_to_login
+from django.contrib.auth.views import redirect_to_login
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase
-from django.shortcuts import aget_object_or_404, get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_GET, require_POST
-from django_htmx.http import trigger_client_event
-from django_htmx.middleware import HtmxDetails
 
-from runs.access import run_to_stop
+from runs.access import amembership_for, membership_for, run_for_user, run_to_stop
 from runs.models import (
     FORCE_REASON_MAX,
     Channel,
@@ -29,35 +23,13 @@ from runs.models import (
     Run,
     RunAlreadyFinished,
     Status,
-    Team,
     astop_each,
 )
 from runs.realtime import live
 from runs.security.hostile import as_id, stop_reason
-from runs.security.ratelimit import Limited, ahit, hit, peek
+from runs.security.ratelimit import ahit, hit
+from runs.web.answers import HtmxHttpRequest, refused, toast, too_many
 from runs.web.forms import LaunchForm, RunFilterForm
-
-
-class HtmxHttpRequest(HttpRequest):
-    """What our views receive: login_required has run, and django-htmx's middleware."""
-
-    htmx: HtmxDetails
-    user: User
-
-
-def membership_for(request: HtmxHttpRequest, team_id: int) -> Membership:
-    """The user's membership of a team; any other team is a 404."""
-    return get_object_or_404(
-        Membership.objects.select_related("team"), team_id=team_id, user=request.user
-    )
-
-
-def toast(response: HttpResponseBase, message: str, level: str = "info") -> HttpResponseBase:
-    # Aimed at <body>: htmx fires it on the requesting element otherwise, and a Cancel form
-    # that a push replaced meanwhile is detached, so the event would reach no listener.
-    return trigger_client_event(
-        response, "toast", {"level": level, "message": message, "target": "body"}
-    )
 
 
 @require_GET
@@ -71,41 +43,9 @@ def home(request: HtmxHttpRequest) -> HttpResponse:
     return redirect("runs:team", team_id=membership.team_id)
 
 
-def list_page(team: Team, filters: RunFilterForm, before: str | None) -> dict[str, Any]:
-    """One page of the team's runs, newest first, with a cursor to the next (older) page.
-
-    A cursor instead of page numbers: a live list keeps gaining rows at the top, which would
-    shift every numbered page under the reader's feet."""
-    # The rows never show the account's key: deferring it saves a decryption per row.
-    runs = (
-        filters.apply(Run.objects.for_team(team))
-        .select_related("provider_account", "created_by", "stop_requested_by")
-        .defer("provider_account__api_key")
-    )
-    cursor = as_id(before)
-    if cursor is not None:
-        runs = runs.filter(pk__lt=cursor)
-    size = settings.RUNBRAKE_RUNS_PER_PAGE
-    rows = list(runs.order_by("-id")[: size + 1])
-    return {
-        "runs": rows[:size],
-        "next_cursor": rows[size - 1].pk if len(rows) > size else None,
-        # Only the newest page takes live insertions of new runs.
-        "rows_id": "run-rows" if cursor is None else "run-rows-older",
-        "cursor": cursor,
-    }
-
-
 # Counts on the list stop at this many per status ("1,000+"): counting a big team's runs
 # exactly costs a scan of all of them on every page view (the dashboard has exact numbers).
 COUNT_CAP = 1000
-
-
-def status_counts(runs: Any) -> dict[str, int]:
-    """Runs per status, each counted up to COUNT_CAP + 1 (an index range scan, not a count
-    of the whole team)."""
-    runs = runs.order_by()  # no ORDER BY: it would pick the list index over (team, status)
-    return {value: runs.filter(status=value)[: COUNT_CAP + 1].count() for value in Status.values}
 
 
 def _shown_count(n: int, *, capped: bool) -> str:
@@ -117,7 +57,7 @@ def _list_context(
 ) -> dict[str, Any]:
     team = membership.team
     filters = RunFilterForm(request.GET, team=team, user=request.user)
-    counts = status_counts(filters.apply(Run.objects.for_team(team), with_status=False))
+    counts = filters.apply(Run.objects.for_team(team), with_status=False).status_counts(COUNT_CAP)
     query = filters.querystring()
     before = as_id(request.GET.get("before"))
     return {
@@ -140,26 +80,26 @@ def _list_context(
         ),
         "ws_query": "&".join(p for p in (query, f"before={before}" if before else "") if p),
         "form": form or LaunchForm(team=team, username=request.user.get_username()),
-        **list_page(team, filters, request.GET.get("before")),
+        **filters.list_page(request.GET.get("before")),
     }
 
 
 @require_GET
 @login_required
 def team_runs(request: HtmxHttpRequest, team_id: int) -> HttpResponse:
-    membership = membership_for(request, team_id)
+    membership = membership_for(request.user, team_id)
     return render(request, "runs/team_runs.html", _list_context(request, membership))
 
 
 @require_POST
 @login_required
 def launch_run(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
-    membership = membership_for(request, team_id)
+    membership = membership_for(request.user, team_id)
     team = membership.team
     if not membership.can_launch:
-        return _refused(request, "Viewers can watch runs but not launch them.")
+        return refused(request, "Viewers can watch runs but not launch them.")
     if limited := hit("launch", str(request.user.pk)):
-        return _too_many(request, limited)
+        return too_many(request, limited)
     form = LaunchForm(request.POST, team=team, username=request.user.get_username())
     if not form.is_valid():
         if request.htmx:
@@ -219,13 +159,10 @@ def launch_run(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
 @require_GET
 @login_required
 def run_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    run = get_object_or_404(
-        Run.objects.for_user(request.user).select_related(
-            "team", "provider_account", "created_by", "stop_requested_by"
-        ),
-        pk=pk,
+    run = run_for_user(
+        request.user, pk, "team", "provider_account", "created_by", "stop_requested_by"
     )
-    membership = membership_for(request, run.team_id)
+    membership = membership_for(request.user, run.team_id)
     events = list(run.events.select_related("actor").order_by("at", "id"))
     return render(
         request,
@@ -244,7 +181,7 @@ def run_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @login_required
 def run_output(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     """A run's whole output as text: pages and pushes show only its end (see live.py)."""
-    run = get_object_or_404(Run.objects.for_user(request.user), pk=pk)
+    run = run_for_user(request.user, pk)
     text = run.output
     kind, suffix = "text/plain", "txt"
     if not text and run.structured_output is not None:
@@ -282,9 +219,9 @@ def _request_stop(
         raise Http404("No Run matches the given query.")
     run, membership = found
     if not membership.can_stop(run):
-        return _refused(request, membership.stop_refusal)
+        return refused(request, membership.stop_refusal)
     if limited := hit("stop", str(request.user.pk)):
-        return _too_many(request, limited)
+        return too_many(request, limited)
     # A one-click reason button and the free-text box share the name: the first said wins.
     reason = stop_reason(request.POST.getlist("reason"))
     account = run.provider_account  # loaded with the run; request_stop's refresh forgets it
@@ -325,12 +262,10 @@ async def bulk_stop(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
     """Stop many runs: a preview of what will be stopped, then a per-run outcome report."""
     user = await request.auser()
     assert user.is_authenticated  # login_required ran; this narrows the type
-    membership = await aget_object_or_404(
-        Membership.objects.select_related("team"), team_id=team_id, user=user
-    )
+    membership = await amembership_for(user, team_id)
     team = membership.team
     if not membership.can_launch:
-        return await sync_to_async(_refused)(request, "Viewers can watch runs but not stop them.")
+        return await sync_to_async(refused)(request, "Viewers can watch runs but not stop them.")
     if request.POST.get("scope") == "all":
         # Admins stop the whole team's running work; members only their own.
         scope = Run.objects.for_team(team).filter(status__in=(Status.PENDING, Status.RUNNING))
@@ -352,7 +287,7 @@ async def bulk_stop(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
         return redirect("runs:team", team_id=team.pk)
     if request.POST.get("action") == "confirm":
         if limited := await ahit("stop", str(user.pk)):
-            return await sync_to_async(_too_many)(request, limited)
+            return await sync_to_async(too_many)(request, limited)
         results = await astop_each(
             ids, user=user, channel=Channel.BUTTON, reason=request.POST.get("reason", "")[:500]
         )
@@ -390,9 +325,9 @@ async def retry_stop(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
         raise Http404("No Run matches the given query.")
     run, membership = found
     if not membership.can_stop(run):
-        return await sync_to_async(_refused)(request, membership.stop_refusal)
+        return await sync_to_async(refused)(request, membership.stop_refusal)
     if limited := await ahit("stop", str(user.pk)):
-        return await sync_to_async(_too_many)(request, limited)
+        return await sync_to_async(too_many)(request, limited)
     if not await sync_to_async(run.retry_stop_now)(actor=user):
         message, level = _retry_refusal(run), "error"
     else:
@@ -407,12 +342,12 @@ async def retry_stop(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
 def force_stop(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
     """A team admin's last resort for a stop the provider never confirmed: marked stopped by
     hand, with a reason, and the page says so (not the provider)."""
-    run = get_object_or_404(Run.objects.for_user(request.user), pk=pk)
-    if not membership_for(request, run.team_id).is_admin:
-        return _refused(request, "Only team admins can mark a run stopped by hand.")
+    run = run_for_user(request.user, pk)
+    if not membership_for(request.user, run.team_id).is_admin:
+        return refused(request, "Only team admins can mark a run stopped by hand.")
     reason = (request.POST.get("reason") or "").strip()
     if not reason:
-        return _refused(request, "Say why you are sure the provider stopped (its dashboard, say).")
+        return refused(request, "Say why you are sure the provider stopped (its dashboard, say).")
     if run.force_mark_stopped(actor=request.user, reason=reason[:FORCE_REASON_MAX]):
         message, level = f"Run #{run.pk} marked stopped by hand: {reason[:80]}", "success"
     else:
@@ -448,14 +383,12 @@ def _answer_on_run(
 @require_POST
 @login_required
 def run_again(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
-    run = get_object_or_404(
-        Run.objects.for_user(request.user).select_related("provider_account"), pk=pk
-    )
-    if not membership_for(request, run.team_id).can_launch:
-        return _refused(request, "Viewers can watch runs but not launch them.")
+    run = run_for_user(request.user, pk, "provider_account")
+    if not membership_for(request.user, run.team_id).can_launch:
+        return refused(request, "Viewers can watch runs but not launch them.")
     # A launch like any other: counted by the same limit.
     if limited := hit("launch", str(request.user.pk)):
-        return _too_many(request, limited)
+        return too_many(request, limited)
     again = run.launch_again(user=request.user)
     if request.htmx:
         response = HttpResponse(status=204)
@@ -464,62 +397,9 @@ def run_again(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
     return redirect(again)
 
 
-def _too_many(request: HtmxHttpRequest, limited: Limited) -> HttpResponseBase:
-    response = _refused(request, limited.message)
-    response.status_code = 429
-    response["Retry-After"] = str(limited.retry_after)
-    return response
-
-
-def login(request: HttpRequest) -> HttpResponseBase:
-    """Django's login, with failed attempts limited (see `throttled_login`)."""
-    return throttled_login(request, LoginView.as_view())
-
-
-def login_name(raw: str) -> str:
-    """The username as Django authenticates it (stripped, NFKC-normalised), case-folded: a
-    respelling ("  carol ", fullwidth letters, "Carol") is the same guesser."""
-    return unicodedata.normalize("NFKC", (raw or "").strip()).casefold()[:150]
-
-
-def throttled_login(
-    request: HttpRequest, view: Callable[[HttpRequest], HttpResponseBase]
-) -> HttpResponseBase:
-    """A login form, Runbrake's or the admin's, with failed attempts limited per client address
-    and username, and per username from anywhere (higher). Successful logins count for
-    nothing, so an attacker slows down without the owner being locked out for long."""
-    if request.method != "POST":
-        return view(request)
-    name = login_name(request.POST.get("username", ""))
-    buckets = [("login", f"{request.META.get('REMOTE_ADDR', '?')}:{name}"), ("login_name", name)]
-    for scope, who in buckets:
-        if limited := peek(scope, who):
-            refused = render(request, "runs/refused.html", {"message": limited.message}, status=429)
-            refused["Retry-After"] = str(limited.retry_after)
-            return refused
-    answer = view(request)
-    if not request.user.is_authenticated:
-        for scope, who in buckets:
-            hit(scope, who)
-    return answer
-
-
-def _refused(request: HtmxHttpRequest, message: str) -> HttpResponseBase:
-    if request.htmx:
-        response = HttpResponse(message, status=403)
-        response["HX-Reswap"] = "none"
-        return toast(response, message, "error")
-    return render(request, "runs/refused.html", {"message": message}, status=403)
-
-
-def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
-    message = (
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponseBase:
+    return refused(
+        request,
         "Your session expired or this page is out of date, so the action was not carried "
-        "out. Reload the page and try again."
+        "out. Reload the page and try again.",
     )
-    if request.headers.get("HX-Request"):
-        response = HttpResponse(message, status=403)
-        response["HX-Reswap"] = "none"
-        toast(response, message, "error")
-        return response
-    return render(request, "runs/refused.html", {"message": message}, status=403)
