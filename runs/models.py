@@ -1203,16 +1203,6 @@ class Run(models.Model):
         self.refresh_from_db()
         return won
 
-    def record_output(self, text: str) -> None:
-        """Save the answer so far (the page got it as it arrived); no status change."""
-        Run.objects.filter(pk=self.pk, status__in=ACTIVE).update(
-            output=text,
-            stall_deadline=self._next_stall_deadline(),
-            updated_at=timezone.now(),
-            version=F("version") + 1,
-        )
-        self.output = text
-
     def record_output_complete(self) -> None:
         """The provider's own whole text arrived after a lost stream: nothing is missing."""
         if self.output_incomplete:

@@ -10,7 +10,7 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.test import Client
 
-from runs.models import Channel
+from runs.models import Channel, Run
 from runs.realtime import live
 from webapp.asgi import application
 
@@ -197,7 +197,7 @@ async def test_saving_output_pushes_nothing_and_frames_reach_only_the_run_page(b
     assert connected
     await team.receive_from(timeout=5)
 
-    await sync_to_async(run.record_output)("Hello **world**")
+    await sync_to_async(Run.objects.record_outputs)({run.pk: ("Hello **world**", 0)})
     assert await page.receive_nothing(timeout=0.3)
 
     class Source:

@@ -191,7 +191,7 @@ async def test_sockets_of_one_process_share_one_subscription_per_group(bob, alic
 async def test_a_want_is_answered_with_the_saved_output_at_most_once_a_second(bob, launch):
     run = await sync_to_async(launch)("wanted")
     await sync_to_async(run.mark_running)("PROCESSING")
-    await sync_to_async(run.record_output)("saved so far")
+    await sync_to_async(Run.objects.record_outputs)({run.pk: ("saved so far", 0)})
     page, connected = await connect(f"/ws/runs/{run.pk}/", bob)
     assert connected
     await page.receive_from(timeout=5)

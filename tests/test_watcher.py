@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from runs.models import Channel, ProviderAccount, Run, Status
 from runs.providers.base import Finished, Running, Started
-from runs.watcher.watcher import Session, Watcher
+from runs.watcher.watcher import OutputWriter, Session, Watcher
 from tests.conftest import sim_account, start_at_provider
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -107,7 +107,8 @@ async def test_a_stop_pressed_while_the_create_is_in_flight_is_sent_when_the_id_
     await run.astop(actor=bob, channel=Channel.BUTTON)
     assert run.status == Status.STOPPING
     assert not run.stop_sent_at
-    await Watcher().apply(run, Started(started.external_id))
+    session = Session(run, provider, writer=OutputWriter(interval=60))
+    await session.apply(Started(started.external_id))
     await run.arefresh_from_db()
     assert run.status == Status.STOPPED
     assert len(sim.stop_calls(started.external_id)) == 1
@@ -273,7 +274,7 @@ def test_output_and_a_new_provider_status_move_the_no_progress_deadline(bob, fay
     run.mark_running("PROCESSING")
     first = run.stall_deadline
     assert first is not None
-    run.record_output("partial")
+    Run.objects.record_outputs({run.pk: ("partial", run.no_progress_seconds)})
     run.refresh_from_db()
     assert run.stall_deadline > first
     moved, version = run.stall_deadline, run.version
@@ -291,7 +292,7 @@ async def test_a_repeated_progress_marker_is_not_progress_but_a_bare_still_worki
     only say it is still working, which must not look like a stall."""
     run = await sync_to_async(launch_guarded)(bob, fay_account, 120)
     await sync_to_async(run.mark_running)("active")
-    session = Session(run, fay_account.provider())
+    session = Session(run, fay_account.provider(), writer=OutputWriter(interval=60))
 
     async def deadline_after(event: Running) -> dt.datetime:
         await session.apply(event)
@@ -309,7 +310,7 @@ async def test_a_repeated_progress_marker_is_not_progress_but_a_bare_still_worki
 def test_zero_turns_the_no_progress_guardrail_off(bob, fay_account):
     run = launch_guarded(bob, fay_account, 0)
     run.mark_running("PROCESSING")
-    run.record_output("partial")
+    Run.objects.record_outputs({run.pk: ("partial", run.no_progress_seconds)})
     run.refresh_from_db()
     assert run.stall_deadline is None
     assert not Run.objects.stalled(timezone.now() + dt.timedelta(days=365)).exists()
@@ -374,9 +375,8 @@ async def test_a_dify_reply_that_ended_with_no_answer_after_the_stop_is_stopped(
     """Dify saves an empty answer for a reply stopped before its first word, exactly like one
     still generating; once its record settles empty after the stop, the stop landed."""
     run = await _dify_run_with_an_unconfirmed_stop(acme, sim, bob)
-    session = Session(
-        run, (await ProviderAccount.objects.aget(pk=run.provider_account_id)).provider()
-    )
+    account = await ProviderAccount.objects.aget(pk=run.provider_account_id)
+    session = Session(run, account.provider(), writer=OutputWriter(interval=60))
     await session.apply(Finished("completed", "history:no_answer", via="history"))
     await run.arefresh_from_db()
     assert run.status == Status.STOPPED
@@ -388,9 +388,8 @@ async def test_a_dify_reply_with_text_after_an_unconfirmed_stop_completed_despit
     acme, sim, bob
 ):
     run = await _dify_run_with_an_unconfirmed_stop(acme, sim, bob)
-    session = Session(
-        run, (await ProviderAccount.objects.aget(pk=run.provider_account_id)).provider()
-    )
+    account = await ProviderAccount.objects.aget(pk=run.provider_account_id)
+    session = Session(run, account.provider(), writer=OutputWriter(interval=60))
     await session.apply(
         Finished("completed", "history:answer", output="The whole answer.", via="history")
     )

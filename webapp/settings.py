@@ -348,7 +348,6 @@ RUNBRAKE_STOP_RECHECK_SECONDS = env_float("RUNBRAKE_STOP_RECHECK_SECONDS", 5.0, 
 RUNBRAKE_OUTPUT_PUSH_SECONDS = env_float("RUNBRAKE_OUTPUT_PUSH_SECONDS", 0.05, minimum=0.01)
 RUNBRAKE_OUTPUT_FLUSH_SECONDS = env_float("RUNBRAKE_OUTPUT_FLUSH_SECONDS", 1.0, minimum=0.01)
 RUNBRAKE_PROVIDER_TIMEOUT = env_float("RUNBRAKE_PROVIDER_TIMEOUT", 30.0, minimum=0.1)
-RUNBRAKE_POLL_INTERVAL = env_float("RUNBRAKE_POLL_INTERVAL", 2.0, minimum=0.05)
 RUNBRAKE_WATCHER_TICK = env_float("RUNBRAKE_WATCHER_TICK", 1.0, minimum=0.05)
 # A watcher renews its runs' leases every tick; a run whose lease lapsed (its watcher died)
 # is taken by another watcher on that one's next tick.

@@ -464,6 +464,18 @@ def parse_json(text: str) -> Any:
 MAX_START_ATTEMPTS = 5
 
 
+def retry_in(exc: ProviderError, attempt: int, *, idempotent: bool = False) -> float | None:
+    """Seconds to wait before trying a failed call again (its `attempt`-th failure), or None
+    to give up and raise. Only answers that prove nothing happened (429, 5xx, a refused
+    connection) are retried; a timeout may have started a run, so it is retried only for
+    `idempotent` calls (reads)."""
+    if not exc.retryable or attempt >= MAX_START_ATTEMPTS:
+        return None
+    if exc.code == "PROVIDER_TIMEOUT" and not idempotent:
+        return None
+    return exc.retry_after if exc.retry_after is not None else backoff_delay(attempt)
+
+
 async def start_stream(
     provider: Provider, path: str, body: Any
 ) -> AsyncGenerator[ServerSentEvent | Waiting]:
@@ -479,13 +491,8 @@ async def start_stream(
                 return
             except ProviderError as exc:
                 attempt += 1
-                if (
-                    not exc.retryable
-                    or exc.code == "PROVIDER_TIMEOUT"
-                    or attempt >= MAX_START_ATTEMPTS
-                ):
+                if (delay := retry_in(exc, attempt)) is None:
                     raise
-                delay = exc.retry_after if exc.retry_after is not None else backoff_delay(attempt)
                 if attempt == 1:
                     yield Waiting(exc.message, delay)
                 await asyncio.sleep(delay)

@@ -23,7 +23,6 @@ import httpx
 from .base import (
     COMPLETED,
     FAILED,
-    MAX_START_ATTEMPTS,
     STOPPED,
     Event,
     Finished,
@@ -38,6 +37,7 @@ from .base import (
     backoff_delay,
     parse_json,
     retry_after_seconds,
+    retry_in,
 )
 from .errors import ProviderError, QuotaExhausted
 
@@ -162,14 +162,10 @@ class FayProvider(Provider):
             except ProviderError as exc:
                 if exc.code == OVER_QUOTA:
                     raise await self.over_quota("create", exc) from None
-                # A timeout may have created the run: retrying could start it twice, so only
-                # answers that prove nothing was created (429, 5xx, refused connection) retry.
-                if not exc.retryable or exc.code == "PROVIDER_TIMEOUT":
-                    raise
+                # A timeout may have created the run: retrying could start it twice.
                 attempt += 1
-                if attempt >= MAX_START_ATTEMPTS:
+                if (delay := retry_in(exc, attempt)) is None:
                     raise
-                delay = exc.retry_after if exc.retry_after is not None else backoff_delay(attempt)
                 if attempt == 1:
                     # One event per backoff episode, not one per attempt.
                     yield Waiting(exc.message, delay)
@@ -270,9 +266,8 @@ class FayProvider(Provider):
                 await asyncio.sleep(exc.retry_after or 0.0)
             except ProviderError as exc:
                 attempt += 1
-                if not exc.retryable or attempt >= MAX_START_ATTEMPTS:
+                if (delay := retry_in(exc, attempt, idempotent=True)) is None:
                     raise
-                delay = exc.retry_after if exc.retry_after is not None else backoff_delay(attempt)
                 await asyncio.sleep(delay)
 
     async def _ended_before_the_stop(

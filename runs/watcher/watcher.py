@@ -39,7 +39,6 @@ from runs.models import (
     STOP_IN_PROGRESS,
     Channel,
     Proof,
-    ProviderAccount,
     Run,
     RunEvent,
     Status,
@@ -247,11 +246,6 @@ class Watcher:
         while pending := [*(self.sessions.values() if sessions else ()), *self.side_tasks]:
             await asyncio.gather(*pending, return_exceptions=True)
 
-    def nudge(self) -> None:
-        """Thread-safe: wake the loop now (a run was launched or a stop recorded)."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._wakeup.set)
-
     # --- One pass over the database -----------------------------------------------------------
 
     async def tick(self) -> None:
@@ -361,7 +355,7 @@ class Watcher:
                     return
                 events = provider.run(run.prompt, run.options)
             session = Session(
-                run, provider, on_started=lambda: self._started(pk), writer=self._output_writer()
+                run, provider, writer=self._output_writer(), on_started=lambda: self._started(pk)
             )
             self.live_sessions[pk] = session
             if provider.disconnect_aborts:
@@ -451,11 +445,6 @@ class Watcher:
             error=exc.message,
             proof=Proof.PROVIDER_REFUSAL if exc.http_status else Proof.RUNBRAKE,
         )
-
-    async def apply(self, run: Run, event: Any) -> None:
-        """Apply one provider event outside a session (tests; a lone Started)."""
-        account = await ProviderAccount.objects.aget(pk=run.provider_account_id)
-        await Session(run, account.provider()).apply(event)
 
 
 @sync_to_async(thread_sensitive=False)
@@ -571,8 +560,9 @@ class Session:
         self,
         run: Run,
         provider: Provider,
+        *,
+        writer: OutputWriter,
         on_started: Any = None,
-        writer: OutputWriter | None = None,
     ) -> None:
         self.run = run
         self.provider = provider
@@ -589,28 +579,16 @@ class Session:
         self.resend = False
         self.reported_output_after_stop = False
         self.progress_marker: str | None = None
-        self._flush_lock = asyncio.Lock()
 
     async def consume(self, events: AsyncGenerator[Event]) -> None:
-        # Reading the stream never waits for the database: deltas land in memory and are
-        # saved every RUNBRAKE_OUTPUT_FLUSH_SECONDS, by the watcher's shared writer (all of
-        # its runs in one transaction) or, for a lone session, by a flusher of its own. When
-        # writes are slow, flushes coalesce instead of a backlog building up in the socket.
-        flusher = None if self.writer else asyncio.create_task(self._flush_periodically())
+        # Reading the stream never waits for the database: deltas land in memory and the
+        # watcher's writer saves them every RUNBRAKE_OUTPUT_FLUSH_SECONDS (all of its runs in
+        # one transaction). When writes are slow, saves coalesce instead of a backlog building
+        # up in the socket.
         try:
             await self._consume(events)
         finally:
-            if flusher is not None:
-                flusher.cancel()
-                await asyncio.gather(flusher, return_exceptions=True)
             await self.flush()
-
-    async def _flush_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(settings.RUNBRAKE_OUTPUT_FLUSH_SECONDS)
-            if self.dirty:
-                await self.flush()
-                await self._check_output_after_stop()
 
     @property
     def run_id(self) -> int:
@@ -635,8 +613,7 @@ class Session:
     def want_text(self) -> None:
         """A page missed some output: send the whole text (its shown tail) next."""
         self.resend = True
-        if self.writer is not None:
-            self.writer.mark_unsent(self)
+        self.writer.mark_unsent(self)
 
     def take_text(self) -> str:
         """The writer takes the latest text to save; new deltas mark the session dirty again."""
@@ -661,14 +638,7 @@ class Session:
             source = following
 
     async def flush(self) -> None:
-        if self.writer is not None:
-            await self.writer.flush_now(self)
-            return
-        async with self._flush_lock:
-            if not self.dirty:
-                return
-            self.dirty = False
-            await sync_to_async(self.run.record_output)(self.text)
+        await self.writer.flush_now(self)
 
     async def apply(self, event: Any) -> str | None:
         run = self.run
@@ -701,18 +671,14 @@ class Session:
             case OutputDelta(text=text, replace=replace):
                 self.text = text if replace else self.text + text
                 self.resend = self.resend or replace
-                if self.writer is None:
-                    await live.send_frames([self])
-                else:
-                    self.writer.mark_unsent(self)
+                self.writer.mark_unsent(self)
                 if replace and self.incomplete:
                     # The provider's own whole text: nothing is missing any more.
                     self.incomplete = False
                     await sync_to_async(run.record_output_complete)()
                 if not self.dirty:
                     self.dirty = True
-                    if self.writer is not None:
-                        self.writer.mark(self)
+                    self.writer.mark(self)
             case Waiting(reason=reason, seconds=seconds):
                 await sync_to_async(run.record_event)(
                     RunEvent.Kind.BACKOFF,
@@ -852,11 +818,6 @@ def start_embedded() -> Watcher | None:
             _current = Watcher()
             _current.main_task = asyncio.get_running_loop().create_task(_current.run_forever())
         return _current
-
-
-def nudge() -> None:
-    if _current is not None:
-        _current.nudge()
 
 
 def hurry_embedded() -> None:
