@@ -595,7 +595,7 @@ def _action_prefix(request: HttpRequest) -> str:
 
 
 def _posted_reason(request: HttpRequest) -> str:
-    return request.POST.get(f"{_action_prefix(request)}reason", "").strip()[:500]
+    return request.POST.get(f"{_action_prefix(request)}reason", "").strip()
 
 
 @admin.register(ApiToken)

@@ -46,7 +46,7 @@ from runs.providers.destinations import check_url
 from runs.providers.errors import QuotaExhausted
 from runs.providers.http import shared_client
 from runs.security.crypto import EncryptedTextField
-from runs.security.hostile import stop_reason
+from runs.security.hostile import STOP_REASON_MAX, stop_reason
 from runs.security.logscrub import mask
 
 if TYPE_CHECKING:
@@ -516,20 +516,9 @@ class BulkStopResult:
     status: str | None
     message: str
 
-    LABELS = {
-        "stopped": "Stopped",
-        "stopping": "Stopping (awaiting confirmation)",
-        "queued": "Stop queued (provider quota)",
-        "unconfirmed": "Unconfirmed",
-        "already_finished": "Already finished",
-        "not_allowed": "Not allowed",
-        "not_found": "Not found",
-        "failed": "Failed",
-    }
-
     @property
-    def label(self) -> str:
-        return self.LABELS.get(self.outcome, self.outcome)
+    def is_stopped(self) -> bool:
+        return self.outcome == "stopped"
 
     @classmethod
     def after_stop(cls, run: Run) -> BulkStopResult:
@@ -943,7 +932,7 @@ class Run(models.Model):
         related_name="+",
     )
     stop_channel = models.CharField(max_length=10, choices=Channel.choices, blank=True)
-    stop_reason = models.CharField(max_length=500, blank=True)
+    stop_reason = models.CharField(max_length=STOP_REASON_MAX, blank=True)
     stop_deadline = models.DateTimeField(null=True, blank=True)
     stop_next_attempt_at = models.DateTimeField(null=True, blank=True)
     stop_attempts = models.PositiveIntegerField(default=0)
@@ -1002,6 +991,23 @@ class Run(models.Model):
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def is_stopped(self) -> bool:
+        return self.status == Status.STOPPED
+
+    @property
+    def is_failed(self) -> bool:
+        return self.status == Status.FAILED
+
+    @property
+    def is_stop_unconfirmed(self) -> bool:
+        return self.status == Status.STOP_UNCONFIRMED
+
+    @property
+    def stop_in_progress(self) -> bool:
+        """A stop was asked for and the provider has not confirmed it yet."""
+        return self.status in STOP_IN_PROGRESS
 
     @property
     def can_be_stopped(self) -> bool:
@@ -1506,6 +1512,7 @@ class Run(models.Model):
 
     def force_mark_stopped(self, *, actor: Any, reason: str) -> bool:
         """An admin's last resort for a stop the provider never confirmed; says so plainly."""
+        reason = stop_reason(reason)[:FORCE_REASON_MAX]
         now = timezone.now()
         return self._transition(
             STOP_IN_PROGRESS,
@@ -1517,9 +1524,7 @@ class Run(models.Model):
             data={"proof": Proof.ADMIN_FORCE},
             finished_at=now,
             stop_confirmed_at=now,
-            stop_confirmation=(
-                f"an admin's force-mark, not the provider ({reason[:FORCE_REASON_MAX]})"
-            ),
+            stop_confirmation=f"an admin's force-mark, not the provider ({reason})",
             proof=Proof.ADMIN_FORCE,
             stop_next_attempt_at=None,
         )

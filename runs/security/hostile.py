@@ -67,6 +67,10 @@ def as_whole_number(raw: Any, *, maximum: int) -> int | None:
     return None
 
 
+# A stop's reason is kept up to this many characters (the column's size).
+STOP_REASON_MAX = 500
+
+
 def stop_reason(said: list[str] | str) -> str:
     """A stop's reason as it is kept: the first one given (a one-click reason and the free
     text share a name), without characters that cannot be stored, at most 500 characters.
@@ -77,5 +81,5 @@ def stop_reason(said: list[str] | str) -> str:
             continue
         kept = _SURROGATE.sub("", text.replace("\x00", "")).strip()
         if kept:
-            return kept[:500]
+            return kept[:STOP_REASON_MAX]
     return ""

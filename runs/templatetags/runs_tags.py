@@ -16,6 +16,24 @@ register = template.Library()
 _markdown = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
 
 
+# What the bulk stop's report calls each outcome (BulkStopResult.outcome).
+OUTCOME_LABELS = {
+    "stopped": "Stopped",
+    "stopping": "Stopping (awaiting confirmation)",
+    "queued": "Stop queued (provider quota)",
+    "unconfirmed": "Unconfirmed",
+    "already_finished": "Already finished",
+    "not_allowed": "Not allowed",
+    "not_found": "Not found",
+    "failed": "Failed",
+}
+
+
+@register.filter
+def outcome_label(outcome: str) -> str:
+    return OUTCOME_LABELS.get(outcome, outcome)
+
+
 @register.filter
 def markdown(text: str) -> SafeString:
     return mark_safe(_markdown.render(text or ""))  # noqa: S308 - html disabled above

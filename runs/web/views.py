@@ -15,7 +15,6 @@ from django.views.decorators.http import require_GET, require_POST
 
 from runs.access import amembership_for, membership_for, run_for_user, run_to_stop
 from runs.models import (
-    FORCE_REASON_MAX,
     Channel,
     IdempotencyConflict,
     Membership,
@@ -194,7 +193,7 @@ def run_output(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 
 
 def _stop_message(run: Run, requested: bool) -> tuple[str, str]:
-    if run.status == "stopped":
+    if run.is_stopped:
         latency = f" in {run.stop_latency_ms} ms" if run.stop_latency_ms is not None else ""
         return f"Run #{run.pk} stopped{latency} — confirmed by {run.stop_confirmation}.", "success"
     if run.stop_error:
@@ -289,10 +288,10 @@ async def bulk_stop(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
         if limited := await ahit("stop", str(user.pk)):
             return await sync_to_async(too_many)(request, limited)
         results = await astop_each(
-            ids, user=user, channel=Channel.BUTTON, reason=request.POST.get("reason", "")[:500]
+            ids, user=user, channel=Channel.BUTTON, reason=request.POST.get("reason", "")
         )
         html = render_to_string("runs/partials.html#bulk-report", {"results": results})
-        stopped = sum(r.outcome == "stopped" for r in results)
+        stopped = sum(r.is_stopped for r in results)
         return toast(HttpResponse(html), f"{stopped} of {len(results)} stopped.", "info")
     runs = [
         run
@@ -348,7 +347,7 @@ def force_stop(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
     reason = (request.POST.get("reason") or "").strip()
     if not reason:
         return refused(request, "Say why you are sure the provider stopped (its dashboard, say).")
-    if run.force_mark_stopped(actor=request.user, reason=reason[:FORCE_REASON_MAX]):
+    if run.force_mark_stopped(actor=request.user, reason=reason):
         message, level = f"Run #{run.pk} marked stopped by hand: {reason[:80]}", "success"
     else:
         message, level = (
