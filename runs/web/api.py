@@ -17,7 +17,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from runs.access import run_to_stop
+from runs.access import amembership_for, run_to_stop
 from runs.models import (
     ApiToken,
     Channel,
@@ -278,67 +278,14 @@ async def _create_run(request: HtmxHttpRequest) -> JsonResponse:
     body = read_json(request)
     if isinstance(body, JsonResponse):
         return body
-    account_id = body.get("provider_account")
-    if not isinstance(account_id, int):
-        return error(
-            400,
-            "VALIDATION_ERROR",
-            "provider_account is required: the id of one of your provider accounts.",
-            field="provider_account",
-        )
-    account = await (
-        ProviderAccount.objects.for_user(request.user)
-        .select_related("team")
-        .filter(pk=account_id)
-        .afirst()
-    )
-    if account is None:
-        return error(
-            400,
-            "VALIDATION_ERROR",
-            f"No provider account {account_id} in your teams.",
-            field="provider_account",
-        )
-    membership = await Membership.objects.select_related("team").aget(
-        team_id=account.team_id, user=request.user
-    )
-    if not membership.can_launch:
-        return error(403, "FORBIDDEN", "Viewers can watch runs but not launch them.")
+    account = await _account_to_launch_on(request.user, body)
+    if isinstance(account, JsonResponse):
+        return account
     if limited := await ahit("launch", str(request.user.pk)):
         return too_many(limited)
-    for name in ("timeout_seconds", "no_progress_seconds"):
-        value = body.get(name, 0)
-        # Strict where the form is lenient: it reads {} as "not given" and "90" as 90.
-        if isinstance(value, bool) or not isinstance(value, int):
-            return error(
-                400, "VALIDATION_ERROR", f"{name} must be a whole number of seconds.", field=name
-            )
-    options = body.get("options")
-    if options is None:
-        options = {}
-    allowed = OPTIONS_BY_KIND.get(account.kind, ())
-    if not isinstance(options, dict) or (unknown := set(options) - set(allowed)):
-        return error(
-            400,
-            "VALIDATION_ERROR",
-            f"options for a {account.kind} account may only hold {', '.join(allowed) or 'nothing'}"
-            + (f"; unknown: {', '.join(sorted(unknown))}." if isinstance(options, dict) else "."),
-            field="options",
-        )
-    data: dict[str, Any] = {
-        "provider_account": account.pk,
-        "prompt": body.get("prompt") if isinstance(body.get("prompt"), str) else "",
-        "timeout_seconds": body.get("timeout_seconds", settings.RUNBRAKE_DEFAULT_TIMEOUT_SECONDS),
-        "no_progress_seconds": body.get(
-            "no_progress_seconds", settings.RUNBRAKE_NO_PROGRESS_SECONDS
-        ),
-        "clear_queue": options.get("clear_queue", True),
-    }
-    for name, value in options.items():
-        if name in JSON_FIELDS:
-            data[name] = json.dumps(value)
-        elif name != "clear_queue":
-            data[name] = value
+    data = _form_data(body, account)
+    if isinstance(data, JsonResponse):
+        return data
     form = await sync_to_async(_validated_form)(data, account, request.user.get_username())
     if form.errors:
         field, messages = next(iter(form.errors.items()))
@@ -369,6 +316,72 @@ async def _create_run(request: HtmxHttpRequest) -> JsonResponse:
     if replayed:
         response["Idempotent-Replayed"] = "true"
     return response
+
+
+async def _account_to_launch_on(user: Any, body: dict[str, Any]) -> ProviderAccount | JsonResponse:
+    """The body's provider account, if it is in one of the user's teams and they may launch
+    there; else the error to answer."""
+    account_id = body.get("provider_account")
+    if not isinstance(account_id, int):
+        return error(
+            400,
+            "VALIDATION_ERROR",
+            "provider_account is required: the id of one of your provider accounts.",
+            field="provider_account",
+        )
+    account = await (
+        ProviderAccount.objects.for_user(user).select_related("team").filter(pk=account_id).afirst()
+    )
+    if account is None:
+        return error(
+            400,
+            "VALIDATION_ERROR",
+            f"No provider account {account_id} in your teams.",
+            field="provider_account",
+        )
+    membership = await amembership_for(user, account.team_id)
+    if not membership.can_launch:
+        return error(403, "FORBIDDEN", "Viewers can watch runs but not launch them.")
+    return account
+
+
+def _form_data(body: dict[str, Any], account: ProviderAccount) -> dict[str, Any] | JsonResponse:
+    """The JSON body as the launch form's data, so that the API and the page validate a
+    launch with the same rules; the API is strict where the form is lenient (types)."""
+    for name in ("timeout_seconds", "no_progress_seconds"):
+        value = body.get(name, 0)
+        # The form reads {} as "not given" and "90" as 90.
+        if isinstance(value, bool) or not isinstance(value, int):
+            return error(
+                400, "VALIDATION_ERROR", f"{name} must be a whole number of seconds.", field=name
+            )
+    options = body.get("options")
+    if options is None:
+        options = {}
+    allowed = OPTIONS_BY_KIND.get(account.kind, ())
+    if not isinstance(options, dict) or (unknown := set(options) - set(allowed)):
+        return error(
+            400,
+            "VALIDATION_ERROR",
+            f"options for a {account.kind} account may only hold {', '.join(allowed) or 'nothing'}"
+            + (f"; unknown: {', '.join(sorted(unknown))}." if isinstance(options, dict) else "."),
+            field="options",
+        )
+    data: dict[str, Any] = {
+        "provider_account": account.pk,
+        "prompt": body.get("prompt") if isinstance(body.get("prompt"), str) else "",
+        "timeout_seconds": body.get("timeout_seconds", settings.RUNBRAKE_DEFAULT_TIMEOUT_SECONDS),
+        "no_progress_seconds": body.get(
+            "no_progress_seconds", settings.RUNBRAKE_NO_PROGRESS_SECONDS
+        ),
+        "clear_queue": options.get("clear_queue", True),
+    }
+    for name, value in options.items():
+        if name in JSON_FIELDS:
+            data[name] = json.dumps(value)
+        elif name != "clear_queue":
+            data[name] = value
+    return data
 
 
 def _validated_form(data: dict[str, Any], account: ProviderAccount, username: str) -> LaunchForm:
