@@ -384,6 +384,116 @@ def _add_spend(
         )
 
 
+@dataclass
+class StopSamples:
+    """What the sampled stopped runs say, per provider: stop latency (from the stop being
+    requested to the provider confirming it, in ms), the same per kind of proof, how long
+    runs had run when stopped, and their price where the provider reported one."""
+
+    latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    latencies_by_confirmation: dict[str, list[float]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    elapsed_at_stop: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    spent_at_stop: dict[str, list[tuple[Decimal, str]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+
+    @classmethod
+    def of(cls, stops: Iterable[tuple[Any, ...]]) -> StopSamples:
+        samples = cls()
+        for provider, proof, requested, confirmed, started, created, usage in stops:
+            if (price := price_of(usage)) is not None:
+                samples.spent_at_stop[provider].append(price)
+            latency = _seconds(confirmed, requested)
+            if latency is not None:
+                samples.latencies[provider].append(latency * 1000)
+                samples.latencies_by_confirmation[_proof_label(proof)].append(latency * 1000)
+            elapsed = _seconds(confirmed or requested, started or created)
+            if elapsed is not None:
+                samples.elapsed_at_stop[provider].append(max(0.0, elapsed))
+        return samples
+
+
+def _latency_section(latencies: dict[str, list[float]]) -> tuple[list[LatencyRow], Any]:
+    latency_rows = [
+        LatencyRow(
+            provider=kind,
+            label=short_provider(kind),
+            stops=len(latencies[kind]),
+            p50_ms=percentile(latencies[kind], 0.5) or 0.0,
+            p95_ms=percentile(latencies[kind], 0.95) or 0.0,
+        )
+        for kind in _provider_order(k for k, v in latencies.items() if v)
+    ]
+    latency_chart = None
+    if latency_rows:
+        frame = LATENCY_FRAME
+        ticks_ms = nice_scale(max(r.p95_ms for r in latency_rows))
+        top_ms = ticks_ms[-1]
+        for lrow in latency_rows:
+            lrow.p50_width = frame.scale(lrow.p50_ms, top_ms)
+            lrow.p95_width = frame.scale(lrow.p95_ms, top_ms)
+            lrow.end = frame.label + max(lrow.p50_width, lrow.p95_width) + 6
+        latency_chart = _chart(
+            frame,
+            latency_rows,
+            [Tick(frame.label + frame.scale(t, top_ms), format_ms(t)) for t in ticks_ms],
+        )
+    return latency_rows, latency_chart
+
+
+def _confirmation_rows(
+    stopped: Any, latencies_by_confirmation: dict[str, list[float]]
+) -> list[ConfirmationRow]:
+    """How each stop was proven: counted in the database by the run's proof."""
+    by_confirmation: dict[str, int] = defaultdict(int)
+    for row in stopped.values("proof").annotate(n=Count("pk")).order_by():
+        by_confirmation[_proof_label(row["proof"])] += row["n"]
+    total_stops = sum(by_confirmation.values())
+    return sorted(
+        (
+            ConfirmationRow(
+                label=label,
+                stops=n,
+                share=round(100 * n / total_stops, 1),
+                p50_ms=percentile(latencies_by_confirmation.get(label, []), 0.5),
+            )
+            for label, n in by_confirmation.items()
+        ),
+        key=lambda r: (-r.stops, r.label),
+    )
+
+
+def _saved_rows(samples: StopSamples, completed: Iterable[tuple[Any, ...]]) -> list[SavedRow]:
+    """Time saved: each stop against the provider's usual (median completed) run length."""
+    durations: dict[str, list[float]] = defaultdict(list)
+    prices: dict[str, list[tuple[Decimal, str]]] = defaultdict(list)
+    for provider, finished, started, created, usage in completed:
+        if (price := price_of(usage)) is not None:
+            prices[provider].append(price)
+        seconds = _seconds(finished, started or created)
+        if seconds is not None:
+            durations[provider].append(max(0.0, seconds))
+    saved_rows = []
+    for kind in _provider_order(samples.elapsed_at_stop):
+        usual = percentile(durations.get(kind, []), 0.5)
+        at_stop = samples.elapsed_at_stop[kind]
+        saved_row = SavedRow(
+            provider=kind,
+            label=short_provider(kind),
+            stops=len(at_stop),
+            completed=len(durations.get(kind, [])),
+            median_elapsed_s=percentile(at_stop, 0.5),
+            usual_s=usual,
+            # A stop after the usual length saved nothing, rather than negative time.
+            saved_s=None if usual is None else sum(max(0.0, usual - e) for e in at_stop),
+        )
+        _add_spend(saved_row, samples.spent_at_stop.get(kind, []), prices.get(kind, []))
+        saved_rows.append(saved_row)
+    return saved_rows
+
+
 def build_dashboard(team: Team, period: str, now: dt.datetime | None = None) -> dict[str, Any]:
     now = now or timezone.now()
     span, period_label = PERIODS[period]
@@ -412,92 +522,15 @@ def build_dashboard(team: Team, period: str, now: dt.datetime | None = None) -> 
         .values_list("provider", "finished_at", "started_at", "created_at", "usage")[:MAX_SAMPLES]
     )
 
-    # Stop latency: from the stop being requested to the provider confirming it.
-    latencies: dict[str, list[float]] = defaultdict(list)
-    latencies_by_confirmation: dict[str, list[float]] = defaultdict(list)
-    elapsed_at_stop: dict[str, list[float]] = defaultdict(list)
-    spent_at_stop: dict[str, list[tuple[Decimal, str]]] = defaultdict(list)
-    for provider, proof, requested, confirmed, started, created, usage in stops:
-        if (price := price_of(usage)) is not None:
-            spent_at_stop[provider].append(price)
-        latency = _seconds(confirmed, requested)
-        if latency is not None:
-            latencies[provider].append(latency * 1000)
-            latencies_by_confirmation[_proof_label(proof)].append(latency * 1000)
-        stop_at = confirmed or requested
-        elapsed = _seconds(stop_at, started or created)
-        if elapsed is not None:
-            elapsed_at_stop[provider].append(max(0.0, elapsed))
-
-    latency_rows = [
-        LatencyRow(
-            provider=kind,
-            label=short_provider(kind),
-            stops=len(latencies[kind]),
-            p50_ms=percentile(latencies[kind], 0.5) or 0.0,
-            p95_ms=percentile(latencies[kind], 0.95) or 0.0,
-        )
-        for kind in _provider_order(k for k, v in latencies.items() if v)
-    ]
-    latency_chart = None
-    if latency_rows:
-        frame = LATENCY_FRAME
-        ticks_ms = nice_scale(max(r.p95_ms for r in latency_rows))
-        top_ms = ticks_ms[-1]
-        for lrow in latency_rows:
-            lrow.p50_width = frame.scale(lrow.p50_ms, top_ms)
-            lrow.p95_width = frame.scale(lrow.p95_ms, top_ms)
-            lrow.end = frame.label + max(lrow.p50_width, lrow.p95_width) + 6
-        latency_chart = _chart(
-            frame,
-            latency_rows,
-            [Tick(frame.label + frame.scale(t, top_ms), format_ms(t)) for t in ticks_ms],
-        )
+    samples = StopSamples.of(stops)
+    latencies = samples.latencies
+    latency_rows, latency_chart = _latency_section(latencies)
     all_latencies = [v for values in latencies.values() for v in values]
 
-    # How each stop was proven: counted in the database by the run's proof.
-    by_confirmation: dict[str, int] = defaultdict(int)
-    for row in stopped.values("proof").annotate(n=Count("pk")).order_by():
-        by_confirmation[_proof_label(row["proof"])] += row["n"]
-    total_stops = sum(by_confirmation.values())
-    confirmation_rows = sorted(
-        (
-            ConfirmationRow(
-                label=label,
-                stops=n,
-                share=round(100 * n / total_stops, 1),
-                p50_ms=percentile(latencies_by_confirmation.get(label, []), 0.5),
-            )
-            for label, n in by_confirmation.items()
-        ),
-        key=lambda r: (-r.stops, r.label),
-    )
+    confirmation_rows = _confirmation_rows(stopped, samples.latencies_by_confirmation)
+    total_stops = sum(r.stops for r in confirmation_rows)
 
-    # Time saved: each stop against the provider's usual (median completed) run length.
-    durations: dict[str, list[float]] = defaultdict(list)
-    prices: dict[str, list[tuple[Decimal, str]]] = defaultdict(list)
-    for provider, finished, started, created, usage in completed:
-        if (price := price_of(usage)) is not None:
-            prices[provider].append(price)
-        seconds = _seconds(finished, started or created)
-        if seconds is not None:
-            durations[provider].append(max(0.0, seconds))
-    saved_rows = []
-    for kind in _provider_order(elapsed_at_stop):
-        usual = percentile(durations.get(kind, []), 0.5)
-        at_stop = elapsed_at_stop[kind]
-        saved_row = SavedRow(
-            provider=kind,
-            label=short_provider(kind),
-            stops=len(at_stop),
-            completed=len(durations.get(kind, [])),
-            median_elapsed_s=percentile(at_stop, 0.5),
-            usual_s=usual,
-            # A stop after the usual length saved nothing, rather than negative time.
-            saved_s=None if usual is None else sum(max(0.0, usual - e) for e in at_stop),
-        )
-        _add_spend(saved_row, spent_at_stop.get(kind, []), prices.get(kind, []))
-        saved_rows.append(saved_row)
+    saved_rows = _saved_rows(samples, completed)
     with_baseline = [r.saved_s for r in saved_rows if r.saved_s is not None]
 
     return {
