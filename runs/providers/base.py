@@ -476,6 +476,17 @@ def retry_in(exc: ProviderError, attempt: int, *, idempotent: bool = False) -> f
     return exc.retry_after if exc.retry_after is not None else backoff_delay(attempt)
 
 
+async def wait_to_retry(exc: ProviderError, attempt: int) -> AsyncGenerator[Waiting]:
+    """After a call's `attempt`-th failure: wait before trying again, saying so once per
+    backoff episode (a Waiting event on the first failure, not on every one); or raise `exc`
+    when trying again is not safe or no longer worth it (`retry_in`)."""
+    if (delay := retry_in(exc, attempt)) is None:
+        raise exc
+    if attempt == 1:
+        yield Waiting(exc.message, delay)
+    await asyncio.sleep(delay)
+
+
 async def start_stream(
     provider: Provider, path: str, body: Any
 ) -> AsyncGenerator[ServerSentEvent | Waiting]:
@@ -491,11 +502,8 @@ async def start_stream(
                 return
             except ProviderError as exc:
                 attempt += 1
-                if (delay := retry_in(exc, attempt)) is None:
-                    raise
-                if attempt == 1:
-                    yield Waiting(exc.message, delay)
-                await asyncio.sleep(delay)
+                async for waiting in wait_to_retry(exc, attempt):
+                    yield waiting
                 continue
             yield first
             async for event in stream:

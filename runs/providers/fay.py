@@ -38,6 +38,7 @@ from .base import (
     parse_json,
     retry_after_seconds,
     retry_in,
+    wait_to_retry,
 )
 from .errors import ProviderError, QuotaExhausted
 
@@ -162,14 +163,10 @@ class FayProvider(Provider):
             except ProviderError as exc:
                 if exc.code == OVER_QUOTA:
                     raise await self.over_quota("create", exc) from None
-                # A timeout may have created the run: retrying could start it twice.
+                # A timeout may have created the run: wait_to_retry does not retry one.
                 attempt += 1
-                if (delay := retry_in(exc, attempt)) is None:
-                    raise
-                if attempt == 1:
-                    # One event per backoff episode, not one per attempt.
-                    yield Waiting(exc.message, delay)
-                await asyncio.sleep(delay)
+                async for waiting in wait_to_retry(exc, attempt):
+                    yield waiting
         request_id = data.get("request_id")
         if not isinstance(request_id, str) or not request_id:
             raise ProviderError(

@@ -212,6 +212,15 @@ async def provider_accounts(request: HtmxHttpRequest) -> JsonResponse:
     return JsonResponse({"results": results})
 
 
+def _not_one_of(value: str, choices: list[str], field: str, unknown: str) -> JsonResponse | None:
+    """The 400 for a query parameter outside its choices, naming them; None when it is one."""
+    if value in choices:
+        return None
+    return error(
+        400, "VALIDATION_ERROR", f"{unknown}; use one of {', '.join(choices)}.", field=field
+    )
+
+
 @api_view("GET", "POST")
 async def runs(request: HtmxHttpRequest) -> JsonResponse:
     if request.method == "POST":
@@ -219,26 +228,16 @@ async def runs(request: HtmxHttpRequest) -> JsonResponse:
     qs = _runs(request.user).order_by("-id")
     params = request.GET
     if status := params.get("status"):
-        if status not in Status.values:
-            return error(
-                400,
-                "VALIDATION_ERROR",
-                f"Unknown status {status!r}; use one of {', '.join(Status.values)}.",
-                field="status",
-            )
+        if refused := _not_one_of(status, Status.values, "status", f"Unknown status {status!r}"):
+            return refused
         qs = qs.filter(status=status)
     if team := params.get("team"):
         if (team_id := as_id(team)) is None:
             return error(400, "VALIDATION_ERROR", "team must be a team id.", field="team")
         qs = qs.filter(team_id=team_id)
     if provider := params.get("provider"):
-        if provider not in ProviderKind.values:
-            return error(
-                400,
-                "VALIDATION_ERROR",
-                f"Unknown provider; use one of {', '.join(ProviderKind.values)}.",
-                field="provider",
-            )
+        if refused := _not_one_of(provider, ProviderKind.values, "provider", "Unknown provider"):
+            return refused
         qs = qs.filter(provider=provider)
     if cursor := params.get("cursor"):
         try:

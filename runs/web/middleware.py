@@ -18,13 +18,11 @@ SESSION_ENDED = (
 )
 
 
-class HtmxSessionEndedMiddleware:
-    """An htmx request whose session ended (logged out in another tab, expired) is answered
-    with `login_required`'s redirect to the login page, which htmx would fetch and throw away:
-    the button would do nothing, silently. Instead the whole page goes to the login page,
-    which says why and comes back to the page the user was on.
-
-    Sync and async, so async views (the stop path) keep running without a thread hop."""
+class ResponseMiddleware:
+    """A middleware that only acts on the response, sync and async alike, so that async views
+    (the stop path) keep running without a thread hop. A subclass says what it answers
+    (`answer`) and, when that needs the database or a template, that it must run in a thread
+    under an async server (`needs_thread`)."""
 
     sync_capable = True
     async_capable = True
@@ -37,13 +35,28 @@ class HtmxSessionEndedMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if iscoroutinefunction(self):
             return self._acall(request)
-        return self._answer(request, self.get_response(request))
+        return self.answer(request, self.get_response(request))
 
     async def _acall(self, request: HttpRequest) -> HttpResponseBase:
         response = await self.get_response(request)
-        return self._answer(request, response)
+        if self.needs_thread(request, response):
+            return await sync_to_async(self.answer)(request, response)
+        return self.answer(request, response)
 
-    def _answer(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+    def needs_thread(self, request: HttpRequest, response: HttpResponseBase) -> bool:
+        return False
+
+    def answer(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+        raise NotImplementedError
+
+
+class HtmxSessionEndedMiddleware(ResponseMiddleware):
+    """An htmx request whose session ended (logged out in another tab, expired) is answered
+    with `login_required`'s redirect to the login page, which htmx would fetch and throw away:
+    the button would do nothing, silently. Instead the whole page goes to the login page,
+    which says why and comes back to the page the user was on."""
+
+    def answer(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
         login = resolve_url(settings.LOGIN_URL)
         if (
             request.headers.get("HX-Request") != "true"
@@ -66,28 +79,12 @@ PERMISSIONS_POLICY = (
 )
 
 
-class PrivacyHeadersMiddleware:
+class PrivacyHeadersMiddleware(ResponseMiddleware):
     """`Permissions-Policy` everywhere; `Cache-Control: no-store` on what a logged-in user
     sees and on the JSON API (runs, prompts and outputs must not stay in shared or disk
-    caches after logout). Sync and async."""
+    caches after logout)."""
 
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
-        self.get_response = get_response
-        if iscoroutinefunction(get_response):
-            markcoroutinefunction(self)
-
-    def __call__(self, request: HttpRequest) -> Any:
-        if iscoroutinefunction(self):
-            return self._acall(request)
-        return self._headers(request, self.get_response(request))
-
-    async def _acall(self, request: HttpRequest) -> HttpResponseBase:
-        return self._headers(request, await self.get_response(request))
-
-    def _headers(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+    def answer(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
         response.headers.setdefault("Permissions-Policy", PERMISSIONS_POLICY)
         # Whoever holds a session (or calls the API) gets private answers; deciding it from
         # the cookie costs no database read on the async stop path.
@@ -99,31 +96,15 @@ class PrivacyHeadersMiddleware:
         return response
 
 
-class FriendlyNotFoundMiddleware:
+class FriendlyNotFoundMiddleware(ResponseMiddleware):
     """A missing page (or another team's, which looks the same) is Runbrake's own "Nothing
     here" page, also under DEBUG, where Django would show its technical 404 with the site's
     URL patterns to whoever asks. Under /api/ it is a JSON error; JSON answers keep theirs."""
 
-    sync_capable = True
-    async_capable = True
+    def needs_thread(self, request: HttpRequest, response: HttpResponseBase) -> bool:
+        return self._wants_page(request, response)
 
-    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
-        self.get_response = get_response
-        if iscoroutinefunction(get_response):
-            markcoroutinefunction(self)
-
-    def __call__(self, request: HttpRequest) -> Any:
-        if iscoroutinefunction(self):
-            return self._acall(request)
-        return self._friendly(request, self.get_response(request))
-
-    async def _acall(self, request: HttpRequest) -> HttpResponseBase:
-        response = await self.get_response(request)
-        if self._wants_page(request, response):
-            return await sync_to_async(self._page)(request)
-        return response
-
-    def _friendly(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+    def answer(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
         return self._page(request) if self._wants_page(request, response) else response
 
     @staticmethod
