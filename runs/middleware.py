@@ -118,7 +118,7 @@ class FriendlyNotFoundMiddleware:
         return self._friendly(request, self.get_response(request))
 
     async def _acall(self, request: HttpRequest) -> HttpResponseBase:
-        response = await self.get_response(request)
+        response: HttpResponseBase = await self.get_response(request)
         if self._wants_page(request, response):
             return await sync_to_async(self._page)(request)
         return response

@@ -48,9 +48,9 @@ from .providers.destinations import check_url
 from .providers.http import shared_client
 
 if TYPE_CHECKING:
-    from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+    from django.contrib.auth.models import AnonymousUser, User
 
-    AnyUser = AbstractBaseUser | AnonymousUser
+    AnyUser = User | AnonymousUser
 
 
 logger = logging.getLogger(__name__)

@@ -38,10 +38,15 @@ from .models import (
 from .ratelimit import Limited, ahit, hit, peek
 
 
-class HtmxHttpRequest(HttpRequest):
-    """What our views receive: login_required has run, and django-htmx's middleware."""
+class HtmxRequest(HttpRequest):
+    """A request django-htmx's middleware has seen; its user may be anonymous."""
 
     htmx: HtmxDetails
+
+
+class HtmxHttpRequest(HtmxRequest):
+    """What our views receive: login_required has run, and django-htmx's middleware."""
+
     user: User
 
 
@@ -269,7 +274,7 @@ def _stop_message(run: Run, requested: bool) -> tuple[str, str]:
 
 @sync_to_async
 def _request_stop(
-    request: HtmxHttpRequest, pk: int
+    request: HtmxRequest, pk: int
 ) -> HttpResponseBase | tuple[Run, ProviderAccount, bool | RunAlreadyFinished]:
     """Everything before the provider call, in one thread hop: the session and its user,
     the run and the membership, the rate limit, and the stop intent, committed."""
@@ -297,7 +302,7 @@ def _request_stop(
 
 
 @require_POST
-async def stop_run(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
+async def stop_run(request: HtmxRequest, pk: int) -> HttpResponseBase:
     before = await _request_stop(request, pk)
     if isinstance(before, HttpResponseBase):
         return before
@@ -464,7 +469,7 @@ def run_again(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
     return redirect(again)
 
 
-def _too_many(request: HtmxHttpRequest, limited: Limited) -> HttpResponseBase:
+def _too_many(request: HtmxRequest, limited: Limited) -> HttpResponseBase:
     response = _refused(request, limited.message)
     response.status_code = 429
     response["Retry-After"] = str(limited.retry_after)
@@ -504,7 +509,7 @@ def throttled_login(
     return answer
 
 
-def _refused(request: HtmxHttpRequest, message: str) -> HttpResponseBase:
+def _refused(request: HtmxRequest, message: str) -> HttpResponseBase:
     if request.htmx:
         response = HttpResponse(message, status=403)
         response["HX-Reswap"] = "none"
