@@ -202,7 +202,6 @@ if _db["ENGINE"] == "django.db.backends.postgresql" and env_bool("RUNBRAKE_DB_PO
         )
     _db.setdefault("OPTIONS", {})["pool"] = {"min_size": _pool_min, "max_size": _pool_max}
 DATABASES = {"default": _db}
-DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channels -------------------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")
