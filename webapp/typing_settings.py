@@ -11,4 +11,4 @@ import os
 os.environ["RUNBRAKE_ENV_FILE"] = ""  # not this checkout's .env, whatever it says
 os.environ["DEBUG"] = "true"  # the development defaults: no SECRET_KEY or keys needed
 
-from webapp.settings import *  # noqa: E402, F403
+from webapp.settings import *  # noqa: F403
