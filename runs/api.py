@@ -38,7 +38,7 @@ from .views import HtmxHttpRequest
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 
-# Async views; typed loosely because Django's path() stubs expect sync callables.
+# Async views (django-stubs' path() takes coroutine functions as such).
 ApiView = Callable[..., Coroutine[Any, Any, JsonResponse]]
 
 
