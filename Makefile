@@ -21,7 +21,7 @@ PY := $(VENV)/bin/python
 help:
 	@echo "make run    - set up and start Runbrake on http://127.0.0.1:$(PORT)/"
 	@echo "make test   - set up and run every test (unit, integration, browser)"
-	@echo "make lint   - ruff and mypy"
+	@echo "make lint   - the pre-commit hooks on every file: django-upgrade, ruff, ruff format, mypy"
 	@echo "make run-scaled - 2 web + 2 watcher processes on PostgreSQL + Redis (see Procfile)"
 	@echo "make bench  - measure performance, write docs/PERFORMANCE.md (BENCH_QUICK=1: a few min;"
 	@echo "              BENCH_BEFORE=<git ref>: before and after side by side)"
@@ -85,10 +85,9 @@ test-unit: setup
 test-e2e: setup $(AXE)
 	$(PY) -m pytest -m e2e tests/browser
 
+# The hooks in .pre-commit-config.yaml on every file: django-upgrade, ruff, ruff format, mypy.
 lint: setup
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy .
+	$(VENV)/bin/pre-commit run --all-files --show-diff-on-failure
 
 fmt: setup
 	$(VENV)/bin/ruff format .

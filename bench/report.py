@@ -114,7 +114,7 @@ def _growth(r: dict[str, Any], kind: str) -> float | None:
         return None
     n0, first = ordered[0]
     base = max(first[kind]["p99"], 1.0)
-    worst = max((v[kind]["p99"] / base) / (n / n0) for n, v in ordered[1:])
+    worst: float = max((v[kind]["p99"] / base) / (n / n0) for n, v in ordered[1:])
     return round(worst, 2)
 
 

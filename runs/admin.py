@@ -79,7 +79,7 @@ def _runs(n: int) -> str:
 # --- Teams ------------------------------------------------------------------------------------
 
 
-class MembershipInline(admin.TabularInline):
+class MembershipInline(admin.TabularInline[Membership, Team]):
     model = Membership
     autocomplete_fields = ["user"]
 
@@ -89,7 +89,7 @@ class MembershipInline(admin.TabularInline):
 
 
 @admin.register(Team)
-class TeamAdmin(admin.ModelAdmin):
+class TeamAdmin(admin.ModelAdmin[Team]):
     list_display = ["name", "member_count", "run_count", "members_can_stop_others", "created_at"]
     search_fields = ["name"]
     readonly_fields = ["created_at"]
@@ -110,17 +110,19 @@ class TeamAdmin(admin.ModelAdmin):
 
     @admin.display(description="Members", ordering="member_total")
     def member_count(self, obj: Any) -> int:
-        return obj.member_total
+        total: int = obj.member_total  # annotated by get_queryset
+        return total
 
     @admin.display(description="Runs", ordering="run_total")
     def run_count(self, obj: Any) -> int:
-        return obj.run_total
+        total: int = obj.run_total  # annotated by get_queryset
+        return total
 
 
 # --- Provider accounts --------------------------------------------------------------------------
 
 
-class ProviderAccountForm(forms.ModelForm):
+class ProviderAccountForm(forms.ModelForm[ProviderAccount]):
     # The key is write-only: blank keeps the stored one, and the stored one is never sent back.
     api_key = forms.CharField(
         label="New API key",
@@ -147,7 +149,7 @@ class ProviderAccountForm(forms.ModelForm):
 
 
 @admin.register(ProviderAccount)
-class ProviderAccountAdmin(admin.ModelAdmin):
+class ProviderAccountAdmin(admin.ModelAdmin[ProviderAccount]):
     form = ProviderAccountForm
     list_display = ["name", "team", "kind", "base_url", "masked_key", "created_at"]
     list_filter = ["kind", "team"]
@@ -168,7 +170,7 @@ class ProviderAccountAdmin(admin.ModelAdmin):
 # --- Runs -------------------------------------------------------------------------------------
 
 
-class RunEventInline(admin.TabularInline):
+class RunEventInline(admin.TabularInline[RunEvent, Run]):
     model = RunEvent
     extra = 0
     can_delete = False
@@ -252,7 +254,7 @@ def _where_it_stands(run: Run) -> str:
 
 
 @admin.register(Run)
-class RunAdmin(admin.ModelAdmin):
+class RunAdmin(admin.ModelAdmin[Run]):
     list_display = [
         "id",
         "status_badge",
@@ -360,8 +362,9 @@ class RunAdmin(admin.ModelAdmin):
                 {"error": {"code": "FORBIDDEN", "message": "You may not view runs."}}, status=403
             )
         raw = request.GET.get("ids", "").split(",")
-        ids = [as_id(value) for value in raw[:MAX_FOLLOWED]]
-        if not ids or None in ids:
+        given = [as_id(value) for value in raw[:MAX_FOLLOWED]]
+        ids = [pk for pk in given if pk is not None]
+        if not ids or len(ids) < len(given):
             return JsonResponse(
                 {"error": {"code": "VALIDATION_ERROR", "message": "ids must be run ids."}},
                 status=400,
@@ -599,7 +602,7 @@ def _posted_reason(request: HttpRequest) -> str:
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
     list_display = ["prefix", "user", "created_at", "last_used_at"]
     readonly_fields = ["prefix", "digest", "created_at", "last_used_at"]
     search_fields = ["user__username", "prefix"]

@@ -50,9 +50,9 @@ from runs.security.hostile import STOP_REASON_MAX, stop_reason
 from runs.security.logscrub import mask
 
 if TYPE_CHECKING:
-    from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+    from django.contrib.auth.models import AnonymousUser, User
 
-    AnyUser = AbstractBaseUser | AnonymousUser
+    AnyUser = User | AnonymousUser
 
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class Membership(models.Model):
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
     )
-    role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
+    role = models.CharField(max_length=10, choices=Role, default=Role.MEMBER)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["team", "user"], name="one_role_per_team")]
@@ -176,16 +176,14 @@ class ProviderAccountQuerySet(models.QuerySet["ProviderAccount"]):
 
 class ProviderAccount(models.Model):
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="provider_accounts")
-    kind = models.CharField(max_length=20, choices=ProviderKind.choices)
+    kind = models.CharField(max_length=20, choices=ProviderKind)
     name = models.CharField(max_length=100)
     base_url = models.URLField(max_length=500)
     api_key = EncryptedTextField(help_text="Stored encrypted; never shown again after saving.")
     options = models.JSONField(default=dict, blank=True)
     # The provider's quotas for this key: a documented tier, or the account's own numbers
     # (`quota_limits`: endpoint → calls an hour, "month" → calls a calendar month).
-    quota_tier = models.CharField(
-        max_length=10, choices=QuotaTier.choices, default=QuotaTier.UNLIMITED
-    )
+    quota_tier = models.CharField(max_length=10, choices=QuotaTier, default=QuotaTier.UNLIMITED)
     quota_limits = models.JSONField(default=dict, blank=True)
     # Where the provider pushes this account's run news (Fay webhooks): the token makes the
     # URL unguessable, the secret (from the provider's dashboard) signs every delivery.
@@ -877,7 +875,7 @@ class Run(models.Model):
         ProviderAccount, on_delete=models.PROTECT, related_name="runs"
     )
     # Denormalised from the account: the run list filters by provider without a join.
-    provider = models.CharField(max_length=20, choices=ProviderKind.choices)
+    provider = models.CharField(max_length=20, choices=ProviderKind)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         on_delete=models.SET_NULL,
@@ -885,7 +883,7 @@ class Run(models.Model):
         blank=True,
         related_name="runs",
     )
-    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
+    status = models.CharField(max_length=20, choices=Status, default=Status.PENDING)
     # Bumped by every visible change; the browser drops pushes older than what it shows.
     version = models.PositiveIntegerField(default=1)
     external_id = models.CharField(max_length=200, blank=True, db_index=True)
@@ -931,7 +929,7 @@ class Run(models.Model):
         blank=True,
         related_name="+",
     )
-    stop_channel = models.CharField(max_length=10, choices=Channel.choices, blank=True)
+    stop_channel = models.CharField(max_length=10, choices=Channel, blank=True)
     stop_reason = models.CharField(max_length=STOP_REASON_MAX, blank=True)
     stop_deadline = models.DateTimeField(null=True, blank=True)
     stop_next_attempt_at = models.DateTimeField(null=True, blank=True)
@@ -942,7 +940,7 @@ class Run(models.Model):
     stop_confirmed_at = models.DateTimeField(null=True, blank=True)
     # The sentence shown to people ("Fay's stop answer"); `proof` is what it means, as data.
     stop_confirmation = models.CharField(max_length=200, blank=True)
-    proof = models.CharField(max_length=20, choices=Proof.choices, blank=True)
+    proof = models.CharField(max_length=20, choices=Proof, blank=True)
 
     # A launch retried with the same key returns this run instead of starting a second one.
     idempotency_key = models.CharField(max_length=200, blank=True)
@@ -1746,7 +1744,7 @@ class RunEvent(models.Model):
     actor = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True
     )
-    channel = models.CharField(max_length=10, choices=Channel.choices, default=Channel.SYSTEM)
+    channel = models.CharField(max_length=10, choices=Channel, default=Channel.SYSTEM)
     message = models.TextField(blank=True)
     data = models.JSONField(default=dict, blank=True)
 

@@ -448,7 +448,9 @@ def _validate(body: Any) -> str | None:
     return None
 
 
-def _tools(prompt: str, directives: Directives, body: dict[str, Any]) -> list[tuple]:
+def _tools(
+    prompt: str, directives: Directives, body: dict[str, Any]
+) -> list[tuple[str, dict[str, Any], Any]]:
     """Informational tool parts: a knowledge-base search when folders are given (RAG), a
     web search on `sim:tools`."""
     tools: list[tuple[str, dict[str, Any], Any]] = []

@@ -162,10 +162,10 @@ class Fields:
 
     def choice(self, obj: dict[str, Any], name: str, options: tuple[str, ...]) -> str:
         value = obj.get(name, options[0])
-        if value not in options:
-            self.fail([name], _choices(options), "enum")
-            return options[0]
-        return value
+        if value in options:
+            return str(value)
+        self.fail([name], _choices(options), "enum")
+        return options[0]
 
     def boolean(self, obj: dict[str, Any], name: str, default: bool) -> bool:
         # Strict on purpose: only JSON booleans (pydantic's lax mode would also take "yes"/1;

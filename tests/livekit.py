@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 from urllib.parse import quote, urlencode
 
 from asgiref.sync import sync_to_async
@@ -89,9 +89,13 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+@overload
 async def eventually[T](
-    check: Callable[[], Awaitable[T | None] | T | None], what: str, timeout: float = 20.0
-) -> T:
+    check: Callable[[], Awaitable[T]], what: str, timeout: float = 20.0
+) -> T: ...
+@overload
+async def eventually[T](check: Callable[[], T], what: str, timeout: float = 20.0) -> T: ...
+async def eventually(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
     """Poll `check` until it returns something truthy; fail with `what` past the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -99,7 +103,7 @@ async def eventually[T](
         if asyncio.iscoroutine(value):
             value = await value
         if value:
-            return value  # type: ignore[return-value]
+            return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.05)

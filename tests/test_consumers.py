@@ -12,102 +12,83 @@ from django.test import Client
 
 from runs.models import Channel, Run
 from runs.realtime import live
+from tests.sockets import websocket
 from webapp.asgi import application
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@sync_to_async
-def session_cookie(user) -> str:
-    client = Client()
-    client.force_login(user)
-    return client.cookies[settings.SESSION_COOKIE_NAME].value
-
-
-async def connect(path: str, user=None, origin: str = "http://localhost"):
-    headers = [(b"origin", origin.encode()), (b"host", b"localhost")]
-    if user is not None:
-        headers.append((b"cookie", f"sessionid={await session_cookie(user)}".encode()))
-    communicator = WebsocketCommunicator(application, path, headers=headers)
-    connected, _ = await communicator.connect()
-    return communicator, connected
-
-
 async def test_anonymous_sockets_are_refused(acme):
-    communicator, connected = await connect(f"/ws/teams/{acme.pk}/")
-    assert not connected
-    await communicator.disconnect()
+    async with websocket(f"/ws/teams/{acme.pk}/") as (_, connected):
+        assert not connected
 
 
 async def test_a_foreign_origin_is_refused(bob, acme):
-    communicator, connected = await connect(
-        f"/ws/teams/{acme.pk}/", bob, origin="https://evil.example"
-    )
-    assert not connected
-    await communicator.disconnect()
+    async with websocket(f"/ws/teams/{acme.pk}/", bob, origin="https://evil.example") as (
+        _,
+        connected,
+    ):
+        assert not connected
 
 
 async def test_another_teams_list_and_run_are_refused(mallory, launch, acme):
     run = await sync_to_async(launch)()
     for path in (f"/ws/teams/{acme.pk}/", f"/ws/runs/{run.pk}/"):
-        communicator, connected = await connect(path, mallory)
-        assert not connected, path
-        await communicator.disconnect()
+        async with websocket(path, mallory) as (_, connected):
+            assert not connected, path
 
 
 async def test_the_team_socket_sends_a_snapshot_then_every_change(bob, acme, launch):
     run = await sync_to_async(launch)("snapshot me")
-    communicator, connected = await connect(f"/ws/teams/{acme.pk}/", bob)
-    assert connected
-    snapshot = await communicator.receive_from(timeout=5)
-    assert snapshot.startswith('\n<tbody id="run-rows">') or '<tbody id="run-rows">' in snapshot
-    assert f'id="run-row-{run.pk}"' in snapshot
+    async with websocket(f"/ws/teams/{acme.pk}/", bob) as (communicator, connected):
+        assert connected
+        snapshot = await communicator.receive_from(timeout=5)
+        assert snapshot.startswith('\n<tbody id="run-rows">') or '<tbody id="run-rows">' in snapshot
+        assert f'id="run-row-{run.pk}"' in snapshot
 
-    created = await sync_to_async(launch)("a second run")
-    insert = await communicator.receive_from(timeout=5)
-    assert insert.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')
-    assert f'id="run-row-{created.pk}"' in insert
+        created = await sync_to_async(launch)("a second run")
+        insert = await communicator.receive_from(timeout=5)
+        assert insert.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')
+        assert f'id="run-row-{created.pk}"' in insert
 
-    await sync_to_async(run.mark_running)("PROCESSING")
-    row = await communicator.receive_from(timeout=5)
-    assert f'id="run-row-{run.pk}"' in row
-    assert 'data-status="running"' in row
-    await communicator.disconnect()
+        await sync_to_async(run.mark_running)("PROCESSING")
+        row = await communicator.receive_from(timeout=5)
+        assert f'id="run-row-{run.pk}"' in row
+        assert 'data-status="running"' in row
 
 
 async def test_the_run_socket_pushes_transitions_in_order_with_rising_versions(bob, launch):
     run = await sync_to_async(launch)()
-    communicator, connected = await connect(f"/ws/runs/{run.pk}/", bob)
-    assert connected
-    snapshot = await communicator.receive_from(timeout=5)
-    assert f'id="run-status-{run.pk}"' in snapshot
-    assert 'data-status="pending"' in snapshot
+    async with websocket(f"/ws/runs/{run.pk}/", bob) as (communicator, connected):
+        assert connected
+        snapshot = await communicator.receive_from(timeout=5)
+        assert f'id="run-status-{run.pk}"' in snapshot
+        assert 'data-status="pending"' in snapshot
 
-    await sync_to_async(run.mark_running)("PROCESSING")
-    await sync_to_async(run.request_stop)(actor=bob, channel=Channel.BUTTON, reason="why not")
-    await sync_to_async(run.mark_stopped)(confirmation="a test", proof="status_read")
-    # Pushes are snapshots, coalesced per run: a viewer may skip a state in between, but
-    # never sees one out of order, and always ends on the last.
-    order = ["running", "stopping", "stopped"]
-    statuses, versions = [], []
-    while not statuses or statuses[-1] != "stopped":
-        message = await communicator.receive_from(timeout=5)
-        assert f'id="run-events-{run.pk}"' in message
-        statuses.append(message.split('data-status="')[1].split('"')[0])
-        versions.append(int(message.split('data-version="')[1].split('"')[0]))
-    assert [order.index(s) for s in statuses] == sorted(order.index(s) for s in statuses)
-    assert versions == sorted(set(versions))
-    await communicator.disconnect()
+        await sync_to_async(run.mark_running)("PROCESSING")
+        await sync_to_async(run.request_stop)(actor=bob, channel=Channel.BUTTON, reason="why not")
+        await sync_to_async(run.mark_stopped)(confirmation="a test", proof="status_read")
+        # Pushes are snapshots, coalesced per run: a viewer may skip a state in between, but
+        # never sees one out of order, and always ends on the last.
+        order = ["running", "stopping", "stopped"]
+        statuses: list[str] = []
+        versions: list[int] = []
+        while not statuses or statuses[-1] != "stopped":
+            message = await communicator.receive_from(timeout=5)
+            assert f'id="run-events-{run.pk}"' in message
+            statuses.append(message.split('data-status="')[1].split('"')[0])
+            versions.append(int(message.split('data-version="')[1].split('"')[0]))
+        assert [order.index(s) for s in statuses] == sorted(order.index(s) for s in statuses)
+        assert versions == sorted(set(versions))
 
 
 async def test_a_client_that_sends_anything_is_disconnected(bob, acme):
-    communicator, connected = await connect(f"/ws/teams/{acme.pk}/", bob)
-    assert connected
-    await communicator.receive_from(timeout=5)
-    await communicator.send_to(text_data="hello")
-    closed = await communicator.receive_output(timeout=5)
-    assert closed == {"type": "websocket.close", "code": 4400}
-    await communicator.disconnect()
+    async with websocket(f"/ws/teams/{acme.pk}/", bob) as (communicator, connected):
+        assert connected
+        await communicator.receive_from(timeout=5)
+        await communicator.send_to(text_data="hello")
+        closed = await communicator.receive_output(timeout=5)
+        assert closed == {"type": "websocket.close", "code": 4400}
 
 
 async def test_pushes_requested_together_coalesce_and_a_new_run_is_still_inserted(
@@ -115,47 +96,45 @@ async def test_pushes_requested_together_coalesce_and_a_new_run_is_still_inserte
 ):
     from runs.realtime import live
 
-    communicator, connected = await connect(f"/ws/teams/{acme.pk}/", bob)
-    assert connected
-    await communicator.receive_from(timeout=5)  # the (empty) snapshot
+    async with websocket(f"/ws/teams/{acme.pk}/", bob) as (communicator, connected):
+        assert connected
+        await communicator.receive_from(timeout=5)  # the (empty) snapshot
 
-    run = await sync_to_async(launch)("coalesce me")
-    await live.drain()
-    first = await communicator.receive_from(timeout=5)
-    assert first.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')
-    # Two pushes requested before the loop sends anything: one snapshot goes out, read
-    # after both, and still as an insertion because one of them was for a new run.
-    await sync_to_async(run.mark_running)("PROCESSING")
-    await live.drain()
-    await communicator.receive_from(timeout=5)  # the push of mark_running itself
-    live._request(run.pk, True)
-    live._request(run.pk, False)
-    await live.drain()
-    only = await communicator.receive_from(timeout=5)
-    assert only.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')
-    assert 'data-status="running"' in only
-    assert await communicator.receive_nothing(timeout=0.2)
-    await communicator.disconnect()
+        run = await sync_to_async(launch)("coalesce me")
+        await live.drain()
+        first = await communicator.receive_from(timeout=5)
+        assert first.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')
+        # Two pushes requested before the loop sends anything: one snapshot goes out, read
+        # after both, and still as an insertion because one of them was for a new run.
+        await sync_to_async(run.mark_running)("PROCESSING")
+        await live.drain()
+        await communicator.receive_from(timeout=5)  # the push of mark_running itself
+        live._request(run.pk, True)
+        live._request(run.pk, False)
+        await live.drain()
+        only = await communicator.receive_from(timeout=5)
+        assert only.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')
+        assert 'data-status="running"' in only
+        assert await communicator.receive_nothing(timeout=0.2)
 
 
 async def test_pushes_from_sync_code_reach_the_socket_in_order(bob, launch):
     run = await sync_to_async(launch)()
-    communicator, connected = await connect(f"/ws/runs/{run.pk}/", bob)
-    assert connected
-    await communicator.receive_from(timeout=5)
+    async with websocket(f"/ws/runs/{run.pk}/", bob) as (communicator, connected):
+        assert connected
+        await communicator.receive_from(timeout=5)
 
-    def several_changes() -> None:
-        run.mark_running("PROCESSING")
-        run.request_stop(actor=None, channel=Channel.API, reason="enough")
+        def several_changes() -> None:
+            run.mark_running("PROCESSING")
+            run.request_stop(actor=None, channel=Channel.API, reason="enough")
 
-    await sync_to_async(several_changes)()
-    versions: list[int] = []
-    last = ""
-    while 'data-status="stopping"' not in last:
-        last = await communicator.receive_from(timeout=5)
-        versions.append(int(last.split('data-version="', 1)[1].split('"', 1)[0]))
-    assert versions == sorted(versions)
-    await communicator.disconnect()
+        await sync_to_async(several_changes)()
+        versions: list[int] = []
+        last = ""
+        while 'data-status="stopping"' not in last:
+            last = await communicator.receive_from(timeout=5)
+            versions.append(int(last.split('data-version="', 1)[1].split('"', 1)[0]))
+        assert versions == sorted(versions)
 
 
 async def test_a_push_is_rendered_only_for_groups_someone_listens_to(bob, launch, monkeypatch):
@@ -163,25 +142,27 @@ async def test_a_push_is_rendered_only_for_groups_someone_listens_to(bob, launch
 
     rendered: list[int] = []
     real = live.render_detail
-    monkeypatch.setattr(
-        live, "render_detail", lambda run, **kw: rendered.append(run.pk) or real(run, **kw)
-    )
+
+    def counting(run, **kw):
+        rendered.append(run.pk)
+        return real(run, **kw)
+
+    monkeypatch.setattr(live, "render_detail", counting)
     run = await sync_to_async(launch)()
     await live.drain()
     await sync_to_async(run.mark_running)("PROCESSING")
     await live.drain()
     assert rendered == []  # nobody watches the run's page
 
-    communicator, connected = await connect(f"/ws/runs/{run.pk}/", bob)
-    assert connected
-    await communicator.receive_from(timeout=5)
-    rendered.clear()
-    await sync_to_async(run.request_stop)(actor=None, channel=Channel.API, reason="enough")
-    await live.drain()
-    pushed = await communicator.receive_from(timeout=5)
-    assert 'data-status="stopping"' in pushed
-    assert rendered == [run.pk]
-    await communicator.disconnect()
+    async with websocket(f"/ws/runs/{run.pk}/", bob) as (communicator, connected):
+        assert connected
+        await communicator.receive_from(timeout=5)
+        rendered.clear()
+        await sync_to_async(run.request_stop)(actor=None, channel=Channel.API, reason="enough")
+        await live.drain()
+        pushed = await communicator.receive_from(timeout=5)
+        assert 'data-status="stopping"' in pushed
+        assert rendered == [run.pk]
 
 
 async def test_saving_output_pushes_nothing_and_frames_reach_only_the_run_page(bob, acme, launch):
@@ -190,42 +171,40 @@ async def test_saving_output_pushes_nothing_and_frames_reach_only_the_run_page(b
     sent no frame."""
     run = await sync_to_async(launch)()
     await sync_to_async(run.mark_running)("PROCESSING")
-    page, connected = await connect(f"/ws/runs/{run.pk}/", bob)
-    assert connected
-    await page.receive_from(timeout=5)
-    team, connected = await connect(f"/ws/teams/{acme.pk}/", bob)
-    assert connected
-    await team.receive_from(timeout=5)
+    async with websocket(f"/ws/runs/{run.pk}/", bob) as (page, connected):
+        assert connected
+        await page.receive_from(timeout=5)
+        async with websocket(f"/ws/teams/{acme.pk}/", bob) as (team, connected):
+            assert connected
+            await team.receive_from(timeout=5)
 
-    await sync_to_async(Run.objects.record_outputs)({run.pk: ("Hello **world**", 0)})
-    assert await page.receive_nothing(timeout=0.3)
+            await sync_to_async(Run.objects.record_outputs)({run.pk: ("Hello **world**", 0)})
+            assert await page.receive_nothing(timeout=0.3)
 
-    class Source:
-        run_id = run.pk
+            class Source:
+                run_id = run.pk
 
-        def take_frame(self) -> str:
-            return live.output_frame(live.APPEND, run.pk, 0, 15, "Hello **world**")
+                def take_frame(self) -> str:
+                    return live.output_frame(live.APPEND, run.pk, 0, 15, "Hello **world**")
 
-        def skip_frame(self) -> None:
-            raise AssertionError("the run page is watched")
+                def skip_frame(self) -> None:
+                    raise AssertionError("the run page is watched")
 
-    await live.send_frames([Source()])
-    frame = json.loads(await page.receive_from(timeout=5))
-    assert frame == {
-        "type": "output.append",
-        "run": run.pk,
-        "at": 0,
-        "end": 15,
-        "text": "Hello **world**",
-    }
+            await live.send_frames([Source()])
+            frame = json.loads(await page.receive_from(timeout=5))
+            assert frame == {
+                "type": "output.append",
+                "run": run.pk,
+                "at": 0,
+                "end": 15,
+                "text": "Hello **world**",
+            }
 
-    # The next transition is a full push: the list hears of it, and heard nothing before.
-    await sync_to_async(run.mark_stopped)(confirmation="a test", proof="status_read")
-    row = await team.receive_from(timeout=5)
-    assert f'id="run-row-{run.pk}"' in row
-    assert 'data-status="stopped"' in row
-    await page.disconnect()
-    await team.disconnect()
+            # The next transition is a full push: the list hears of it, and heard nothing before.
+            await sync_to_async(run.mark_stopped)(confirmation="a test", proof="status_read")
+            row = await team.receive_from(timeout=5)
+            assert f'id="run-row-{run.pk}"' in row
+            assert 'data-status="stopped"' in row
 
 
 # --- Controls a viewer cannot use never reach their page ----------------------------------------
@@ -233,9 +212,10 @@ async def test_saving_output_pushes_nothing_and_frames_reach_only_the_run_page(b
 
 async def test_a_viewers_sockets_carry_no_stop_or_run_again_controls(carol, bob, acme, launch):
     run = await sync_to_async(launch)("watched by carol")
-    team, _ = await connect(f"/ws/teams/{acme.pk}/", carol)
-    detail, _ = await connect(f"/ws/runs/{run.pk}/", carol)
-    try:
+    async with (
+        websocket(f"/ws/teams/{acme.pk}/", carol) as (team, _),
+        websocket(f"/ws/runs/{run.pk}/", carol) as (detail, _),
+    ):
         for frame in (await team.receive_from(timeout=5), await detail.receive_from(timeout=5)):
             assert f'id="run-row-{run.pk}"' in frame or f'id="run-status-{run.pk}"' in frame
             assert "stop-form" not in frame
@@ -250,9 +230,6 @@ async def test_a_viewers_sockets_carry_no_stop_or_run_again_controls(carol, bob,
         finished = await detail.receive_from(timeout=5)
         assert 'data-status="completed"' in finished
         assert "Run again" not in finished
-    finally:
-        await team.disconnect()
-        await detail.disconnect()
 
 
 async def test_a_member_sees_cancel_only_on_their_own_runs_when_the_team_says_so(
@@ -262,15 +239,12 @@ async def test_a_member_sees_cancel_only_on_their_own_runs_when_the_team_says_so
     await acme.asave()
     own = await sync_to_async(launch)("bob's own", user=bob)
     alices = await sync_to_async(launch)("alice's", user=alice)
-    team, _ = await connect(f"/ws/teams/{acme.pk}/", bob)
-    try:
+    async with websocket(f"/ws/teams/{acme.pk}/", bob) as (team, _):
         snapshot = await team.receive_from(timeout=5)
         rows = {pk: _row(snapshot, pk) for pk in (own.pk, alices.pk)}
         assert "stop-form" in rows[own.pk]
         assert "stop-form" not in rows[alices.pk]
         assert 'name="ids"' not in rows[alices.pk]
-    finally:
-        await team.disconnect()
 
 
 def _row(html: str, pk: int) -> str:
@@ -321,9 +295,10 @@ async def test_leaving_the_team_closes_its_sockets_and_a_new_role_changes_the_co
     from runs.models import Membership
 
     run = await sync_to_async(launch)("watched")
-    detail, _ = await connect(f"/ws/runs/{run.pk}/", bob)
-    team, _ = await connect(f"/ws/teams/{acme.pk}/", bob)
-    try:
+    async with (
+        websocket(f"/ws/runs/{run.pk}/", bob) as (detail, _),
+        websocket(f"/ws/teams/{acme.pk}/", bob) as (team, _),
+    ):
         assert "stop-form" in await detail.receive_from(timeout=5)
         await team.receive_from(timeout=5)
         membership = await Membership.objects.aget(user=bob, team=acme)
@@ -337,9 +312,6 @@ async def test_leaving_the_team_closes_its_sockets_and_a_new_role_changes_the_co
         assert await _closed_with(detail) == 4403
         assert await _closed_with(team) == 4403
         await sync_to_async(run.mark_running)("PROCESSING")  # nothing more reaches bob
-    finally:
-        await detail.disconnect()
-        await team.disconnect()
 
 
 @pytest.mark.parametrize(
@@ -349,19 +321,20 @@ async def test_leaving_the_team_closes_its_sockets_and_a_new_role_changes_the_co
 async def test_another_port_or_scheme_of_the_same_host_is_refused(bob, acme, origin):
     """Cross-site websocket hijacking: the host name alone (Channels' own check) let a page
     on another port read a logged-in user's runs."""
-    communicator, connected = await connect(f"/ws/teams/{acme.pk}/", bob, origin=origin)
-    assert not connected
-    await communicator.disconnect()
+    async with websocket(f"/ws/teams/{acme.pk}/", bob, origin=origin) as (_, connected):
+        assert not connected
 
 
 async def test_the_sites_own_origin_and_a_trusted_one_are_admitted(bob, acme, settings):
-    communicator, connected = await connect(f"/ws/teams/{acme.pk}/", bob, origin="http://localhost")
-    assert connected
-    await communicator.disconnect()
+    async with websocket(f"/ws/teams/{acme.pk}/", bob, origin="http://localhost") as (
+        _,
+        connected,
+    ):
+        assert connected
     # Behind a TLS proxy the page is https while the socket reaches the server as plain ws.
     settings.CSRF_TRUSTED_ORIGINS = ["https://localhost"]
-    communicator, connected = await connect(
-        f"/ws/teams/{acme.pk}/", bob, origin="https://localhost"
-    )
-    assert connected
-    await communicator.disconnect()
+    async with websocket(f"/ws/teams/{acme.pk}/", bob, origin="https://localhost") as (
+        _,
+        connected,
+    ):
+        assert connected

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from asgiref.testing import ApplicationCommunicator
-from django.db import connection
+from django.db import connection, connections
 
 from runs.models import ApiToken
 from runs.watcher.watcher import _claim
@@ -21,8 +21,16 @@ pytestmark = [
 ]
 
 
+def pool() -> Any:
+    from django.db.backends.postgresql.base import DatabaseWrapper
+
+    wrapper = connections["default"]
+    assert isinstance(wrapper, DatabaseWrapper)
+    return wrapper.pool
+
+
 def in_use() -> int:
-    stats = connection.pool.get_stats()
+    stats = pool().get_stats()
     return stats["pool_size"] - stats["pool_available"]
 
 
@@ -35,7 +43,7 @@ def run(launch: Any) -> Any:
 async def test_the_watchers_heartbeat_threads_give_their_connections_back(run):
     before = in_use()
     # More heartbeats than the pool has connections, on the loop's own worker threads.
-    for _ in range(connection.pool.max_size + 5):
+    for _ in range(pool().max_size + 5):
         assert await _claim("pool-test", 10) == [run.pk]
     assert in_use() == before
 
@@ -73,6 +81,6 @@ async def test_every_request_gives_its_connection_back(run, token):
     """Django's ASGI handler runs each request's database work on a thread of its own, and
     closes its connection when the request ends: with the pool, closing gives it back."""
     before = in_use()
-    for _ in range(connection.pool.max_size + 5):
+    for _ in range(pool().max_size + 5):
         assert (await get(f"/api/runs/{run.pk}", token))["id"] == run.pk
     assert in_use() == before

@@ -26,9 +26,10 @@ from runs.models import (
     Status,
     astop_runs,
 )
+from runs.providers.base import Started
 from runs.providers.errors import QuotaExhausted
 from runs.watcher.watcher import Watcher
-from tests.wire import Answer
+from tests.wire import Answer, event_of, finished
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -218,7 +219,7 @@ async def test_a_bulk_stop_over_the_stop_quota_is_queued_with_a_time_and_sent_wh
         )
         provider = account.provider()
         events = provider.run(run.prompt, {})
-        started = await anext(events)
+        started = event_of(Started, await anext(events))
         await events.aclose()
         await sync_to_async(run.record_external_id)(started.external_id)
         await sync_to_async(run.mark_running)("PROCESSING")
@@ -271,7 +272,7 @@ async def test_fay_refusing_a_status_read_as_over_quota_is_a_wait_in_words_not_a
     provider = account.provider()
     run = await sync_to_async(launch)(account, bob, f"{uuid.uuid4()} sim:pending=0 sim:duration=60")
     events = provider.run(run.prompt, {})
-    started = await anext(events)
+    started = event_of(Started, await anext(events))
     await events.aclose()
     # Someone else spends the rest of the key's month (one create and 99 reads: 100).
     for _ in range(99):
@@ -426,8 +427,8 @@ async def test_a_status_read_after_a_quota_wait_clears_the_note_and_the_report_w
     # The first read waited; the read after it says so (Running), the run completes, and the
     # report waited twice for the output quota without being lost.
     assert kinds == ["QuotaWait", "Running", "QuotaWait", "QuotaWait", "Finished"]
-    assert events[-1].output == "## Report"
-    assert events[-1].via == "status"
+    assert finished(events).output == "## Report"
+    assert finished(events).via == "status"
 
 
 async def test_a_stop_that_finds_the_research_completed_ends_it_completed_with_its_report(
@@ -441,7 +442,7 @@ async def test_a_stop_that_finds_the_research_completed_ends_it_completed_with_i
     )
     provider = account.provider()
     events = provider.run(run.prompt, {})
-    started = await anext(events)
+    started = event_of(Started, await anext(events))
     await events.aclose()
     await sync_to_async(run.record_external_id)(started.external_id)
     await sync_to_async(run.mark_running)("PROCESSING")

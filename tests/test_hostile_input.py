@@ -16,7 +16,7 @@ from runs.models import ApiToken, Run
 pytestmark = pytest.mark.django_db
 
 DEEP = "[" * 1500 + "]" * 1500
-DEEP_SCHEMA = {"type": "object", "properties": {}}
+DEEP_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
 _node = DEEP_SCHEMA
 for _ in range(300):
     child: dict[str, Any] = {"type": "object", "properties": {}}
@@ -167,12 +167,9 @@ def test_a_launch_form_sent_again_with_another_prompt_is_refused_not_a_500(
 async def test_a_websocket_cursor_that_is_not_an_id_is_the_newest_page(bob, acme, launch):
     from asgiref.sync import sync_to_async
 
-    from tests.test_consumers import connect
+    from tests.sockets import websocket
 
     run = await sync_to_async(launch)()
-    communicator, connected = await connect(f"/ws/teams/{acme.pk}/?before=%C2%B2", bob)
-    try:
+    async with websocket(f"/ws/teams/{acme.pk}/?before=%C2%B2", bob) as (communicator, connected):
         assert connected
         assert f'id="run-row-{run.pk}"' in await communicator.receive_from(timeout=5)
-    finally:
-        await communicator.disconnect()

@@ -10,6 +10,7 @@ import asyncio
 import html
 import json
 import re
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from runs.realtime import consumers, layers, live
 from runs.watcher.watcher import Watcher
 from tests.conftest import sim_account
 from tests.livekit import eventually
-from tests.test_consumers import connect
+from tests.sockets import websocket
 from tests.test_streaming import launch_on
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -90,16 +91,15 @@ async def ib_run(acme, sim, bob):
 
 async def test_a_page_open_from_the_start_gets_every_character_once_in_order(bob, ib_run):
     run = await ib_run("deltas sim:duration=1.5 sim:chunks=15")
-    page, connected = await connect(f"/ws/runs/{run.pk}/", bob)
-    assert connected
-    text = PageText()
-    text.take(await page.receive_from(timeout=5))
-    watching = asyncio.create_task(Watcher().watch(run.pk))
-    try:
-        await follow(page, text, lambda: text.finished)
-    finally:
-        await watching
-        await page.disconnect()
+    async with websocket(f"/ws/runs/{run.pk}/", bob) as (page, connected):
+        assert connected
+        text = PageText()
+        text.take(await page.receive_from(timeout=5))
+        watching = asyncio.create_task(Watcher().watch(run.pk))
+        try:
+            await follow(page, text, lambda: text.finished)
+        finally:
+            await watching
     await run.arefresh_from_db()
     assert run.status == Status.COMPLETED
     assert text.wants == 0
@@ -126,11 +126,10 @@ async def test_a_page_that_opens_mid_stream_asks_once_and_is_made_whole(bob, ib_
             return session is not None and session.sent > 0
 
         await eventually(sent_unwatched, "output sent while nobody watched", timeout=15)
-        page, connected = await connect(f"/ws/runs/{run.pk}/", bob)
-        assert connected
-        text = PageText()
-        await follow(page, text, lambda: text.finished)
-        await page.disconnect()
+        async with websocket(f"/ws/runs/{run.pk}/", bob) as (page, connected):
+            assert connected
+            text = PageText()
+            await follow(page, text, lambda: text.finished)
     finally:
         await watching
         live.unserve_watcher(watcher.on_message)
@@ -143,21 +142,20 @@ async def test_a_page_that_opens_mid_stream_asks_once_and_is_made_whole(bob, ib_
 async def test_what_pages_were_shown_is_saved_when_the_watcher_shuts_down(bob, ib_run, settings):
     settings.RUNBRAKE_OUTPUT_FLUSH_SECONDS = 60
     run = await ib_run("restart sim:duration=20 sim:chunks=200")
-    page, connected = await connect(f"/ws/runs/{run.pk}/", bob)
-    assert connected
-    text = PageText()
-    text.take(await page.receive_from(timeout=5))
-    watcher = Watcher()
-    watcher._start_session(run.pk)
-    await follow(page, text, lambda: text.end > 20)
-    # A second Ctrl-C: IntelligenceBox streams are not waited for.
-    watcher._hurry.set()
-    await watcher.shutdown()
-    # The last frames are on their way; then the page holds exactly what was saved.
-    await run.arefresh_from_db()
-    saved = run.output
-    await follow(page, text, lambda: text.end >= len(saved), timeout=5)
-    await page.disconnect()
+    async with websocket(f"/ws/runs/{run.pk}/", bob) as (page, connected):
+        assert connected
+        text = PageText()
+        text.take(await page.receive_from(timeout=5))
+        watcher = Watcher()
+        watcher._start_session(run.pk)
+        await follow(page, text, lambda: text.end > 20)
+        # A second Ctrl-C: IntelligenceBox streams are not waited for.
+        watcher._hurry.set()
+        await watcher.shutdown()
+        # The last frames are on their way; then the page holds exactly what was saved.
+        await run.arefresh_from_db()
+        saved = run.output
+        await follow(page, text, lambda: text.end >= len(saved), timeout=5)
     assert len(saved) > 20
     assert text.text == saved
 
@@ -167,21 +165,24 @@ async def test_sockets_of_one_process_share_one_subscription_per_group(bob, alic
     layer: Any = get_channel_layer()
     group = live.run_group(run.pk)
     pages = []
-    for user in (bob, alice, bob):
-        page, connected = await connect(f"/ws/runs/{run.pk}/", user)
-        assert connected
-        await page.receive_from(timeout=5)
-        pages.append(page)
-    hub = live.hub()
-    assert len(hub.members[group]) == 3
-    assert group in hub.readers
-    if layers.is_local(layer):
-        assert len(layer.groups[group]) == 1  # one channel in the layer, not three
-    await sync_to_async(run.mark_running)("PROCESSING")
-    for page in pages:
-        assert f'id="run-status-{run.pk}"' in await page.receive_from(timeout=5)
-    for page in pages:
-        await page.disconnect()
+    async with AsyncExitStack() as sockets:
+        for user in (bob, alice, bob):
+            page, connected = await sockets.enter_async_context(
+                websocket(f"/ws/runs/{run.pk}/", user)
+            )
+            assert connected
+            await page.receive_from(timeout=5)
+            pages.append(page)
+        hub = live.hub()
+        assert len(hub.members[group]) == 3
+        assert group in hub.readers
+        if layers.is_local(layer):
+            assert len(layer.groups[group]) == 1  # one channel in the layer, not three
+        await sync_to_async(run.mark_running)("PROCESSING")
+        for page in pages:
+            assert f'id="run-status-{run.pk}"' in await page.receive_from(timeout=5)
+        for page in pages:
+            await page.disconnect()
     await eventually(
         lambda: group not in hub.readers and not still_listed(layer, group),
         "the group left once nobody watches",
@@ -192,17 +193,16 @@ async def test_a_want_is_answered_with_the_saved_output_at_most_once_a_second(bo
     run = await sync_to_async(launch)("wanted")
     await sync_to_async(run.mark_running)("PROCESSING")
     await sync_to_async(Run.objects.record_outputs)({run.pk: ("saved so far", 0)})
-    page, connected = await connect(f"/ws/runs/{run.pk}/", bob)
-    assert connected
-    await page.receive_from(timeout=5)
-    for _ in range(3):
-        await page.send_to(text_data=json.dumps({"type": live.WANT}))
-    answer = await page.receive_from(timeout=5)
-    assert answer.lstrip().startswith(f'<section id="run-output-{run.pk}"')
-    assert 'data-output-end="12"' in answer
-    assert "saved so far" in answer
-    assert await page.receive_nothing(timeout=0.3)
-    await page.disconnect()
+    async with websocket(f"/ws/runs/{run.pk}/", bob) as (page, connected):
+        assert connected
+        await page.receive_from(timeout=5)
+        for _ in range(3):
+            await page.send_to(text_data=json.dumps({"type": live.WANT}))
+        answer = await page.receive_from(timeout=5)
+        assert answer.lstrip().startswith(f'<section id="run-output-{run.pk}"')
+        assert 'data-output-end="12"' in answer
+        assert "saved so far" in answer
+        assert await page.receive_nothing(timeout=0.3)
 
 
 @pytest.mark.parametrize(
@@ -211,12 +211,12 @@ async def test_a_want_is_answered_with_the_saved_output_at_most_once_a_second(bo
 )
 async def test_anything_but_a_want_closes_the_run_socket(bob, launch, sent):
     run = await sync_to_async(launch)("hostile")
-    page, connected = await connect(f"/ws/runs/{run.pk}/", bob)
-    assert connected
-    await page.receive_from(timeout=5)
-    await page.send_to(text_data=sent)
-    closed = await page.receive_output(timeout=5)
-    assert closed == {"type": "websocket.close", "code": 4400}
+    async with websocket(f"/ws/runs/{run.pk}/", bob) as (page, connected):
+        assert connected
+        await page.receive_from(timeout=5)
+        await page.send_to(text_data=sent)
+        closed = await page.receive_output(timeout=5)
+        assert closed == {"type": "websocket.close", "code": 4400}
 
 
 async def test_a_socket_that_cannot_keep_up_gets_a_snapshot_instead_of_a_backlog(
@@ -225,33 +225,32 @@ async def test_a_socket_that_cannot_keep_up_gets_a_snapshot_instead_of_a_backlog
     """A client that stopped reading holds its socket's sends; what piles up meanwhile is
     bounded and replaced by one fresh snapshot once it reads again."""
     run = await sync_to_async(launch)("slow")
-    page, connected = await connect(f"/ws/runs/{run.pk}/", bob)
-    assert connected
-    await page.receive_from(timeout=5)
-    consumer = next(c for c in consumers._open if c.group == live.run_group(run.pk))
-    reading = asyncio.Event()
-    sent: list[str] = []
-    send = consumer.send
+    async with websocket(f"/ws/runs/{run.pk}/", bob) as (page, connected):
+        assert connected
+        await page.receive_from(timeout=5)
+        consumer = next(c for c in consumers._open if c.group == live.run_group(run.pk))
+        reading = asyncio.Event()
+        sent: list[str] = []
+        send = consumer.send
 
-    async def slow_send(text_data: str | None = None, **kwargs: Any) -> None:
-        await reading.wait()
-        sent.append(text_data or "")
-        await send(text_data=text_data, **kwargs)
+        async def slow_send(text_data: str | None = None, **kwargs: Any) -> None:
+            await reading.wait()
+            sent.append(text_data or "")
+            await send(text_data=text_data, **kwargs)
 
-    monkeypatch.setattr(consumer, "send", slow_send)
-    for n in range(consumers.BACKLOG + 10):
-        consumer.write(live.output_frame(live.APPEND, run.pk, n, n + 1, "x"))
-    assert consumer._backlog is not None
-    assert len(consumer._backlog) <= consumers.BACKLOG
-    reading.set()
-    await eventually(
-        lambda: len(sent) >= 2 and f'id="run-status-{run.pk}"' in sent[-1],
-        "a snapshot after the backlog",
-    )
-    # The first frame (already being sent), then the snapshot: not the 70 frames behind it.
-    assert len(sent) == 2
-    assert json.loads(sent[0])["at"] == 0
-    await page.disconnect()
+        monkeypatch.setattr(consumer, "send", slow_send)
+        for n in range(consumers.BACKLOG + 10):
+            consumer.write(live.output_frame(live.APPEND, run.pk, n, n + 1, "x"))
+        assert consumer._backlog is not None
+        assert len(consumer._backlog) <= consumers.BACKLOG
+        reading.set()
+        await eventually(
+            lambda: len(sent) >= 2 and f'id="run-status-{run.pk}"' in sent[-1],
+            "a snapshot after the backlog",
+        )
+        # The first frame (already being sent), then the snapshot: not the 70 frames behind it.
+        assert len(sent) == 2
+        assert json.loads(sent[0])["at"] == 0
 
 
 async def test_a_change_committed_while_a_page_reads_its_snapshot_still_reaches_it(
@@ -269,12 +268,9 @@ async def test_a_change_committed_while_a_page_reads_its_snapshot_still_reaches_
         return found
 
     monkeypatch.setattr(consumers, "_run_snapshot", snapshot_then_change)
-    page, connected = await connect(f"/ws/runs/{run.pk}/", bob)
-    assert connected
-    try:
+    async with websocket(f"/ws/runs/{run.pk}/", bob) as (page, connected):
+        assert connected
         first = await page.receive_from(timeout=5)
         assert 'data-status="pending"' in first
         second = await page.receive_from(timeout=5)
         assert 'data-status="running"' in second
-    finally:
-        await page.disconnect()

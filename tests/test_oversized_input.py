@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import AsyncExitStack
 from typing import Any
 
 import httpx
@@ -29,37 +30,36 @@ def server(transactional_db: Any) -> Any:
 
 async def test_an_oversized_frame_closes_only_that_socket(server, acme, bob, alice, fay_account):
     path = f"/ws/teams/{acme.pk}/"
-    watcher = await open_socket(server, path, alice)
-    await watcher.recv()  # the snapshot
-    offender = await open_socket(server, path, bob)
-    await offender.recv()
+    async with AsyncExitStack() as sockets:
+        watcher = await sockets.enter_async_context(await open_socket(server, path, alice))
+        await watcher.recv()  # the snapshot
+        offender = await sockets.enter_async_context(await open_socket(server, path, bob))
+        await offender.recv()
 
-    await offender.send("x" * (65 * 1024))
-    with pytest.raises(ConnectionClosed) as closed:
-        await asyncio.wait_for(offender.recv(), 10)
-    # Refused by the server's frame check (daphne drops the connection; a close frame would
-    # say 1009): the frame never reached the application, which closes with 4400 a client
-    # that sends anything at all.
-    received = closed.value.rcvd
-    assert received is None or received.code == 1009, received
+        await offender.send("x" * (65 * 1024))
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(offender.recv(), 10)
+        # Refused by the server's frame check (daphne drops the connection; a close frame would
+        # say 1009): the frame never reached the application, which closes with 4400 a client
+        # that sends anything at all.
+        received = closed.value.rcvd
+        assert received is None or received.code == 1009, received
 
-    # The other viewer still gets pushes: a run launched through the API appears on its list.
-    token = await sync_to_async(ApiToken.issue)(bob)
-    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
-        answer = await http.post(
-            "/api/runs",
-            headers={"Authorization": f"Bearer {token}"},
-            json={"provider_account": fay_account.pk, "prompt": "still here?"},
-        )
-    assert answer.status_code == 201, answer.text
-    run_id = answer.json()["id"]
-    pushed = await asyncio.wait_for(watcher.recv(), 10)
-    assert f'id="run-row-{run_id}"' in pushed
-    # And a new socket is served as before.
-    again = await open_socket(server, path, bob)
-    assert f'id="run-row-{run_id}"' in await again.recv()
-    await again.close()
-    await watcher.close()
+        # The other viewer still gets pushes: a run launched through the API appears on its list.
+        token = await sync_to_async(ApiToken.issue)(bob)
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            answer = await http.post(
+                "/api/runs",
+                headers={"Authorization": f"Bearer {token}"},
+                json={"provider_account": fay_account.pk, "prompt": "still here?"},
+            )
+        assert answer.status_code == 201, answer.text
+        run_id = answer.json()["id"]
+        pushed = await asyncio.wait_for(watcher.recv(), 10)
+        assert f'id="run-row-{run_id}"' in pushed
+        # And a new socket is served as before.
+        again = await sockets.enter_async_context(await open_socket(server, path, bob))
+        assert f'id="run-row-{run_id}"' in await again.recv()
 
 
 async def test_oversized_and_malformed_json_bodies_are_refused_in_json(server, bob, fay_account):

@@ -8,10 +8,10 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from runs.models import Channel, ProviderAccount, Run, RunEvent, Status
-from runs.providers.base import MAX_RETRY_AFTER, ProviderConfig, retry_after_seconds
+from runs.providers.base import MAX_RETRY_AFTER, ProviderConfig, Started, retry_after_seconds
 from runs.providers.errors import ProviderError
 from runs.providers.fay import FayProvider
-from tests.wire import Answer, fixture
+from tests.wire import Answer, event_of, fixture
 
 
 @pytest.mark.parametrize(
@@ -70,6 +70,8 @@ async def test_a_stop_answered_with_retry_after_inf_is_queued_not_a_crash(replay
     assert run.status == Status.STOPPING
     assert run.quota_endpoint == "stop"
     # No Retry-After worth reading: Runbrake's own first wait, a minute.
+    assert run.quota_until is not None
+    assert run.stop_requested_at is not None
     wait = (run.quota_until - run.stop_requested_at).total_seconds()
     assert 55 < wait < 65
     assert await run.events.filter(kind=RunEvent.Kind.STOP_QUEUED).aexists()
@@ -89,7 +91,9 @@ async def test_an_open_stream_that_goes_silent_is_followed_not_failed(replay, mo
     events = [event async for event in provider.run("q", {})]
     await provider.aclose()
     assert isinstance(events[-1], StreamEnded)
-    assert events[0].external_id  # the run was started and named before the silence
+    assert event_of(
+        Started, events[0]
+    ).external_id  # the run was started and named before the silence
 
 
 async def test_a_start_that_is_never_answered_is_a_timeout_in_words(replay, monkeypatch):

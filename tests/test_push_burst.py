@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import uuid
+from contextlib import AsyncExitStack
 from typing import Any
 
 import httpx
@@ -46,6 +47,7 @@ async def test_a_burst_over_capacity_still_ends_with_every_viewer_seeing_every_s
 ):
     # One message per viewer: any burst overflows it.
     server = await sync_to_async(serve)(env={"RUNBRAKE_CHANNEL_CAPACITY": "1"})
+    sockets = AsyncExitStack()  # closed in `finally`, before the server
     try:
         account = await sync_to_async(sim_account)(acme, server, "intelligencebox")
         runs = [
@@ -61,7 +63,9 @@ async def test_a_burst_over_capacity_still_ends_with_every_viewer_seeing_every_s
         ids = [run.pk for run in runs]
         views = []
         for user in (alice, bob, carol):
-            socket = await open_socket(server, f"/ws/teams/{acme.pk}/", user)
+            socket = await sockets.enter_async_context(
+                await open_socket(server, f"/ws/teams/{acme.pk}/", user)
+            )
             views.append(ListView(socket))
 
         async def all_streaming() -> bool:
@@ -85,14 +89,15 @@ async def test_a_burst_over_capacity_still_ends_with_every_viewer_seeing_every_s
 
         await eventually(all_stopped, "every run stopped at the provider", timeout=45)
         for view in views:
+
+            def shows_every_run_stopped(view: ListView = view) -> bool:
+                return view.statuses(ids) == {"stopped"}
+
             await eventually(
-                lambda view=view: view.statuses(ids) == {"stopped"},
-                "every viewer showing every run stopped",
-                timeout=20,
+                shows_every_run_stopped, "every viewer showing every run stopped", timeout=20
             )
         for view in views:
             view.task.cancel()
-            await view.socket.close()
         output = await sync_to_async(server.output)()
         # The test exercised what it is about: backlogs did overflow. With the in-memory
         # layer a burst always outruns the consumers; over Redis the pushes arrive spaced by
@@ -101,4 +106,5 @@ async def test_a_burst_over_capacity_still_ends_with_every_viewer_seeing_every_s
             assert "a full backlog became one resync" in output
         assert "Traceback" not in output, output[-3000:]
     finally:
+        await sockets.aclose()
         server.close()

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import httpx
@@ -70,6 +71,7 @@ async def test_a_redis_restart_mid_run_ends_with_every_viewer_seeing_the_stop(
 ) -> None:
     await eventually(redis.up, "the private redis-server")
     server = await sync_to_async(serve)(env={"REDIS_URL": redis.url})
+    sockets = AsyncExitStack()  # closed in `finally`, before the server
     try:
         account = await sync_to_async(sim_account)(acme, server, "intelligencebox")
         run = await sync_to_async(Run.objects.launch)(
@@ -79,7 +81,9 @@ async def test_a_redis_restart_mid_run_ends_with_every_viewer_seeing_the_stop(
             options={},
             timeout_seconds=600,
         )
-        detail = await open_socket(server, f"/ws/runs/{run.pk}/", alice)
+        detail = await sockets.enter_async_context(
+            await open_socket(server, f"/ws/runs/{run.pk}/", alice)
+        )
         details: list[str] = []
 
         async def read_detail() -> None:
@@ -87,7 +91,11 @@ async def test_a_redis_restart_mid_run_ends_with_every_viewer_seeing_the_stop(
                 details.append(message)
 
         detail_task = asyncio.create_task(read_detail())
-        listing = ListView(await open_socket(server, f"/ws/teams/{acme.pk}/", alice))
+        listing = ListView(
+            await sockets.enter_async_context(
+                await open_socket(server, f"/ws/teams/{acme.pk}/", alice)
+            )
+        )
 
         async def streaming() -> bool:
             await run.arefresh_from_db()
@@ -138,9 +146,8 @@ async def test_a_redis_restart_mid_run_ends_with_every_viewer_seeing_the_stop(
         assert server.proc.poll() is None
         detail_task.cancel()
         listing.task.cancel()
-        await detail.close()
-        await listing.socket.close()
     finally:
+        await sockets.aclose()
         output = await sync_to_async(server.output)()
         server.close()
     # Pushes that failed while Redis was down are logged; nothing else went wrong.

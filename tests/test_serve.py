@@ -16,8 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from runs.models import Run, Status
-from tests.browser.conftest import database_url
-from tests.conftest import Server, sim_account
+from tests.conftest import Server, database_url, sim_account
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -11,9 +12,9 @@ from django.urls import reverse
 
 from runs.models import ApiToken, Channel, Run, Status
 from tests.conftest import start_at_provider
-from tests.test_consumers import connect
+from tests.sockets import websocket
 
-HTMX = {"HTTP_HX_REQUEST": "true"}
+HTMX: dict[str, Any] = {"HTTP_HX_REQUEST": "true"}
 
 
 def client_for(user) -> Client:
@@ -35,7 +36,9 @@ MATRIX = {
 
 
 @pytest.mark.parametrize("who", list(MATRIX))
-def test_the_role_matrix(who, request, acme, fay_account, launch, alice, bob, carol, mallory):
+def test_each_role_gets_what_the_matrix_says(
+    who, request, acme, fay_account, launch, alice, bob, carol, mallory
+):
     user = request.getfixturevalue(who)
     expected = dict(
         zip(
@@ -91,9 +94,8 @@ async def test_the_team_socket_follows_the_role_matrix(
     who, allowed, acme, alice, bob, carol, mallory
 ):
     user = {"alice": alice, "bob": bob, "carol": carol, "mallory": mallory}[who]
-    communicator, connected = await connect(f"/ws/teams/{acme.pk}/", user)
-    assert connected is allowed
-    await communicator.disconnect()
+    async with websocket(f"/ws/teams/{acme.pk}/", user) as (_, connected):
+        assert connected is allowed
 
 
 def test_a_team_can_keep_members_to_their_own_runs(acme, launch, alice, bob):
@@ -250,29 +252,27 @@ def test_a_viewer_cannot_run_again(launch, carol):
 @pytest.mark.django_db(transaction=True)
 async def test_a_filtered_socket_gets_matching_runs_and_loses_rows_that_leave(bob, acme, launch):
     running = await sync_to_async(launch)("keep me")
-    communicator, connected = await connect(f"/ws/teams/{acme.pk}/?status=pending", bob)
-    assert connected
-    snapshot = await communicator.receive_from(timeout=5)
-    assert f'id="run-row-{running.pk}"' in snapshot
+    async with websocket(f"/ws/teams/{acme.pk}/?status=pending", bob) as (communicator, connected):
+        assert connected
+        snapshot = await communicator.receive_from(timeout=5)
+        assert f'id="run-row-{running.pk}"' in snapshot
 
-    created = await sync_to_async(launch)("new and pending")
-    assert f'id="run-row-{created.pk}"' in await communicator.receive_from(timeout=5)
+        created = await sync_to_async(launch)("new and pending")
+        assert f'id="run-row-{created.pk}"' in await communicator.receive_from(timeout=5)
 
-    await sync_to_async(running.request_stop)(actor=bob, channel=Channel.BUTTON)
-    removal = await communicator.receive_from(timeout=5)
-    assert removal == f'<tr id="run-row-{running.pk}" hx-swap-oob="delete"></tr>'
-    await communicator.disconnect()
+        await sync_to_async(running.request_stop)(actor=bob, channel=Channel.BUTTON)
+        removal = await communicator.receive_from(timeout=5)
+        assert removal == f'<tr id="run-row-{running.pk}" hx-swap-oob="delete"></tr>'
 
 
 @pytest.mark.django_db(transaction=True)
 async def test_a_run_that_enters_the_filter_later_is_inserted(bob, acme, launch):
-    communicator, connected = await connect(f"/ws/teams/{acme.pk}/?status=running", bob)
-    assert connected
-    await communicator.receive_from(timeout=5)  # the (empty) snapshot
-    run = await sync_to_async(launch)("pending first")
-    assert await communicator.receive_nothing(timeout=0.3)  # pending: not on this list
-    await sync_to_async(run.mark_running)("PROCESSING")
-    inserted = await communicator.receive_from(timeout=5)
-    assert inserted.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')
-    assert f'id="run-row-{run.pk}"' in inserted
-    await communicator.disconnect()
+    async with websocket(f"/ws/teams/{acme.pk}/?status=running", bob) as (communicator, connected):
+        assert connected
+        await communicator.receive_from(timeout=5)  # the (empty) snapshot
+        run = await sync_to_async(launch)("pending first")
+        assert await communicator.receive_nothing(timeout=0.3)  # pending: not on this list
+        await sync_to_async(run.mark_running)("PROCESSING")
+        inserted = await communicator.receive_from(timeout=5)
+        assert inserted.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')
+        assert f'id="run-row-{run.pk}"' in inserted

@@ -446,10 +446,8 @@ async def test_it_answers_success_to_stops_that_change_nothing(api):
 
 
 async def test_it_refuses_a_stop_without_user_or_json(api):
-    for kwargs in (
-        {"json": {}},
-        {"json": {"user": ""}},
-    ):
+    cases: list[dict[str, Any]] = [{"json": {}}, {"json": {"user": ""}}]
+    for kwargs in cases:
         r = await api.post("/chat-messages/abc/stop", **kwargs)
         assert (r.status_code, r.json()) == (
             400,

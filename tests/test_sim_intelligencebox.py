@@ -34,7 +34,9 @@ def body(prompt: str, cid: str, box: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-async def stream(client: httpx.AsyncClient, box: str, payload: dict[str, Any]) -> list[dict]:
+async def stream(
+    client: httpx.AsyncClient, box: str, payload: dict[str, Any]
+) -> list[dict[str, Any]]:
     """All parts of one chat stream, until the server closes it."""
     parts = []
     async with aconnect_sse(
@@ -65,7 +67,7 @@ async def wait_status(
         await asyncio.sleep(0.05)
 
 
-def text(parts: list[dict]) -> str:
+def text(parts: list[dict[str, Any]]) -> str:
     return "".join(p["textDelta"] for p in parts if p["type"] == "text-delta")
 
 
@@ -180,7 +182,7 @@ async def test_it_rejects_a_body_that_is_not_json(box: str) -> None:
 
 async def test_it_stops_mid_stream_without_finish_and_keeps_the_partial_text(box: str) -> None:
     cid = chat_id()
-    parts: list[dict] = []
+    parts: list[dict[str, Any]] = []
     async with httpx.AsyncClient(timeout=10) as client:
         async with aconnect_sse(
             client,
@@ -247,7 +249,7 @@ async def test_it_forgets_terminal_records_after_the_keep_time(box: str) -> None
 
 async def test_it_ignores_stops_with_stop_ignore(box: str) -> None:
     cid = chat_id()
-    parts: list[dict] = []
+    parts: list[dict[str, Any]] = []
     async with httpx.AsyncClient(timeout=10) as client:
         async with aconnect_sse(
             client,

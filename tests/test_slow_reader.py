@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
@@ -37,6 +38,7 @@ async def test_a_tab_that_stops_reading_costs_bounded_memory_and_others_see_the_
 ) -> None:
     start = serve if server_kind == "daphne" else Uvicorn
     server = await sync_to_async(start)()
+    sockets = AsyncExitStack()  # closed in `finally`, before the server
     try:
         account = await sync_to_async(sim_account)(acme, server, "intelligencebox")
         run = await sync_to_async(Run.objects.launch)(
@@ -48,7 +50,8 @@ async def test_a_tab_that_stops_reading_costs_bounded_memory_and_others_see_the_
         )
         path = f"/ws/runs/{run.pk}/"
         frozen = await raw_socket_that_never_reads(server, path, bob)
-        viewer = await open_socket(server, path, alice)
+        sockets.callback(frozen.close)
+        viewer = await sockets.enter_async_context(await open_socket(server, path, alice))
         frames: list[str] = []
 
         async def read() -> None:
@@ -78,9 +81,8 @@ async def test_a_tab_that_stops_reading_costs_bounded_memory_and_others_see_the_
         assert peak - baseline < RSS_GROWTH_LIMIT_KIB
         assert server.proc.poll() is None
         reader.cancel()
-        await viewer.close()
-        frozen.close()
     finally:
+        await sockets.aclose()
         output = await sync_to_async(server.output)()
         server.close()
     assert "Traceback" not in output, output[-3000:]

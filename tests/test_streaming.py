@@ -46,7 +46,7 @@ async def launch_on(kind: str, account, bob, prompt: str, **options: Any) -> Run
     )
 
 
-async def wait_for(run: Run, check: Callable[[Run], bool], timeout: float = 15.0) -> Run:
+async def wait_for(run: Run, check: Callable[[Run], object], timeout: float = 15.0) -> Run:
     """Wait for a real condition on the stored run (never a bare sleep)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -57,7 +57,7 @@ async def wait_for(run: Run, check: Callable[[Run], bool], timeout: float = 15.0
     raise AssertionError(f"run {run.pk} never got there: {run.status} {run.output[:80]!r}")
 
 
-def stop_calls(sim, kind: str, run: Run) -> list[dict]:
+def stop_calls(sim, kind: str, run: Run) -> list[dict[str, Any]]:
     suffix = STOP_PATH[kind](run.external_id)
     return [r for r in sim.requests(kind) if r["method"] == "POST" and r["path"].endswith(suffix)]
 
@@ -182,7 +182,9 @@ async def test_an_ignored_stop_ends_unconfirmed_never_stopped(kind, account, bob
     await run.arefresh_from_db()
     # The provider ran to its end despite the stop: never shown as stopped.
     assert run.status == Status.COMPLETED
-    assert "despite the stop" in (await run.events.alast()).message
+    last = await run.events.alast()
+    assert last is not None
+    assert "despite the stop" in last.message
     kinds = [k async for k in run.events.values_list("kind", flat=True)]
     assert "output_after_stop" in kinds  # the stream kept going and we said so
 

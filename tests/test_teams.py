@@ -4,6 +4,7 @@ provider accounts (admins only, keys write-only and masked, Test connection over
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -12,10 +13,10 @@ from django.urls import reverse
 
 from runs.models import Membership, ProviderAccount, Role
 
-HTMX = {"HTTP_HX_REQUEST": "true"}
+HTMX: dict[str, Any] = {"HTTP_HX_REQUEST": "true"}
 
 
-def toast_of(response) -> dict:
+def toast_of(response) -> dict[str, Any]:
     toast = json.loads(response["HX-Trigger"])["toast"]
     # Fired on <body>, so it is shown even when the requesting form was replaced meanwhile.
     assert toast.pop("target") == "body"
@@ -323,7 +324,7 @@ def stored_ciphertext(account) -> str:
         return cursor.fetchone()[0]
 
 
-def new_account(**fields) -> dict:
+def new_account(**fields) -> dict[str, Any]:
     return {
         "action": "create",
         "kind": "dify",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from typing import Any
 
 import pytest
 from django.utils import timezone
@@ -13,7 +14,7 @@ from runs.models import ApiToken
 
 pytestmark = pytest.mark.django_db
 
-HTMX = {"HTTP_HX_REQUEST": "true"}
+HTMX: dict[str, Any] = {"HTTP_HX_REQUEST": "true"}
 
 
 def test_a_token_is_shown_once_works_then_is_revoked(client, bob):
@@ -22,11 +23,14 @@ def test_a_token_is_shown_once_works_then_is_revoked(client, bob):
         "/account/tokens/", {"action": "create", "name": "nightly report", "expires": "30"}, **HTMX
     )
     html = created.content.decode()
-    token = re.search(r'value="(rb_[^"]+)"', html).group(1)
+    shown = re.search(r'value="(rb_[^"]+)"', html)
+    assert shown is not None
+    token = shown.group(1)
     assert "shown only this once" in created["HX-Trigger"]
     stored = ApiToken.objects.get(user=bob)
     assert stored.name == "nightly report"
     assert token not in stored.digest  # only a fingerprint is kept
+    assert stored.expires_at is not None
     assert dt.timedelta(days=29) < stored.expires_at - timezone.now() <= dt.timedelta(days=30)
     listing = client.get("/account/tokens/").content.decode()
     assert token not in listing  # never again

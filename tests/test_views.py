@@ -4,6 +4,7 @@ htmx it redirects; CSRF is enforced; viewers cannot act."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from django.test import Client
@@ -12,7 +13,7 @@ from django.urls import reverse
 from runs.models import Run, Status
 from tests.conftest import start_at_provider
 
-HTMX = {"HTTP_HX_REQUEST": "true"}
+HTMX: dict[str, Any] = {"HTTP_HX_REQUEST": "true"}
 
 
 @pytest.fixture
@@ -21,7 +22,7 @@ def as_bob(client, bob):
     return client
 
 
-def toast_of(response) -> dict:
+def toast_of(response) -> dict[str, Any]:
     toast = json.loads(response["HX-Trigger"])["toast"]
     # Fired on <body>, so it is shown even when the requesting form was replaced meanwhile.
     assert toast.pop("target") == "body"

@@ -396,4 +396,6 @@ async def test_a_dify_reply_with_text_after_an_unconfirmed_stop_completed_despit
     await run.arefresh_from_db()
     assert run.status == Status.COMPLETED
     assert run.output == "The whole answer."
-    assert "despite the stop" in (await run.events.alast()).message
+    last = await run.events.alast()
+    assert last is not None
+    assert "despite the stop" in last.message

@@ -27,7 +27,7 @@ from runs.providers.base import (
 )
 from runs.providers.dify import DifyProvider
 from runs.providers.errors import ProviderError
-from tests.wire import Answer, fixture
+from tests.wire import Answer, finished, fixture
 
 pytestmark = pytest.mark.asyncio
 
@@ -114,19 +114,24 @@ async def test_it_ends_a_stopped_chat_reply_like_a_finished_one(replay):
     # Nothing marks a stop on the wire: the watcher turns this end after a stop into STOPPED.
     events = await run_fixture(replay, "chat_stopped_stream.sse")
     assert output_of(events) == "Start by checking the breaker"
-    assert (events[-1].status, events[-1].provider_status) == ("completed", "message_end")
+    assert (finished(events).status, finished(events).provider_status) == (
+        "completed",
+        "message_end",
+    )
 
 
 async def test_it_keeps_text_that_arrives_as_message_file(replay):
     events = await run_fixture(replay, "chat_message_file_stream.sse")
     assert output_of(events) == "I see a blue logo with a bee on it."
-    assert events[-1].usage.total_tokens == 649
+    usage = finished(events).usage
+    assert usage is not None
+    assert usage.total_tokens == 649
 
 
 async def test_it_assembles_an_agent_reply_from_agent_messages(replay):
     events = await run_fixture(replay, "agent_chat_stream.sse")
     assert output_of(events) == "Lisbon is sunny, 24 C."
-    assert events[-1].usage == Usage(380, 8, 388, "0.0000618", "USD")
+    assert finished(events).usage == Usage(380, 8, 388, "0.0000618", "USD")
 
 
 async def test_it_takes_a_new_agents_closing_message_as_the_answer_not_more_text(replay):
@@ -134,20 +139,20 @@ async def test_it_takes_a_new_agents_closing_message_as_the_answer_not_more_text
     assert output_of(events) == "Pack a jacket and an umbrella."  # once, not twice
     deltas = [e for e in events if isinstance(e, OutputDelta)]
     assert deltas[-1] == OutputDelta("Pack a jacket and an umbrella.", replace=True)
-    assert events[-1].usage == Usage(900, 9, 909, "0", "USD")
+    assert finished(events).usage == Usage(900, 9, 909, "0", "USD")
 
 
 async def test_it_keeps_a_stopped_new_agents_text_without_a_closing_message(replay):
     events = await run_fixture(replay, "new_agent_stopped_stream.sse")
     assert output_of(events) == "Pack a jacket "
-    assert events[-1].provider_status == "message_end"
+    assert finished(events).provider_status == "message_end"
 
 
 async def test_it_takes_a_new_agents_closing_message_file_as_the_answer(replay):
     events = await run_fixture(replay, "new_agent_message_file_stream.sse")
     # The tool's file event carries no text; the closing answer is labelled message_file.
     assert output_of(events) == "The plot is attached."
-    assert events[-1].status == "completed"
+    assert finished(events).status == "completed"
 
 
 async def test_it_follows_a_chatflow_and_returns_at_workflow_finished(replay):
@@ -176,12 +181,10 @@ async def test_it_follows_a_chatflow_and_returns_at_workflow_finished(replay):
 async def test_it_settles_a_chatflow_at_workflow_finished(replay, name, status, provider_status):
     events = await run_fixture(replay, name, hold=True)
     assert output_of(events) == "The memo sets"
-    finished = events[-1]
-    assert (finished.status, finished.provider_status) == (status, provider_status)
+    end = finished(events)
+    assert (end.status, end.provider_status) == (status, provider_status)
     if status == "failed":
-        assert finished.error == (
-            "Dify's chatflow ended failed: [openai] Incorrect API key provided"
-        )
+        assert end.error == ("Dify's chatflow ended failed: [openai] Incorrect API key provided")
     assert sum(isinstance(e, Finished) for e in events) == 1
 
 
@@ -235,7 +238,7 @@ async def test_it_reads_usage_as_hostile_input(replay, change, expected):
         events = await drain(provider.run("x", {}))
     finally:
         await provider.aclose()
-    assert events[-1].usage == expected
+    assert finished(events).usage == expected
 
 
 async def test_it_waits_out_difys_concurrency_limit_sent_as_400(replay, monkeypatch):
@@ -259,7 +262,7 @@ async def test_it_waits_out_difys_concurrency_limit_sent_as_400(replay, monkeypa
         await provider.aclose()
     assert isinstance(events[0], Waiting)
     assert "limit of concurrent runs" in events[0].reason
-    assert events[-1].status == "completed"
+    assert finished(events).status == "completed"
     assert len(replay.requests_to("POST", CHAT_PATH)) == 2
 
 
@@ -363,7 +366,7 @@ async def test_it_ends_a_reply_with_no_answer_past_the_apps_max_execution_time(r
 async def test_it_reads_the_max_execution_time_from_the_account(replay):
     recent = history("history_generating.json", created_at=int(time.time()) - 100)
     events = await follow(replay, recent, max_execution_seconds=30)
-    assert events[-1].provider_status == "history:no_answer"
+    assert finished(events).provider_status == "history:no_answer"
     replay.routes.clear()
     events = await follow(replay, recent, history("history_answered.json"))
     assert events[0] == Running("generating")  # 100 s is well within the default 1,200 s
@@ -386,7 +389,7 @@ async def test_it_takes_a_paused_chatflows_saved_text_as_not_final(replay):
     paused = history("history_generating.json", created_at=now, answer="Half", status="paused")
     events = await follow(replay, paused, history("history_answered.json"))
     assert events[0] == Running("paused")
-    assert events[-1].output == "Bread rises because yeast makes gas. 🍞"
+    assert finished(events).output == "Bread rises because yeast makes gas. 🍞"
 
 
 async def test_it_pages_back_to_find_an_older_message(replay):
@@ -404,7 +407,7 @@ async def test_it_pages_back_to_find_an_older_message(replay):
         events = await drain(provider.follow("task", REFS))
     finally:
         await provider.aclose()
-    assert events[-1].output == "Bread rises because yeast makes gas. 🍞"
+    assert finished(events).output == "Bread rises because yeast makes gas. 🍞"
     (paged,) = replay.requests_to("GET", r"/messages\?.*first_id=.*")
     assert parse_qs(urlsplit(paged.path).query)["first_id"] == [newer["data"][0]["id"]]
 

@@ -27,11 +27,11 @@ from runs.providers.base import (
     Usage,
 )
 from runs.providers.intelligencebox import IntelligenceBoxProvider
-from tests.wire import Answer, Replay, fixture
+from tests.wire import Answer, Replay, finished, fixture
 
 CHAT = "/api/ai/chat"
 # The headers the AI SDK sets on a UI message stream (ui-message-stream-headers.ts).
-UI_HEADERS = {"x-vercel-ai-ui-message-stream": "v1", "x-accel-buffering": "no"}
+UI_HEADERS: dict[str, Any] = {"x-vercel-ai-ui-message-stream": "v1", "x-accel-buffering": "no"}
 
 
 def box(replay: Replay) -> IntelligenceBoxProvider:
@@ -61,13 +61,6 @@ def legacy(name: str) -> Answer:
 
 def text(events: list[Event]) -> str:
     return "".join(e.text for e in events if isinstance(e, OutputDelta))
-
-
-def finished(events: list[Event]) -> Finished:
-    ends = [e for e in events if isinstance(e, Finished)]
-    assert len(ends) == 1, events
-    assert events[-1] is ends[0], "nothing may follow the run's end"
-    return ends[0]
 
 
 def progress(events: list[Event]) -> list[str | None]:

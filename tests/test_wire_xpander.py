@@ -26,7 +26,7 @@ from runs.providers.base import (
 )
 from runs.providers.errors import ProviderError
 from runs.providers.xpander import XpanderProvider
-from tests.wire import Answer, Replay, fixture
+from tests.wire import Answer, Replay, event_of, finished, fixture
 
 INVOKE = "/v1/agents/agt-1/gateway/invoke/stream"
 CONV = "c0ffee00-1111-4222-8333-444455556666"
@@ -84,13 +84,6 @@ def until(body: bytes, kind: str, nth: int = 1) -> bytes:
 
 def text(events: list[Event]) -> str:
     return "".join(e.text for e in events if isinstance(e, OutputDelta))
-
-
-def finished(events: list[Event]) -> Finished:
-    ends = [e for e in events if isinstance(e, Finished)]
-    assert len(ends) == 1, events
-    assert events[-1] is ends[0], "nothing may follow the run's end"
-    return ends[0]
 
 
 def task(
@@ -283,7 +276,7 @@ async def test_it_follows_a_lost_stream_until_the_sub_task_has_ended(
     end = finished(followed)
     assert (end.status, end.provider_status, end.via) == (COMPLETED, "completed", "status")
     assert end.output == f"{ACK}\n\n{CHILD}"
-    assert [e.provider_status for e in followed[:-1]] == [
+    assert [event_of(Running, e).provider_status for e in followed[:-1]] == [
         "completed; waiting for sub-task",
         "completed; waiting for sub-task",
     ]

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runs.providers.base import Event, Finished
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
@@ -88,9 +90,13 @@ class Replay:
         self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
         self._thread.start()
         ready.wait(5)
-        assert self._server is not None
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port: int = self._listening_port()
         self.url = f"http://127.0.0.1:{self.port}"
+
+    def _listening_port(self) -> int:
+        assert self._server is not None, "the replay server did not start"
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
 
     def on(self, method: str, path: str, *answers: Answer) -> Replay:
         """Answer `method path` (a regex matched against the whole path and query) with
@@ -178,3 +184,17 @@ def replay() -> Iterator[Replay]:
         yield server
     finally:
         server.close()
+
+
+def finished(events: list[Event]) -> Finished:
+    """The run's one Finished, which must be its last event."""
+    ends = [e for e in events if isinstance(e, Finished)]
+    assert len(ends) == 1, events
+    assert events[-1] is ends[0], "nothing may follow the run's end"
+    return ends[0]
+
+
+def event_of[E](kind: type[E], event: object) -> E:
+    """The event, checked to be of this kind (and typed as it)."""
+    assert isinstance(event, kind), event
+    return event

@@ -26,8 +26,12 @@ application = ProtocolTypeRouter(
         "http": django_asgi_app,
         # Scheme, host and port of the page must be the site's own (runs/realtime/origin.py);
         # the user is read from the session once, and only the user is kept
-        # (runs/realtime/wsauth.py).
-        "websocket": SameOriginValidator(SessionUserMiddleware(URLRouter(websocket_urlpatterns))),
+        # (runs/realtime/wsauth.py). (The ignore: django-stubs calls path()'s result a
+        # URLPattern, the channels stubs want their own subtype of it; runs/realtime/routing.py
+        # builds them with path() as documented.)
+        "websocket": SameOriginValidator(
+            SessionUserMiddleware(URLRouter(websocket_urlpatterns))  # type: ignore[arg-type]
+        ),
         # uvicorn sends lifespan events; daphne does not, so `manage.py serve` starts the
         # watcher itself once daphne is listening.
         "lifespan": lifespan,

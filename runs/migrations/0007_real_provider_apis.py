@@ -5,12 +5,14 @@ import secrets
 import django.db.models.deletion
 import django.utils.timezone
 from django.db import migrations, models
+from django.db.backends.base.schema import BaseDatabaseSchemaEditor
+from django.db.migrations.state import StateApps
 
 import runs.models
 import runs.security.crypto
 
 
-def fill_webhook_tokens(apps, schema_editor):
+def fill_webhook_tokens(apps: StateApps, schema_editor: BaseDatabaseSchemaEditor) -> None:
     ProviderAccount = apps.get_model("runs", "ProviderAccount")
     for account in ProviderAccount.objects.filter(webhook_token=""):
         account.webhook_token = secrets.token_urlsafe(24)
@@ -28,7 +30,7 @@ PROOF_FROM_SENTENCE = [
 ]
 
 
-def backfill_proof(apps, schema_editor):
+def backfill_proof(apps: StateApps, schema_editor: BaseDatabaseSchemaEditor) -> None:
     Run = apps.get_model("runs", "Run")
     for phrase, proof in PROOF_FROM_SENTENCE:
         Run.objects.filter(status="stopped", proof="", stop_confirmation__contains=phrase).update(

@@ -31,6 +31,7 @@ from asgiref.sync import SyncToAsync
 from channels import layers
 from channels.layers import get_channel_layer
 from channels_redis import pubsub
+from channels_redis.utils import _wrap_close
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,9 @@ def owning_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         pass
-    loop = getattr(SyncToAsync.threadlocal, "main_event_loop", None)
+    loop: asyncio.AbstractEventLoop | None = getattr(
+        SyncToAsync.threadlocal, "main_event_loop", None
+    )
     pid = getattr(SyncToAsync.threadlocal, "main_event_loop_pid", None)
     if loop is None or pid != os.getpid() or loop.is_closed() or not loop.is_running():
         return None
@@ -79,7 +82,7 @@ async def has_members(group: str) -> bool:
         return True
 
 
-class ResyncQueue(asyncio.Queue):
+class ResyncQueue(asyncio.Queue[Any]):
     """A bounded queue whose overflow collapses the backlog into one resync marker."""
 
     def __init__(self, maxsize: int, marker: Callable[[], Any]) -> None:
@@ -130,11 +133,13 @@ class InMemoryChannelLayer(layers.InMemoryChannelLayer):
 
     def _queue(self, channel: str) -> ResyncQueue:
         queue = self.channels.get(channel)
-        if queue is None:
-            queue = self.channels[channel] = ResyncQueue(
-                self.get_capacity(channel), lambda: (time.time() + self.expiry, dict(RESYNC))
-            )
-        return queue
+        if isinstance(queue, ResyncQueue):
+            return queue
+        # Every queue of this layer is made here (send, receive and group_send come through).
+        made = self.channels[channel] = ResyncQueue(
+            self.get_capacity(channel), lambda: (time.time() + self.expiry, dict(RESYNC))
+        )
+        return made
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         self._queue(channel)
@@ -144,6 +149,7 @@ class InMemoryChannelLayer(layers.InMemoryChannelLayer):
         self.require_valid_channel_name(channel)
         self._sweep()
         queue = self._queue(channel)
+        message: dict[str, Any]
         try:
             _expires, message = await queue.get()
         finally:
@@ -159,7 +165,8 @@ class InMemoryChannelLayer(layers.InMemoryChannelLayer):
         now = time.time()
         members = {name for channels in self.groups.values() for name in channels}
         for channel, queue in list(self.channels.items()):
-            if queue.empty() or queue._queue[0][0] >= now:
+            # (asyncio.Queue's deque is private: typeshed leaves it out.)
+            if queue.empty() or queue._queue[0][0] >= now:  # type: ignore[attr-defined]
                 continue
             if channel in members and isinstance(queue, ResyncQueue):
                 queue.resync()
@@ -188,6 +195,9 @@ class InMemoryChannelLayer(layers.InMemoryChannelLayer):
                 queue.put_nowait(item)
 
 
+# channels_redis has no annotations: the methods these subclasses inherit are untyped, so the
+# calls to them below carry `type: ignore[no-untyped-call]` (pyproject.toml exempts only direct
+# calls into channels_redis, and mypy names an inherited method after the subclass).
 class _Shard(pubsub.RedisSingleShardConnection):
     """Receives as channels_redis does, and after a lost connection comes back (redis-py
     reconnects and re-subscribes) tells every local channel to resync."""
@@ -204,7 +214,7 @@ class _Shard(pubsub.RedisSingleShardConnection):
                         lost = False
                         logger.warning("channel layer: Redis is back; live viewers resync")
                         self.channel_layer.resync_all()
-                    self._receive_message(message)
+                    self._receive_message(message)  # type: ignore[no-untyped-call]
                 else:
                     await asyncio.sleep(0.1)
             except (TimeoutError, asyncio.CancelledError, GeneratorExit):
@@ -218,15 +228,15 @@ class _Shard(pubsub.RedisSingleShardConnection):
 
 class _LoopLayer(pubsub.RedisPubSubLoopLayer):
     def __init__(self, *args: Any, capacity: int = 100, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.capacity = capacity
         stock: list[Any] = self.__dict__["_shards"]
-        self._shards = [_Shard(shard.host, self) for shard in stock]
+        self._shards = [_Shard(shard.host, self) for shard in stock]  # type: ignore[no-untyped-call]
 
     async def _subscribe_to_channel(self, channel: str) -> None:
         marker = self.channel_layer.serialize(RESYNC)
         self.channels[channel] = ResyncQueue(self.capacity, lambda: marker)
-        await self._get_shard(channel).subscribe(channel)
+        await self._get_shard(channel).subscribe(channel)  # type: ignore[no-untyped-call]
 
     def resync_all(self) -> None:
         for queue in list(self.channels.values()):
@@ -238,5 +248,5 @@ class RedisPubSubChannelLayer(pubsub.RedisPubSubChannelLayer):
         loop = asyncio.get_running_loop()
         if loop not in self._layers:
             self._layers[loop] = _LoopLayer(*self._args, **self._kwargs, channel_layer=self)
-            pubsub._wrap_close(self, loop)
+            _wrap_close(self, loop)
         return self._layers[loop]

@@ -10,21 +10,26 @@ public origin), and always checks the host against ALLOWED_HOSTS too.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from asgiref.typing import ASGIReceiveCallable, ASGISendCallable
 from channels.security.websocket import AllowedHostsOriginValidator, WebsocketDenier
 from django.conf import settings
 
+if TYPE_CHECKING:
+    from channels.consumer import _ChannelScope
 
-def _header(scope: dict[str, Any], name: bytes) -> str:
+
+def _header(scope: Mapping[str, Any], name: bytes) -> str:
     for key, value in scope.get("headers", []):
         if key == name:
             return bytes(value).decode("latin-1")
     return ""
 
 
-def socket_origin(scope: dict[str, Any]) -> str:
+def socket_origin(scope: Mapping[str, Any]) -> str:
     """The origin of the page a same-site socket comes from: https when the socket is secure
     (or the trusted proxy says the browser used TLS), else http; and the Host with its port."""
     secure = scope.get("scheme") == "wss"
@@ -37,7 +42,7 @@ def socket_origin(scope: dict[str, Any]) -> str:
     return f"{'https' if secure else 'http'}://{host}".lower()
 
 
-def origin_allowed(scope: dict[str, Any]) -> bool:
+def origin_allowed(scope: Mapping[str, Any]) -> bool:
     origin = _header(scope, b"origin").strip().lower()
     if not origin or urlsplit(origin).scheme not in ("http", "https"):
         return False
@@ -51,7 +56,10 @@ class SameOriginValidator:
     def __init__(self, application: Any) -> None:
         self.application = AllowedHostsOriginValidator(application)
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+    async def __call__(
+        self, scope: _ChannelScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
         if scope["type"] == "websocket" and not origin_allowed(scope):
-            return await WebsocketDenier()(scope, receive, send)
-        return await self.application(scope, receive, send)
+            await WebsocketDenier()(scope, receive, send)
+            return
+        await self.application(scope, receive, send)

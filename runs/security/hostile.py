@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 # Deeper JSON than any real option needs; Python's own limit is ~1,000 and a schema validator
@@ -71,7 +72,7 @@ def as_whole_number(raw: Any, *, maximum: int) -> int | None:
 STOP_REASON_MAX = 500
 
 
-def stop_reason(said: list[str] | str) -> str:
+def stop_reason(said: Sequence[object] | str) -> str:
     """A stop's reason as it is kept: the first one given (a one-click reason and the free
     text share a name), without characters that cannot be stored, at most 500 characters.
     Cleaned, not refused: nothing may stand in the way of a stop."""

@@ -36,7 +36,8 @@ def outcome_label(outcome: str) -> str:
 
 @register.filter
 def markdown(text: str) -> SafeString:
-    return mark_safe(_markdown.render(text or ""))  # noqa: S308 - html disabled above
+    html: str = _markdown.render(text or "")
+    return mark_safe(html)  # noqa: S308 - html disabled above
 
 
 @register.filter

@@ -12,10 +12,15 @@ from django_htmx.middleware import HtmxDetails
 from runs.security.ratelimit import Limited
 
 
-class HtmxHttpRequest(HttpRequest):
-    """What our views receive: login_required has run, and django-htmx's middleware."""
+class HtmxRequest(HttpRequest):
+    """A request django-htmx's middleware has seen; its user may be anonymous."""
 
     htmx: HtmxDetails
+
+
+class HtmxHttpRequest(HtmxRequest):
+    """What our views receive: login_required has run, and django-htmx's middleware."""
+
     user: User
 
 

@@ -7,7 +7,7 @@ import base64
 import binascii
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -38,8 +38,8 @@ from runs.web.forms import JSON_FIELDS, OPTIONS_BY_KIND, LaunchForm
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 
-# Async views; typed loosely because Django's path() stubs expect sync callables.
-ApiView = Callable[..., Any]
+# Async views (django-stubs' path() takes coroutine functions as such).
+ApiView = Callable[..., Coroutine[Any, Any, JsonResponse]]
 
 
 def error(status: int, code: str, message: str, **extra: Any) -> JsonResponse:

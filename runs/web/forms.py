@@ -29,7 +29,7 @@ JSON_FIELDS = ("output_schema", "inputs", "messages")
 AGENT_ID = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._-]{1,200}")
 
 
-class AccountChoiceField(forms.ModelChoiceField):
+class AccountChoiceField(forms.ModelChoiceField[ProviderAccount]):
     def label_from_instance(self, obj: ProviderAccount) -> str:
         return obj.name
 
@@ -142,7 +142,7 @@ class LaunchForm(forms.Form):
 
     # --- Validation -------------------------------------------------------------------------
 
-    def _json(self, name: str, kind: type) -> Any:
+    def _json[T](self, name: str, kind: type[T]) -> T | None:
         raw = self.cleaned_data.get(name)
         account = self.cleaned_data.get("provider_account")
         # Only the chosen provider's options count: a leftover in a hidden section of another

@@ -59,7 +59,7 @@ class RoleForm(forms.Form):
     role = forms.ChoiceField(choices=Role.choices)
 
 
-class TeamSettingsForm(forms.ModelForm):
+class TeamSettingsForm(forms.ModelForm[Team]):
     class Meta:
         model = Team
         fields = ["members_can_stop_others"]
@@ -81,7 +81,7 @@ OPTIONS_HELP = {
 }
 
 
-class ProviderAccountForm(forms.ModelForm):
+class ProviderAccountForm(forms.ModelForm[ProviderAccount]):
     # Not a model field of the form: the stored key is never put back into a page, so the
     # input is always empty and "empty" on an edit means "keep the key you have".
     api_key = forms.CharField(
@@ -179,7 +179,7 @@ class ProviderAccountForm(forms.ModelForm):
         return [(ProviderKind(kind).label, example) for kind, example in OPTIONS_HELP.items()]
 
     def clean_name(self) -> str:
-        name = self.cleaned_data["name"].strip()
+        name: str = self.cleaned_data["name"].strip()
         # The team is not a field of the form, so Django's own unique check cannot see it.
         clash = ProviderAccount.objects.filter(team=self.team, name=name)
         if self.editing:
@@ -189,7 +189,7 @@ class ProviderAccountForm(forms.ModelForm):
         return name
 
     def clean_base_url(self) -> str:
-        url = self.cleaned_data["base_url"].strip()
+        url: str = self.cleaned_data["base_url"].strip()
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise forms.ValidationError(

@@ -27,7 +27,7 @@ from runs.models import (
 from runs.realtime import live
 from runs.security.hostile import as_id, stop_reason
 from runs.security.ratelimit import ahit, hit
-from runs.web.answers import HtmxHttpRequest, refused, toast, too_many
+from runs.web.answers import HtmxHttpRequest, HtmxRequest, refused, toast, too_many
 from runs.web.forms import LaunchForm, RunFilterForm
 
 
@@ -205,7 +205,7 @@ def _stop_message(run: Run, requested: bool) -> tuple[str, str]:
 
 @sync_to_async
 def _request_stop(
-    request: HtmxHttpRequest, pk: int
+    request: HtmxRequest, pk: int
 ) -> HttpResponseBase | tuple[Run, ProviderAccount, bool | RunAlreadyFinished]:
     """Everything before the provider call, in one thread hop: the session and its user,
     the run and the membership, the rate limit, and the stop intent, committed."""
@@ -233,7 +233,7 @@ def _request_stop(
 
 
 @require_POST
-async def stop_run(request: HtmxHttpRequest, pk: int) -> HttpResponseBase:
+async def stop_run(request: HtmxRequest, pk: int) -> HttpResponseBase:
     before = await _request_stop(request, pk)
     if isinstance(before, HttpResponseBase):
         return before

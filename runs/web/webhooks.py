@@ -86,4 +86,3 @@ def _apply(run: Run | None, news: WebhookNews) -> bool:
         case Finished() as finished:
             output = finished.output if finished.output is not None else run.output
             return run.settle(finished, output=output, label="Fay")
-    return False

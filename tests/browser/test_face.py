@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from django.utils import timezone
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Page, ViewportSize, expect
 
 from runs.models import Run
 from tests.conftest import Server, sim_account
@@ -23,6 +23,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 LONG = "Quarterly market scan sim:pending=0 sim:duration=120"
 WIDTHS = {"desktop": (1400, 900), "phone": (390, 844)}
+
+
+def viewport(width: str) -> ViewportSize:
+    wide, high = WIDTHS[width]
+    return {"width": wide, "height": high}
 
 
 def launch(account: Any, user: Any, prompt: str = LONG) -> Run:
@@ -44,7 +49,7 @@ def wait_running(run: Run) -> Run:
 
 def open_page(log_in: Callable[[Any], Page], user: Any, url: str, width: str) -> Page:
     page = log_in(user)
-    page.set_viewport_size(dict(zip(("width", "height"), WIDTHS[width], strict=True)))
+    page.set_viewport_size(viewport(width))
     page.goto(url)
     return page
 
@@ -191,7 +196,7 @@ def test_every_page_has_no_serious_accessibility_violation(
     run = launch(fay, bob)
     page = log_in(alice)
     page.emulate_media(color_scheme=scheme)  # type: ignore[arg-type]
-    page.set_viewport_size(dict(zip(("width", "height"), WIDTHS[width], strict=True)))
+    page.set_viewport_size(viewport(width))
     pages = {
         "runs": f"/teams/{acme.pk}/runs/",
         "run": f"/runs/{run.pk}/",

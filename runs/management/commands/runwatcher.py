@@ -9,9 +9,10 @@ the runs on its next tick.
 import asyncio
 import logging
 import signal
+from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ logger = logging.getLogger(__name__)
 class Command(BaseCommand):
     help = "Follow runs at their providers in this process (scale out with several)."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--capacity",
             type=int,
@@ -33,7 +34,7 @@ class Command(BaseCommand):
             help="Measurement (bench/): sample the event loop's lag, as `serve` does.",
         )
 
-    def handle(self, *args, capacity, loop_lag_file, **options):
+    def handle(self, *args: Any, capacity: int | None, loop_lag_file: str, **options: Any) -> None:
         asyncio.run(self._main(capacity, loop_lag_file))
 
     async def _main(self, capacity: int | None, lag_file: str) -> None:

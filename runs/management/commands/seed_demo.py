@@ -1,8 +1,9 @@
 import os
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 from django.urls import reverse
 
@@ -53,10 +54,10 @@ ACCOUNTS = [
 class Command(BaseCommand):
     help = "Create (or refresh) the demo teams, users and simulator accounts. Idempotent."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--base-url", help="Where the simulators are served.")
 
-    def handle(self, *args, base_url=None, **options):
+    def handle(self, *args: Any, base_url: str | None = None, **options: Any) -> None:
         if not settings.DEBUG:
             raise CommandError("seed_demo creates well-known passwords: refused with DEBUG off.")
         password = os.environ.get("DEMO_PASSWORD", "runbrake-demo")

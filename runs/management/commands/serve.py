@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ MAX_WS_MESSAGE = 64 * 1024
 class Command(BaseCommand):
     help = "Run Runbrake (daphne or uvicorn) on one port: pages, websockets, simulators, watcher."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--server", choices=("daphne", "uvicorn"), default="daphne")
@@ -41,7 +41,16 @@ class Command(BaseCommand):
             "samples (ms) to this file as JSON once a second.",
         )
 
-    def handle(self, *args, host, port, server, no_watcher, loop_lag_file, **options):
+    def handle(
+        self,
+        *args: Any,
+        host: str,
+        port: int,
+        server: str,
+        no_watcher: bool,
+        loop_lag_file: str,
+        **options: Any,
+    ) -> None:
         if not settings.RUNBRAKE_EMBEDDED_WATCHER:
             no_watcher = True
         banner = f"Runbrake listening on http://{host}:{port}/ ({server})"
@@ -68,7 +77,7 @@ class Command(BaseCommand):
             # lets a shutdown stop listening first, so a restart can bind at once.
             def listen_success(self, port: Any) -> None:
                 listening.append(port)
-                super().listen_success(port)
+                super().listen_success(port)  # type: ignore[no-untyped-call] # daphne: untyped
 
         def ready() -> None:
             loop = asyncio.get_event_loop()
@@ -98,7 +107,7 @@ class Command(BaseCommand):
             self.stdout.write(banner, ending="\n")
             self.stdout.flush()
 
-        Daphne(
+        Daphne(  # type: ignore[no-untyped-call] # daphne has no annotations
             application=application,
             endpoints=[f"tcp:port={port}:interface={host}"],
             ready_callable=ready,
