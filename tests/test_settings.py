@@ -133,7 +133,9 @@ def test_it_pools_postgresql_connections_by_default_and_never_keeps_them_past_a_
 def test_the_watchers_database_threads_take_at_most_half_the_pool():
     small = database_settings(DATABASE_URL=POSTGRES, RUNBRAKE_DB_POOL_MAX_SIZE="4")
     assert small["threads"] == 2
-    tiny = database_settings(DATABASE_URL=POSTGRES, RUNBRAKE_DB_POOL_MAX_SIZE="1")
+    tiny = database_settings(
+        DATABASE_URL=POSTGRES, RUNBRAKE_DB_POOL_MIN_SIZE="1", RUNBRAKE_DB_POOL_MAX_SIZE="1"
+    )
     assert tiny["threads"] == 0
 
 
