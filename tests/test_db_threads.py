@@ -57,58 +57,49 @@ async def test_one_runs_calls_run_one_at_a_time_in_the_order_they_were_made(thre
     assert most == 1
 
 
+class TwoCalls:
+    """Two calls for run 1: the first blocks on its thread until released; the second notes
+    whether the first had returned when it started."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.first_done = threading.Event()
+        self.seen: dict[str, bool] = {}
+
+    def first(self) -> None:
+        self.entered.set()
+        assert self.release.wait(HANG)
+        self.first_done.set()
+
+    def second(self) -> None:
+        self.seen["first done when the second started"] = self.first_done.is_set()
+
+    async def second_held_back(self, second: asyncio.Task[None]) -> None:
+        # Another run is not held back (and, with free threads, run 1's second call would
+        # have run by now if nothing kept it back).
+        assert await dbthreads.call(2, lambda: "other run") == "other run"
+        assert not second.done()
+        self.release.set()
+        await second
+        assert self.seen == {"first done when the second started": True}
+
+
 async def test_a_run_waiting_on_its_thread_holds_back_only_its_own_next_call(threads):
-    """Run 1's first call blocks; run 2's call goes through beside it; run 1's second call
-    starts only after the first returned."""
-    entered, release = threading.Event(), threading.Event()
-    first_done = threading.Event()
-    seen: dict[str, bool] = {}
-
-    def first() -> None:
-        entered.set()
-        assert release.wait(HANG)
-        first_done.set()
-
-    def second() -> None:
-        seen["first done when the second started"] = first_done.is_set()
-
-    one = asyncio.create_task(dbthreads.call(1, first))
-    await wait_for(entered)
-    two = asyncio.create_task(dbthreads.call(1, second))
-    # Another run is not held back (and, with free threads, run 1's second call would have
-    # run by now if nothing kept it back).
-    assert await dbthreads.call(2, lambda: "other run") == "other run"
-    assert not two.done()
-    release.set()
-    await asyncio.gather(one, two)
-    assert seen == {"first done when the second started": True}
+    calls = TwoCalls()
+    one = asyncio.create_task(dbthreads.call(1, calls.first))
+    await wait_for(calls.entered)
+    await calls.second_held_back(asyncio.create_task(dbthreads.call(1, calls.second)))
+    await one
 
 
 async def test_a_cancelled_caller_keeps_its_runs_lane_until_its_call_returned(threads):
-    entered, release = threading.Event(), threading.Event()
-    first_done = threading.Event()
-    seen: dict[str, bool] = {}
-
-    def first() -> str:
-        entered.set()
-        assert release.wait(HANG)
-        first_done.set()
-        return "saved"
-
-    def second() -> None:
-        seen["first done when the second started"] = first_done.is_set()
-
-    one = asyncio.create_task(dbthreads.call(1, first))
-    await wait_for(entered)
+    calls = TwoCalls()
+    one = asyncio.create_task(dbthreads.call(1, calls.first))
+    await wait_for(calls.entered)
     one.cancel()
-    two = asyncio.create_task(dbthreads.call(1, second))
-    assert await dbthreads.call(2, lambda: "other run") == "other run"
-    assert not two.done()
-    release.set()
-    await two
+    await calls.second_held_back(asyncio.create_task(dbthreads.call(1, calls.second)))
     with pytest.raises(asyncio.CancelledError):
         await one
-    assert seen == {"first done when the second started": True}
 
 
 async def test_without_threads_calls_stay_on_asgirefs_shared_thread(settings):
