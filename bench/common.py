@@ -30,10 +30,13 @@ SIM_INSPECT_TOKEN = "bench-sim-inspect-token"
 BENCH_FERNET = "YmVuY2gtb25seS1rZXktbm90LWZvci1wcm9kdWN0ISE="
 # Where the bench's data lives: a PostgreSQL database per measured tree (named from this) and
 # one Redis database, flushed between trees. Several checkouts on one machine pick their own.
+# Pub/sub channels are shared by every database of a Redis server: a bench beside a test suite
+# that uses Redis wants a server of its own (BENCH_REDIS_PORT).
 PG_DB = os.environ.get("BENCH_PG_DB", "bench_main")
 REDIS_DB = os.environ.get("BENCH_REDIS_DB", "2")
+REDIS_PORT = os.environ.get("BENCH_REDIS_PORT", "6379")
 PG_URL = "postgres://postgres@127.0.0.1:5432/"
-REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/{REDIS_DB}"
 
 BACKENDS = {
     "sqlite": {"label": "embedded (SQLite, in-memory channel layer)"},

@@ -15,7 +15,7 @@ smaller sizes for a quick check.
     BENCH_P4_SIZES=100,200   the P4 growth table's sizes
     BENCH_PROFILE=0          no py-spy profile of the watcher at the largest P4 size
     BENCH_BASE=<results.json>   re-measure some rows (BENCH_ONLY) on top of an earlier run
-    BENCH_OUT, BENCH_PG_DB, BENCH_REDIS_DB   where results, logs and data go
+    BENCH_OUT, BENCH_PG_DB, BENCH_REDIS_DB, BENCH_REDIS_PORT   where results, logs and data go
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from common import (
     OUT,
     QUICK,
     REDIS_DB,
+    REDIS_PORT,
     ROOT,
     LagMark,
     Proc,
@@ -119,7 +120,7 @@ def reset(backend: str) -> None:
     for cmd in (
         ["dropdb", "-h", "127.0.0.1", "-U", "postgres", "--if-exists", "--force", t.pg_db],
         ["createdb", "-h", "127.0.0.1", "-U", "postgres", t.pg_db],
-        ["redis-cli", "-n", REDIS_DB, "FLUSHDB"],
+        ["redis-cli", "-p", REDIS_PORT, "-n", REDIS_DB, "FLUSHDB"],
     ):
         subprocess.run(cmd, check=True, capture_output=True)
 

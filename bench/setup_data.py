@@ -129,18 +129,20 @@ def seed(big_n: int, small_n: int) -> dict[str, object]:
 
 
 def _insert_runs(team_id: int, account_id: int, user_id: int, n: int) -> None:
-    """Mostly finished runs, a realistic mix; created_at spread over the last n seconds. The
-    columns come from the model (any column the measured tree has that is not set here gets
+    """Mostly finished runs, a realistic mix, each 30 s long, ending over the last n seconds.
+    The columns come from the model (any column the measured tree has that is not set here gets
     its field's default), so the same code seeds an older or a newer schema."""
     now = timezone.now()
     pg = connection.vendor == "postgresql"
     stamp: Any = now if pg else now.strftime("%Y-%m-%d %H:%M:%S.%f")
     if pg:
         status = "(ARRAY['completed','completed','completed','stopped','failed'])[1 + g %% 5]"
-        created = "%s - make_interval(secs => %s - g)"
+        created = "%s - make_interval(secs => %s - g + 30)"
+        finished = "%s - make_interval(secs => %s - g)"
     else:
         status = "CASE g %% 5 WHEN 3 THEN 'stopped' WHEN 4 THEN 'failed' ELSE 'completed' END"
-        created = "datetime(%s, '-' || (%s - g) || ' seconds')"
+        created = "datetime(%s, '-' || (%s - g + 30) || ' seconds')"
+        finished = "datetime(%s, '-' || (%s - g) || ' seconds')"
     special: dict[str, tuple[str, list[Any]]] = {
         "team_id": ("%s", [team_id]),
         "provider_account_id": ("%s", [account_id]),
@@ -153,6 +155,10 @@ def _insert_runs(team_id: int, account_id: int, user_id: int, n: int) -> None:
         "timeout_seconds": ("1800", []),
         "deadline": ("%s", [stamp]),
         "created_at": (created, [stamp, n]),
+        # Finished runs ran for 30 s, as the state machine records them (a finished row
+        # without an end would show a time that grows on every view).
+        "started_at": (created, [stamp, n]),
+        "finished_at": (finished, [stamp, n]),
         "updated_at": ("%s", [stamp]),
     }
     columns, values, params = [], [], []

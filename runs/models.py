@@ -40,6 +40,7 @@ from django.dispatch import Signal
 from django.urls import reverse
 from django.utils import timezone
 
+from runs import dbthreads
 from runs.providers import PROVIDERS, ProviderConfig, ProviderError, get_provider
 from runs.providers.base import Finished, Provider, Refusal, StopResult
 from runs.providers.destinations import check_url
@@ -420,15 +421,15 @@ class AccountBudget:
         self.limited = bool(account.limits)
 
     async def take(self, endpoint: str) -> Refusal | None:
-        return await sync_to_async(self.account.take_quota)(endpoint)
+        return await dbthreads.call(None, self.account.take_quota, endpoint)
 
     async def refused(self, endpoint: str, retry_after: float | None) -> Refusal:
-        return await sync_to_async(self.account.quota_refused)(endpoint, retry_after)
+        return await dbthreads.call(None, self.account.quota_refused, endpoint, retry_after)
 
     async def interval(self, endpoint: str, base: float) -> float:
         if not self.limited:
             return base
-        return await sync_to_async(self.account.poll_interval)(endpoint, base)
+        return await dbthreads.call(None, self.account.poll_interval, endpoint, base)
 
 
 class Status(models.TextChoices):
@@ -1674,8 +1675,8 @@ class Run(models.Model):
         )
 
     async def astop(self, *, actor: Any, channel: str, reason: str = "") -> StopOutcome:
-        requested = await sync_to_async(self.request_stop)(
-            actor=actor, channel=channel, reason=reason
+        requested = await dbthreads.call(
+            self.pk, self.request_stop, actor=actor, channel=channel, reason=reason
         )
         return await self.asend_requested_stop(requested)
 
@@ -1695,22 +1696,26 @@ class Run(models.Model):
         """Make one provider stop call if one is due (or already leased to us), and record
         what the provider said."""
         sent_before = None if claimed else self.stop_sent_at
-        if not claimed and not await sync_to_async(self.claim_stop_attempt)():
+        if not claimed and not await dbthreads.call(self.pk, self.claim_stop_attempt):
             return
         if account is None:
-            account = await ProviderAccount.objects.aget(pk=self.provider_account_id)
+            account = await dbthreads.call(
+                self.pk, ProviderAccount.objects.get, pk=self.provider_account_id
+            )
         provider = account.provider()
         try:
             result = await provider.stop(
                 self.external_id, self.options, timeout=settings.RUNBRAKE_STOP_CALL_TIMEOUT
             )
         except QuotaExhausted as exc:
-            await sync_to_async(self.record_stop_queued)(exc, sent_before=sent_before)
+            await dbthreads.call(self.pk, self.record_stop_queued, exc, sent_before=sent_before)
             return
         except ProviderError as exc:
-            await sync_to_async(self.record_stop_failure)(exc)
+            await dbthreads.call(self.pk, self.record_stop_failure, exc)
             return
-        await sync_to_async(self.record_stop_answer)(result, provider_label=provider.label)
+        await dbthreads.call(
+            self.pk, self.record_stop_answer, result, provider_label=provider.label
+        )
 
 
 class RunEvent(models.Model):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import channels_redis.utils
 import pytest
-from asgiref.sync import SyncToAsync, sync_to_async
+from asgiref.sync import SyncToAsync, async_to_sync, sync_to_async
 from channels import layers as channels_layers
 from channels_redis import pubsub
 
@@ -80,6 +80,14 @@ async def test_sync_code_finds_the_loop_that_called_it_through_asgirefs_thread_l
     assert found is loop
     assert SyncToAsync.threadlocal is not None
     assert layers.owning_loop() is loop
+
+
+def test_async_code_knows_when_a_sync_thread_waits_for_it_through_asgirefs_executors() -> None:
+    async def inside() -> bool:
+        return layers.sync_caller_waits()
+
+    assert async_to_sync(inside)() is True
+    assert asyncio.run(inside()) is False
 
 
 @pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="needs Redis (REDIS_URL)")

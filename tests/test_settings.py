@@ -79,6 +79,18 @@ def test_production_settings_pass_check_deploy():
             "RUNBRAKE_DB_POOL_MAX_SIZE (4) must be at least RUNBRAKE_DB_POOL_MIN_SIZE (8)",
         ),
         ({"DATABASE_URL": POSTGRES, "RUNBRAKE_DB_POOL": "sometimes"}, "RUNBRAKE_DB_POOL must be"),
+        (
+            {
+                "DATABASE_URL": POSTGRES,
+                "RUNBRAKE_DB_POOL_MAX_SIZE": "6",
+                "RUNBRAKE_DB_THREADS": "4",
+            },
+            "RUNBRAKE_DB_THREADS (4) may be at most half of RUNBRAKE_DB_POOL_MAX_SIZE (6)",
+        ),
+        (
+            {"DATABASE_URL": "sqlite:///x.db", "RUNBRAKE_DB_THREADS": "2"},
+            "must be 0 or 1 on SQLite",
+        ),
     ],
 )
 def test_bad_values_stop_start_up_with_a_clear_error(env, message):
@@ -94,7 +106,7 @@ def database_settings(**env: str) -> dict[str, object]:
         "import json; from django.conf import settings; "
         "d = settings.DATABASES['default']; "
         "print(json.dumps({'pool': d.get('OPTIONS', {}).get('pool'), "
-        "'age': d['CONN_MAX_AGE']}))",
+        "'age': d['CONN_MAX_AGE'], 'threads': settings.RUNBRAKE_DB_THREADS}))",
         **{**PRODUCTION, **env},
     )
     assert result.returncode == 0, result.stderr
@@ -105,18 +117,32 @@ def test_it_pools_postgresql_connections_by_default_and_never_keeps_them_past_a_
     assert database_settings(DATABASE_URL=POSTGRES) == {
         "pool": {"min_size": 2, "max_size": 20},
         "age": 0,
+        "threads": 4,
     }
     assert database_settings(
         DATABASE_URL=POSTGRES,
         RUNBRAKE_DB_POOL_MIN_SIZE="0",
         RUNBRAKE_DB_POOL_MAX_SIZE="50",
-    ) == {"pool": {"min_size": 0, "max_size": 50}, "age": 0}
-    assert database_settings(DATABASE_URL=POSTGRES, RUNBRAKE_DB_POOL="false")["pool"] is None
+    ) == {"pool": {"min_size": 0, "max_size": 50}, "age": 0, "threads": 4}
+    unpooled = database_settings(DATABASE_URL=POSTGRES, RUNBRAKE_DB_POOL="false")
+    assert unpooled["pool"] is None
+    # Without the pool each call would connect anew: the watcher stays on the shared thread.
+    assert unpooled["threads"] == 0
+
+
+def test_the_watchers_database_threads_take_at_most_half_the_pool():
+    small = database_settings(DATABASE_URL=POSTGRES, RUNBRAKE_DB_POOL_MAX_SIZE="4")
+    assert small["threads"] == 2
+    tiny = database_settings(
+        DATABASE_URL=POSTGRES, RUNBRAKE_DB_POOL_MIN_SIZE="1", RUNBRAKE_DB_POOL_MAX_SIZE="1"
+    )
+    assert tiny["threads"] == 0
 
 
 def test_it_does_not_pool_or_keep_sqlite_connections(tmp_path):
     url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
-    assert database_settings(DATABASE_URL=url) == {"pool": None, "age": 0}
+    # One writer: the watcher's work stays on asgiref's shared thread.
+    assert database_settings(DATABASE_URL=url) == {"pool": None, "age": 0, "threads": 0}
 
 
 def test_keys_are_ciphertext_at_rest_and_masked(fay_account):

@@ -4,6 +4,7 @@ htmx it redirects; CSRF is enforced; viewers cannot act."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -691,6 +692,37 @@ def test_a_run_that_completed_despite_the_stop_says_so_in_the_list(client, bob, 
     client.force_login(bob)
     listing = client.get(f"/teams/{run.team_id}/runs/").content.decode()
     assert "despite the stop" in listing
+
+
+def test_a_finished_runs_row_is_rendered_once_and_anew_when_anything_on_it_changes(
+    as_bob, acme, launch, fay_account
+):
+    from django.template.loader import render_to_string
+    from django.utils import timezone
+
+    from runs.realtime import live
+    from runs.templatetags import runs_tags
+
+    done, active = launch("a finished one"), launch("an active one")
+    Run.objects.filter(pk=done.pk).update(status="completed", finished_at=timezone.now())
+    url = reverse("runs:team", args=[acme.pk])
+    runs_tags._rows.clear()
+    first = as_bob.get(url).content.decode()
+    # The same row as the partial renders it, and only the finished run's is kept.
+    assert render_to_string("runs/partials.html#run-row", {"run": live.load(done.pk)}) in first
+    assert [key[0] for key in runs_tags._rows] == [done.pk]
+    row = re.compile(rf'<tr id="run-row-{done.pk}".*?</tr>', re.DOTALL)
+    assert row.findall(as_bob.get(url).content.decode()) == row.findall(first)
+    assert f'data-stop-run="{active.pk}"' in first  # the active row keeps its controls
+
+    # Changes that bump no version are shown all the same.
+    fay_account.name = "Renamed account"
+    fay_account.save()
+    assert "Renamed account" in as_bob.get(url).content.decode()
+    Run.objects.filter(pk=done.pk).update(status="failed", error="It broke down")
+    page = as_bob.get(url).content.decode()
+    assert "It broke down" in page
+    assert f'id="run-row-{done.pk}" data-version="{done.version}" data-status="failed"' in page
 
 
 def test_an_overlong_prompt_is_refused_with_the_limit_named_and_kept_whole(

@@ -201,6 +201,27 @@ if _db["ENGINE"] == "django.db.backends.postgresql" and env_bool("RUNBRAKE_DB_PO
             f"RUNBRAKE_DB_POOL_MIN_SIZE ({_pool_min})."
         )
     _db.setdefault("OPTIONS", {})["pool"] = {"min_size": _pool_min, "max_size": _pool_max}
+# The watcher's per-run database work (transitions, output saves, pushes' reads) runs on this
+# many threads of its own, runs side by side, each run's calls in order (runs/dbthreads.py).
+# 0 = asgiref's one shared thread. SQLite has one writer: 0 or 1. With the pool, each thread
+# holds a connection only during a call, and they may take at most half the pool, so
+# requests and handshakes in the same process always find one.
+if _db["ENGINE"] == "django.db.backends.sqlite3":
+    _db_threads = env_int("RUNBRAKE_DB_THREADS", 0, minimum=0)
+    if _db_threads > 1:
+        raise ImproperlyConfigured("RUNBRAKE_DB_THREADS must be 0 or 1 on SQLite (one writer).")
+elif "pool" in _db.get("OPTIONS", {}):
+    _db_threads_max = _pool_max // 2
+    _db_threads = env_int("RUNBRAKE_DB_THREADS", min(4, _db_threads_max), minimum=0)
+    if _db_threads > _db_threads_max:
+        raise ImproperlyConfigured(
+            f"RUNBRAKE_DB_THREADS ({_db_threads}) may be at most half of "
+            f"RUNBRAKE_DB_POOL_MAX_SIZE ({_pool_max}), so requests always find a connection."
+        )
+else:
+    # Without the pool every call would open and close a connection (~5 ms here).
+    _db_threads = env_int("RUNBRAKE_DB_THREADS", 0, minimum=0)
+RUNBRAKE_DB_THREADS = _db_threads
 DATABASES = {"default": _db}
 
 # --- Channels -------------------------------------------------------------------------------

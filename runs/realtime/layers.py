@@ -2,9 +2,10 @@
 
 Everything else uses their public API; what is here depends on names those packages do not
 promise to keep (`_clean_expired`, `_do_receiving`, `_get_layer`, `_get_shard`, `_redis`,
-`SyncToAsync.threadlocal`, asyncio.Queue's `_queue`). pyproject.toml pins the three packages
-exactly (`PINNED` below repeats the pins), and tests/test_layer_contract.py fails on an upgrade
-that moves any of them, before a user would see it.
+`SyncToAsync.threadlocal`, `AsyncToSync.executors`, asyncio.Queue's `_queue`). pyproject.toml
+pins the three packages exactly (`PINNED` below repeats the pins), and
+tests/test_layer_contract.py fails on an upgrade that moves any of them, before a user would
+see it.
 
 Channel layers that never lose the *last* word, only intermediate ones.
 
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from asgiref.sync import SyncToAsync
+from asgiref.sync import AsyncToSync, SyncToAsync
 from channels import layers
 from channels.layers import get_channel_layer
 from channels_redis import pubsub
@@ -55,6 +56,13 @@ def owning_loop() -> asyncio.AbstractEventLoop | None:
     if loop is None or pid != os.getpid() or loop.is_closed() or not loop.is_running():
         return None
     return loop
+
+
+def sync_caller_waits() -> bool:
+    """Whether this async code runs inside async_to_sync for a sync thread that waits for it
+    (a sync middleware, Django's test client). asgiref runs its thread-sensitive calls on
+    that thread, whose connection may hold the caller's transaction open."""
+    return getattr(AsyncToSync.executors, "current", None) is not None
 
 
 def is_local(layer: Any) -> bool:

@@ -34,11 +34,12 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import DatabaseError, close_old_connections
 from django.template.loader import render_to_string
 
+from runs import dbthreads
 from runs.models import Membership, Role, Run
 from runs.realtime import layers
 
@@ -295,8 +296,9 @@ async def _send_waiting(run_id: int) -> None:
             if not (row or detail):
                 continue
             try:
-                rendered = await sync_to_async(_render_or_reset)(
-                    run_id, created, row=row, detail=detail
+                # In the run's lane: after the transition that asked for it, beside other runs'.
+                rendered = await dbthreads.call(
+                    run_id, _render_or_reset, run_id, created, row=row, detail=detail
                 )
             except Exception:
                 logger.exception("rendering the push of run %s failed", run_id)

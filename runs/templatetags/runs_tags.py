@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 from django import template
 from django.utils.safestring import SafeString, mark_safe
+from django.utils.timezone import get_current_timezone_name
+from django.utils.translation import get_language
 from markdown_it import MarkdownIt
 
 from runs.realtime.live import OUTPUT_SHOWN_CHARS
@@ -144,3 +147,64 @@ def provider_words(status: str) -> str:
     if head == "error":
         return f"error ({tail})" if tail else "error"
     return status.replace("_", " ")
+
+
+# A finished run's row, by everything it shows: most of a list page is finished runs, and
+# rendering 25 rows through the template engine was two thirds of the page's time (P5 in
+# docs/PERFORMANCE.md). The key is every value the row reads, not only (id, version): an
+# account renamed or a username changed bumps no run's version, and neither does an update
+# outside the state machine (the admin, a test's fixture). Bounded: a process keeps at most
+# ROW_CACHE_SIZE rows (a few MiB), dropping the older half when full.
+ROW_CACHE_SIZE = 5000
+_rows: dict[tuple[Any, ...], SafeString] = {}
+_rows_lock = threading.Lock()
+
+
+def _row_key(run: Any) -> tuple[Any, ...]:
+    return (
+        run.pk,
+        run.version,
+        run.status,
+        run.created_at,
+        run.started_at,
+        run.finished_at,
+        run.stop_requested_at,
+        run.prompt,
+        run.error,
+        run.stop_error,
+        run.output_incomplete,
+        len(run.output or ""),
+        run.created_by.get_username() if run.created_by_id else None,
+        run.provider_account.name,
+        get_current_timezone_name(),
+        get_language(),
+    )
+
+
+@register.simple_tag(takes_context=True)
+def run_row(context: template.Context, run: Any) -> SafeString:
+    """`{% partial run-row %}` for `run`, from the cache when the row cannot change by itself:
+    a finished run's row has no controls (nothing depends on the viewer or the CSRF token),
+    a fixed elapsed time and no quota note (which reads the clock). An active run's row is
+    rendered every time."""
+    engine = context.template.engine  # type: ignore[union-attr]
+    partial = engine.get_template("runs/partials.html#run-row")
+    key = None
+    if (
+        run.is_terminal
+        and run.finished_at is not None
+        and not run.quota_endpoint
+        and not context.get("oob")
+    ):
+        key = _row_key(run)
+        if (html := _rows.get(key)) is not None:
+            return html
+    with context.push(run=run):
+        html = mark_safe(partial.render(context))  # noqa: S308 - the template escaped it
+    if key is not None:
+        with _rows_lock:
+            if len(_rows) >= ROW_CACHE_SIZE:
+                for old in list(_rows)[: ROW_CACHE_SIZE // 2]:
+                    del _rows[old]
+            _rows[key] = html
+    return html

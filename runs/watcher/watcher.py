@@ -34,6 +34,7 @@ from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
+from runs import dbthreads
 from runs.models import (
     ACTIVE,
     STOP_IN_PROGRESS,
@@ -266,7 +267,7 @@ class Watcher:
             self._spawn(run.asend_stop())
 
         async for run in mine.stop_overdue(now):
-            await sync_to_async(run.mark_stop_unconfirmed)()
+            await dbthreads.call(run.pk, run.mark_stop_unconfirmed)
 
         async for run in mine.past_timeout(now):
             self._spawn(
@@ -329,7 +330,7 @@ class Watcher:
             logger.exception("session for run %s crashed; it is retried next tick", pk)
 
     async def _watch(self, pk: int) -> None:
-        run = await Run.objects.select_related("provider_account").aget(pk=pk)
+        run = await dbthreads.call(pk, Run.objects.select_related("provider_account").get, pk=pk)
         if run.status not in ACTIVE:
             return
         try:
@@ -347,7 +348,7 @@ class Watcher:
                 events = provider.follow(run.external_id, run.provider_refs)
             else:
                 self.starting[pk] = asyncio.Event()
-                if not await sync_to_async(run.claim_start)():
+                if not await dbthreads.call(run.pk, run.claim_start):
                     await self._start_claimed_elsewhere(run)
                     return
                 if run.status == Status.STOPPING:
@@ -369,7 +370,7 @@ class Watcher:
                 # The create call is over the account's quota: nothing was sent. The run is
                 # queued, cancellable at no cost, and launched when the budget allows.
                 self._started(pk)
-                await sync_to_async(run.queue_for_quota)(exc)
+                await dbthreads.call(run.pk, run.queue_for_quota, exc)
                 if not await self._wait_queued(run, exc.retry_after or 0.0):
                     return
             except ProviderError as exc:
@@ -379,8 +380,11 @@ class Watcher:
 
     async def _never_sent(self, run: Run) -> None:
         # Stopped before it was ever sent: nothing to call, nothing billed.
-        await sync_to_async(run.mark_stopped)(
-            confirmation="never having been sent to the provider", proof=Proof.NEVER_SENT
+        await dbthreads.call(
+            run.pk,
+            run.mark_stopped,
+            confirmation="never having been sent to the provider",
+            proof=Proof.NEVER_SENT,
         )
 
     async def _wait_queued(self, run: Run, seconds: float) -> bool:
@@ -389,7 +393,7 @@ class Watcher:
         shutting down (the run stays queued for whoever holds it next)."""
         deadline = asyncio.get_running_loop().time() + seconds
         while not self._stopping:
-            await run.arefresh_from_db()
+            await dbthreads.call(run.pk, run.refresh_from_db)
             if run.status == Status.STOPPING:
                 await self._never_sent(run)
                 return False
@@ -410,7 +414,9 @@ class Watcher:
         patience = settings.RUNBRAKE_PROVIDER_TIMEOUT + settings.RUNBRAKE_WATCHER_LEASE_SECONDS
         if started is not None and (timezone.now() - started).total_seconds() < patience:
             return
-        await sync_to_async(run.mark_failed)(
+        await dbthreads.call(
+            run.pk,
+            run.mark_failed,
             error="Runbrake restarted while this run was being started, so its "
             "provider id is unknown. Check the provider's dashboard, then run it again.",
             proof=Proof.RUNBRAKE,
@@ -430,18 +436,24 @@ class Watcher:
             done.set()
 
     async def _provider_failed(self, run: Run, exc: ProviderError) -> None:
-        await run.arefresh_from_db()
+        await dbthreads.call(run.pk, run.refresh_from_db)
         if run.is_terminal:
             return
         if run.status in STOP_IN_PROGRESS:
             # Following failed but a stop is under way: keep the stop path in charge.
-            await sync_to_async(run.record_event)(
-                RunEvent.Kind.PROVIDER_ERROR, exc.message, data=exc.as_dict()
+            await dbthreads.call(
+                run.pk,
+                run.record_event,
+                RunEvent.Kind.PROVIDER_ERROR,
+                exc.message,
+                data=exc.as_dict(),
             )
             return
         # A refusal with an HTTP status is the provider's own answer; anything else (a run it
         # no longer knows, a lost connection that cannot be followed) is Runbrake's finding.
-        await sync_to_async(run.mark_failed)(
+        await dbthreads.call(
+            run.pk,
+            run.mark_failed,
             error=exc.message,
             proof=Proof.PROVIDER_REFUSAL if exc.http_status else Proof.RUNBRAKE,
         )
@@ -524,8 +536,12 @@ class OutputWriter:
         texts = {pk: session.take_text() for pk, session in batch.items()}
         self.in_flight = set(texts)
         try:
-            stopping = await sync_to_async(Run.objects.record_outputs)(
-                {pk: (text, batch[pk].run.no_progress_seconds) for pk, text in texts.items()}
+            # Many runs in one transaction: in no run's lane (each session waits for the batch
+            # holding its text before it changes its run's status, so none overtakes it).
+            stopping = await dbthreads.call(
+                None,
+                Run.objects.record_outputs,
+                {pk: (text, batch[pk].run.no_progress_seconds) for pk, text in texts.items()},
             )
         except Exception as exc:
             logger.exception("saving the output of %d runs failed; retrying", len(batch))
@@ -646,11 +662,11 @@ class Session:
             await self.flush()
         if run.quota_endpoint in SESSION_CALLS and not isinstance(event, QuotaWait | Waiting):
             # The call that waited went out: the run no longer waits for the quota.
-            await sync_to_async(run.clear_quota_wait)(*SESSION_CALLS)
+            await dbthreads.call(run.pk, run.clear_quota_wait, *SESSION_CALLS)
         match event:
             case Started(external_id=external_id, refs=refs, acknowledged=acknowledged):
-                await sync_to_async(run.record_external_id)(
-                    external_id, refs, acknowledged=acknowledged
+                await dbthreads.call(
+                    run.pk, run.record_external_id, external_id, refs, acknowledged=acknowledged
                 )
                 if self.on_started is not None:
                     self.on_started()
@@ -658,15 +674,15 @@ class Session:
                     # The user pressed Stop before the provider told us the id: send it now.
                     await run.asend_stop()
             case Running(provider_status=provider_status, progress=progress):
-                await run.arefresh_from_db()
+                await dbthreads.call(run.pk, run.refresh_from_db)
                 if run.status == Status.PENDING:
-                    await sync_to_async(run.mark_running)(provider_status)
+                    await dbthreads.call(run.pk, run.mark_running, provider_status)
                 elif run.status == Status.RUNNING and (
                     progress is None
                     or progress != self.progress_marker
                     or provider_status != run.provider_status
                 ):
-                    await sync_to_async(run.record_progress)(provider_status)
+                    await dbthreads.call(run.pk, run.record_progress, provider_status)
                 self.progress_marker = progress
             case OutputDelta(text=text, replace=replace):
                 self.text = text if replace else self.text + text
@@ -675,18 +691,20 @@ class Session:
                 if replace and self.incomplete:
                     # The provider's own whole text: nothing is missing any more.
                     self.incomplete = False
-                    await sync_to_async(run.record_output_complete)()
+                    await dbthreads.call(run.pk, run.record_output_complete)
                 if not self.dirty:
                     self.dirty = True
                     self.writer.mark(self)
             case Waiting(reason=reason, seconds=seconds):
-                await sync_to_async(run.record_event)(
+                await dbthreads.call(
+                    run.pk,
+                    run.record_event,
                     RunEvent.Kind.BACKOFF,
                     f"{reason} Waiting {seconds:.1f} s.",
                     data={"seconds": seconds},
                 )
             case QuotaWait(endpoint=endpoint, seconds=seconds, message=message):
-                await sync_to_async(run.record_quota_wait)(endpoint, seconds, message)
+                await dbthreads.call(run.pk, run.record_quota_wait, endpoint, seconds, message)
             case Finished() as finished:
                 await self._finished(finished)
             case StreamEnded():
@@ -697,7 +715,9 @@ class Session:
         """A provider that accepted the stop but keeps producing output is reported (and the
         stop is re-sent when its recheck time comes), never taken as stopped."""
         run = self.run
-        await run.arefresh_from_db(fields=["status", "stop_sent_at", "stop_answer"])
+        await dbthreads.call(
+            run.pk, run.refresh_from_db, fields=["status", "stop_sent_at", "stop_answer"]
+        )
         if (
             self.reported_output_after_stop
             or run.status not in STOP_IN_PROGRESS
@@ -709,7 +729,9 @@ class Session:
         if seconds < LATE_OUTPUT_GRACE:
             return
         self.reported_output_after_stop = True
-        await sync_to_async(run.record_event)(
+        await dbthreads.call(
+            run.pk,
+            run.record_event,
             RunEvent.Kind.OUTPUT_AFTER_STOP,
             f"{self.provider.label} is still producing output {seconds:.1f} s after it accepted "
             "the stop. Runbrake sends the stop again and does not count the run as stopped.",
@@ -718,7 +740,7 @@ class Session:
     async def _finished(self, finished: Finished) -> None:
         run = self.run
         await self.flush()
-        await run.arefresh_from_db()
+        await dbthreads.call(run.pk, run.refresh_from_db)
         if finished.output is not None:
             # The provider's whole final text: it replaces what streamed, and completes it.
             self.text, self.incomplete = finished.output, False
@@ -737,8 +759,10 @@ class Session:
             # Dify ends a stopped reply exactly like a finished one (its stream's message_end,
             # or its history's saved answer).
             stream = finished.via == "stream"
-            await sync_to_async(run.keep_text)(self.text, self.incomplete)
-            await sync_to_async(run.mark_stopped)(
+            await dbthreads.call(run.pk, run.keep_text, self.text, self.incomplete)
+            await dbthreads.call(
+                run.pk,
+                run.mark_stopped,
                 confirmation=f"{label}'s stream ending after the stop"
                 if stream
                 else f"{label}'s record of the message, settled after the stop",
@@ -747,23 +771,31 @@ class Session:
                 usage=finished.usage.as_dict() if finished.usage else None,
             )
             return
-        await sync_to_async(run.settle)(
-            finished, output=self.text, label=label, output_incomplete=self.incomplete
+        await dbthreads.call(
+            run.pk,
+            run.settle,
+            finished,
+            output=self.text,
+            label=label,
+            output_incomplete=self.incomplete,
         )
 
     async def _stream_ended(self) -> str | None:
         """The stream closed with no terminal event: after a stop that is the stop landing;
         otherwise the connection was lost and the run is followed through its status."""
         run = self.run
-        await run.arefresh_from_db()
+        await dbthreads.call(run.pk, run.refresh_from_db)
         if run.is_terminal:
             return None
         label = self.provider.label
         stopping = run.status in STOP_IN_PROGRESS and run.stop_sent_at is not None
         if stopping and self.provider.normal_end_confirms_stop:
-            await sync_to_async(run.keep_text)(self.text, self.incomplete)
-            await sync_to_async(run.mark_stopped)(
-                confirmation=f"{label}'s stream ending after the stop", proof=Proof.STREAM_END
+            await dbthreads.call(run.pk, run.keep_text, self.text, self.incomplete)
+            await dbthreads.call(
+                run.pk,
+                run.mark_stopped,
+                confirmation=f"{label}'s stream ending after the stop",
+                proof=Proof.STREAM_END,
             )
             return None
         if stopping:
@@ -781,7 +813,9 @@ class Session:
         # What streams from here on cannot be fetched from most providers' status: the text
         # is kept and marked incomplete until the provider's own final text arrives.
         self.incomplete = True
-        await sync_to_async(run.record_event)(
+        await dbthreads.call(
+            run.pk,
+            run.record_event,
             RunEvent.Kind.STREAM_LOST,
             f"The connection to {label}'s stream ended early after {len(self.text):,} "
             f"characters; following the run through {label}'s status instead.",
