@@ -397,16 +397,25 @@ async def run_detail(request: HtmxHttpRequest, pk: int) -> JsonResponse:
     return JsonResponse(run_json(run))
 
 
-@api_view("POST")
-async def stop_many(request: HtmxHttpRequest) -> JsonResponse:
-    """`{"ids": [...]}` or `{"filter": {"status", "team", "provider", "mine"}}` → one outcome
-    per run: stopped, stopping, unconfirmed, already_finished, not_allowed, not_found, failed."""
+def _body_with_reason(request: HtmxHttpRequest) -> tuple[dict[str, Any], str] | JsonResponse:
+    """A stop's JSON body and its reason (a string, empty when not given), or the 400."""
     body = read_json(request)
     if isinstance(body, JsonResponse):
         return body
     reason = body.get("reason", "")
     if not isinstance(reason, str):
         return error(400, "VALIDATION_ERROR", "reason must be a string.", field="reason")
+    return body, reason
+
+
+@api_view("POST")
+async def stop_many(request: HtmxHttpRequest) -> JsonResponse:
+    """`{"ids": [...]}` or `{"filter": {"status", "team", "provider", "mine"}}` → one outcome
+    per run: stopped, stopping, unconfirmed, already_finished, not_allowed, not_found, failed."""
+    read = _body_with_reason(request)
+    if isinstance(read, JsonResponse):
+        return read
+    body, reason = read
     if "ids" in body:
         ids = body["ids"]
         if (
@@ -472,12 +481,10 @@ def _request_stop(
         return error(403, "FORBIDDEN", membership.stop_refusal)
     if limited := hit("stop", str(user.pk)):
         return too_many(limited)
-    body = read_json(request)
-    if isinstance(body, JsonResponse):
-        return body
-    reason = body.get("reason", "")
-    if not isinstance(reason, str):
-        return error(400, "VALIDATION_ERROR", "reason must be a string.", field="reason")
+    read = _body_with_reason(request)
+    if isinstance(read, JsonResponse):
+        return read
+    _, reason = read
     # Loaded with the run: the stop call needs no query of its own (request_stop's refresh
     # forgets it).
     account = run.provider_account
