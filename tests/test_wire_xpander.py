@@ -416,6 +416,28 @@ async def test_it_reports_a_failed_router_with_its_result(
     assert end.error == "xpander.ai reported the turn error: Model provider timed out."
 
 
+async def test_it_keeps_the_streamed_text_of_a_failed_router_not_its_error_result(
+    replay: Replay, xpander: XpanderProvider
+) -> None:
+    # Found by the chaos soak: a failed turn's `result` is its error message, and taking it
+    # for the run's final text threw away what had streamed (invariant 6).
+    body = (
+        until(sse("simple_turn.sse"), "chunk")
+        + (
+            f'data: {{"type":"task_finished","task_id":"{CONV}","organization_id":"o",'
+            f'"time":"2026-03-23T00:47:00Z","data":{{"id":"{CONV}","status":"error",'
+            f'"result":"Model provider timed out."}}}}\n\n'
+        ).encode()
+    )
+    events = await run_against(replay, xpander, body)
+    streamed = "".join(e.text for e in events if isinstance(e, OutputDelta))
+    end = finished(events)
+    assert streamed
+    assert end.status == FAILED
+    assert end.output is None  # the watcher keeps what streamed as the run's text
+    assert "Model provider timed out." in (end.error or "")
+
+
 # --- Ids in URL paths ---------------------------------------------------------------------------
 
 
