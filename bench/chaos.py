@@ -1045,8 +1045,9 @@ def _checker_faults(faults: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def main() -> int:
     try:
         return asyncio.run(soak())
-    except RuntimeError as exc:
-        log(f"the soak itself failed: {exc}")
+    except Exception as exc:
+        # Not 1: a soak that could not run has not found a broken invariant.
+        log(f"the soak itself failed: {exc!r}")
         return 2
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,15 +31,19 @@ pytestmark = pytest.mark.chaos
     ],
 )
 def test_the_short_soak_fails_a_broken_build_on_the_invariant_it_breaks(
-    bug: str, invariant: int, tmp_path: Path
+    bug: str, invariant: int
 ) -> None:
+    # Not pytest's tmp_path: the soak's PostgreSQL runs as the postgres user, who must be able
+    # to reach its data directory (pytest's base directory is private to its user).
+    out = Path(tempfile.mkdtemp(prefix=f"chaos-{bug}-", dir="/tmp"))
+    out.chmod(0o755)
     env = {
         **os.environ,
         "CHAOS_BREAK": bug,
         "CHAOS_SECONDS": os.environ.get("CHAOS_BREAK_SECONDS", "60"),
         "CHAOS_SEED": "15",
         "CHAOS_QUIET_SECONDS": "150",
-        "CHAOS_OUT": str(tmp_path / "soak"),
+        "CHAOS_OUT": str(out / "soak"),
     }
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "chaos.py")],
@@ -50,7 +55,7 @@ def test_the_short_soak_fails_a_broken_build_on_the_invariant_it_breaks(
         check=False,
     )
     assert done.returncode == 1, done.stderr[-4000:]
-    summary = json.loads((tmp_path / "soak" / "summary.json").read_text())
+    summary = json.loads((out / "soak" / "summary.json").read_text())
     assert summary["break_"] == bug
     assert summary["invariants"][str(invariant)] is False, summary["violations_list"][:10]
     assert any(f"invariant {invariant} " in v for v in summary["violations_list"])
