@@ -32,6 +32,7 @@ STOP_PATH = re.compile(r"/stop$")
 # Behaviours under which a provider may legitimately never confirm a stop.
 UNCONFIRMING = re.compile(r"sim:stop=(ignore|error|lose_first|slow)")
 PROVIDER_FAULTS = ("sim_kill", "latency", "pause_sim")
+USER_CHANNELS = ("api", "button", "admin")
 INVARIANTS = {
     1: "every run is terminal, or Stop unconfirmed with a reason the history explains",
     2: "every requested stop reached the provider; an answered stop was not sent again",
@@ -150,13 +151,22 @@ def _stops_reached_provider(
             )
     for run_id, trail in events.items():
         run = runs.get(run_id)
-        if run is None or not any(e["kind"] == "stop_requested" for e in trail):
+        # A person's stop (a button, the API, an admin), not Runbrake's own timeout or stall.
+        if run is None or not any(
+            e["kind"] == "stop_requested" and e.get("channel", "api") in USER_CHANNELS
+            for e in trail
+        ):
             continue
         calls = [r for r in _requests_for(run, requests) if STOP_PATH.search(r["path"])]
         ended = next((e for e in trail if e["to"] in TERMINAL), None)
         never_sent = run.get("proof") == "never_sent" or not run.get("refs")
         finished_first = ended is not None and ended["to"] in FINISHED
-        if not calls and not never_sent and not finished_first:
+        # Still owed: every call so far failed to reach a provider that was down, and Runbrake
+        # keeps sending it (Stop unconfirmed says so on the page).
+        owed = run["status"] == "stop_unconfirmed" and any(
+            e["kind"] == "stop_failed" for e in trail
+        )
+        if not calls and not never_sent and not finished_first and not owed:
             found.append(
                 Violation(2, run_id, "a stop was requested but never reached the provider")
             )

@@ -236,3 +236,25 @@ def test_it_reports_streamed_text_the_run_no_longer_keeps() -> None:
     assert broken(history) == {6}
     history["runs"][0]["output_incomplete"] = True
     assert check(history) == []
+
+
+def test_a_stop_still_owed_to_a_provider_that_was_down_is_explained() -> None:
+    history = clean()
+    history["runs"][0]["status"] = "stop_unconfirmed"
+    history["events"] = [
+        *history["events"][:4],
+        event(104.0, "stop_failed", "stopping", "stopping"),
+        event(118.0, "stop_unconfirmed", "stopping", "stop_unconfirmed"),
+    ]
+    history["provider_requests"] = history["provider_requests"][:1]
+    for viewer in history["viewers"]:
+        viewer["seen"] = {str(RUN): ["stop_unconfirmed", -1, 118.5]}
+    assert check(history) == []
+
+
+def test_runbrakes_own_timeout_stop_is_not_held_to_reaching_the_provider() -> None:
+    history = clean()
+    history["events"][3]["channel"] = "timeout"
+    history["provider_requests"] = history["provider_requests"][:1]
+    history["stops"] = []
+    assert check(history) == []

@@ -26,8 +26,6 @@ pytestmark = pytest.mark.chaos
     [
         # The stop intent is rolled back, not committed, before the provider call.
         ("stop_commit", 2),
-        # A late "completed" is applied to a run already Stopped.
-        ("late_completed", 4),
     ],
 )
 def test_the_short_soak_fails_a_broken_build_on_the_invariant_it_breaks(
