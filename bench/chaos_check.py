@@ -83,8 +83,18 @@ def _provider_faulted(run: dict[str, Any], history: dict[str, Any], end: float) 
     )
 
 
+def _own_refs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each run with only the provider ids that are its own: an id several runs share (an
+    xpander agent, a Dify user) would give one run's stop calls to all of them."""
+    seen: dict[str, int] = defaultdict(int)
+    for run in runs:
+        for ref in set(run.get("refs", [])):
+            seen[ref] += 1
+    return [{**run, "refs": [i for i in run.get("refs", []) if seen[i] == 1]} for run in runs]
+
+
 def check(history: dict[str, Any]) -> list[Violation]:
-    runs = {r["id"]: r for r in history.get("runs", [])}
+    runs = {r["id"]: r for r in _own_refs(history.get("runs", []))}
     events = _events_by_run(history)
     requests = history.get("provider_requests", [])
     end = max([e["t"] for e in history.get("events", [])] + [0.0])

@@ -258,3 +258,17 @@ def test_runbrakes_own_timeout_stop_is_not_held_to_reaching_the_provider() -> No
     history["provider_requests"] = history["provider_requests"][:1]
     history["stops"] = []
     assert check(history) == []
+
+
+def test_an_id_several_runs_share_does_not_lend_one_runs_stop_call_to_another() -> None:
+    history = clean()
+    history["runs"][0]["refs"] = ["req-7", "chaos-agent"]
+    other = dict(history["runs"][0], id=8, marker="chaos-L2", refs=["req-8", "chaos-agent"])
+    history["runs"].append(other)
+    history["events"].append({**event(100.0, "created", "", "pending"), "run": 8})
+    history["events"].append({**event(101.0, "stop_requested", "pending", "stopping"), "run": 8})
+    history["events"].append({**event(102.0, "stopped", "stopping", "stopped"), "run": 8})
+    history["provider_requests"][1]["path"] = "/sim/fay/api/v1/chaos-agent/req-7/stop"
+    history["viewers"][1]["seen"]["8"] = ["stopped", -1, 102.5]
+    found = check(history)
+    assert [(v.invariant, v.run) for v in found] == [(2, 8)]
