@@ -16,7 +16,7 @@ UV_VERSION := 0.13.9
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: help run run-scaled test test-unit test-e2e lint fmt check-deploy clean setup browser bench
+.PHONY: help run run-scaled test test-unit test-e2e lint fmt check-deploy clean setup browser bench chaos chaos-short
 
 help:
 	@echo "make run    - set up and start Runbrake on http://127.0.0.1:$(PORT)/"
@@ -25,6 +25,9 @@ help:
 	@echo "make run-scaled - 2 web + 2 watcher processes on PostgreSQL + Redis (see Procfile)"
 	@echo "make bench  - measure performance, write docs/PERFORMANCE.md (BENCH_QUICK=1: a few min;"
 	@echo "              BENCH_BEFORE=<git ref>: before and after side by side)"
+	@echo "make chaos  - the chaos soak: the scaled topology under mixed faults for CHAOS_SECONDS"
+	@echo "              (default 1800), then the invariants checked (CHAOS_SEED replays a schedule)"
+	@echo "make chaos-short - the same soak, fixed seed, a few minutes; fails on a broken invariant"
 
 $(UV):
 	@test -n "$(PYTHON)" || { echo "Runbrake needs Python 3.12 or newer on PATH (or under pyenv)." >&2; exit 1; }
@@ -76,11 +79,11 @@ $(AXE): tests/browser/package.json tests/browser/package-lock.json
 	@touch $@
 
 test: setup $(AXE)
-	$(PY) -m pytest -m "not e2e"
+	$(PY) -m pytest -m "not e2e and not chaos"
 	$(PY) -m pytest -m e2e tests/browser
 
 test-unit: setup
-	$(PY) -m pytest -m "not e2e"
+	$(PY) -m pytest -m "not e2e and not chaos"
 
 test-e2e: setup $(AXE)
 	$(PY) -m pytest -m e2e tests/browser
@@ -102,3 +105,16 @@ clean:
 # and uvicorn compared. More knobs at the top of bench/run.py.
 bench: setup
 	ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn); $(PY) bench/run.py
+
+# The chaos soak (issue 15): its own PostgreSQL cluster and redis-server on free ports, 2 web +
+# 2 watcher processes, each simulator in its own process, clients and live viewers, a seeded
+# fault schedule; then the checker (bench/chaos_check.py). History and summary in CHAOS_OUT.
+CHAOS_SECONDS ?= 1800
+CHAOS_OUT ?= /tmp/chaos-out
+chaos: setup
+	CHAOS_SECONDS=$(CHAOS_SECONDS) CHAOS_OUT=$(CHAOS_OUT) $(PY) bench/chaos.py
+
+# The short version CI runs: a fixed seed, 75 s of workload (2-3 minutes on an idle machine).
+chaos-short: setup
+	CHAOS_SECONDS=75 CHAOS_SEED=$${CHAOS_SEED:-15} CHAOS_QUIET_SECONDS=150 \
+	CHAOS_OUT=/tmp/chaos-short $(PY) bench/chaos.py

@@ -1163,12 +1163,15 @@ class Run(models.Model):
             if not runs.update(updated_at=now, version=F("version") + 1, **fields):
                 self.refresh_from_db()
                 return
+            # Read after the update, which holds the row: the caller's copy may be stale (a
+            # stop answer arriving after the stream ended the run).
+            status = Run.objects.filter(pk=self.pk).values_list("status", flat=True).get()
             RunEvent.objects.create(
                 run_id=self.pk,
                 at=now,
                 kind=kind,
-                from_status=self.status,
-                to_status=self.status,
+                from_status=status,
+                to_status=status,
                 message=message,
                 data=data or {},
             )

@@ -338,3 +338,27 @@ async def test_the_sites_own_origin_and_a_trusted_one_are_admitted(bob, acme, se
         connected,
     ):
         assert connected
+
+
+async def test_a_resync_the_database_cannot_answer_closes_the_socket_so_the_page_reconnects(
+    bob, acme, launch, monkeypatch
+):
+    # Found by the chaos soak: Redis came back while PostgreSQL restarted, the resync's
+    # snapshot query failed, and the page stayed open showing a run as running forever.
+    from channels.layers import get_channel_layer
+    from django.db import OperationalError
+
+    from runs.realtime import consumers
+
+    async with websocket(f"/ws/teams/{acme.pk}/", bob) as (communicator, connected):
+        assert connected
+        await communicator.receive_from(timeout=5)  # the snapshot
+
+        def database_restarting(*args, **kwargs):
+            raise OperationalError("server closed the connection unexpectedly")
+
+        monkeypatch.setattr(consumers, "_team_snapshot", database_restarting)
+        layer = get_channel_layer()
+        assert layer is not None
+        await layer.group_send(live.team_group(acme.pk), {"type": "push.resync"})
+        assert await _closed_with(communicator) == live.CLOSE_SERVER_RESTARTING

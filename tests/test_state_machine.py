@@ -128,3 +128,17 @@ def test_the_stopper_holds_the_first_stop_call_so_the_watcher_cannot_send_it_fir
     assert with_id.pk not in due  # leased to the requester, who sends it now
     assert with_id.stop_attempts == 1
     assert without_id.stop_attempts == 0  # nothing to send until the provider names it
+
+
+def test_an_event_records_the_status_the_run_has_not_the_one_its_caller_last_read(launch, bob):
+    # Found by the chaos soak: the stop call's answer came back after the stream had already
+    # ended the run, and its event said "stopping → stopping" on a run that was stopped.
+    run = launch()
+    run.mark_running("active")
+    run.request_stop(actor=bob, channel=Channel.API)
+    stale = Run.objects.get(pk=run.pk)  # the stopper's copy, still STOPPING
+    assert run.mark_stopped(confirmation="the stream", proof="stream_event")
+    stale.record_event(RunEvent.Kind.STOP_ANSWER, "Stream stopped successfully")
+    answer = stale.events.get(kind=RunEvent.Kind.STOP_ANSWER)
+    assert (answer.from_status, answer.to_status) == (Status.STOPPED, Status.STOPPED)
+    assert stale.status == Status.STOPPED

@@ -399,3 +399,25 @@ async def test_a_dify_reply_with_text_after_an_unconfirmed_stop_completed_despit
     last = await run.events.alast()
     assert last is not None
     assert "despite the stop" in last.message
+
+
+async def test_a_tick_replaces_a_database_connection_that_died_under_the_sessions(launch):
+    # Found by the chaos soak: after a PostgreSQL restart the sessions' shared ORM thread kept
+    # its dead connection (no request ever ends there to close it), every session crashed on
+    # "the connection is closed" for good, and the heartbeat's own connection kept the leases.
+    from django.db import connection
+
+    run = await sync_to_async(launch)("x sim:pending=0 sim:duration=60")
+
+    def kill_the_connection_under_django() -> None:
+        connection.ensure_connection()
+        connection.connection.close()  # the server went away; Django does not know yet
+
+    await sync_to_async(kill_the_connection_under_django)()
+    watcher = Watcher()
+    try:
+        await watcher.tick()
+        found = await Run.objects.aget(pk=run.pk)
+    finally:
+        await watcher.shutdown()
+    assert found.pk == run.pk

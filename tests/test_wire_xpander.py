@@ -393,10 +393,9 @@ async def test_it_never_reads_the_stop_answers_fields(
     assert replay.requests_to("GET", STATE) == []
 
 
-async def test_it_reports_a_failed_router_with_its_result(
-    replay: Replay, xpander: XpanderProvider
-) -> None:
-    body = (
+def failed_turn() -> bytes:
+    """A turn that streams some text, then its router fails with an error result."""
+    return (
         until(sse("simple_turn.sse"), "chunk")
         + (
             f'data: {{"type":"task_finished","task_id":"{CONV}","organization_id":"o",'
@@ -404,9 +403,28 @@ async def test_it_reports_a_failed_router_with_its_result(
             f'"result":"Model provider timed out."}}}}\n\n'
         ).encode()
     )
-    end = finished(await run_against(replay, xpander, body))
+
+
+async def test_it_reports_a_failed_router_with_its_result(
+    replay: Replay, xpander: XpanderProvider
+) -> None:
+    end = finished(await run_against(replay, xpander, failed_turn()))
     assert (end.status, end.provider_status) == (FAILED, "error")
     assert end.error == "xpander.ai reported the turn error: Model provider timed out."
+
+
+async def test_it_keeps_the_streamed_text_of_a_failed_router_not_its_error_result(
+    replay: Replay, xpander: XpanderProvider
+) -> None:
+    # Found by the chaos soak: a failed turn's `result` is its error message, and taking it
+    # for the run's final text threw away what had streamed (invariant 6).
+    events = await run_against(replay, xpander, failed_turn())
+    streamed = "".join(e.text for e in events if isinstance(e, OutputDelta))
+    end = finished(events)
+    assert streamed
+    assert end.status == FAILED
+    assert end.output is None  # the watcher keeps what streamed as the run's text
+    assert "Model provider timed out." in (end.error or "")
 
 
 # --- Ids in URL paths ---------------------------------------------------------------------------

@@ -119,7 +119,9 @@ class Outcome:
         result = self.router_result
         error = f"xpander.ai reported the turn {native}: {result}" if terminal == FAILED else None
         output = None
-        if isinstance(result, str) and None not in self.parts:
+        # A failed turn's result is its error message, not its answer: what streamed stays
+        # the run's text (None), and the message is the error.
+        if terminal != FAILED and isinstance(result, str) and None not in self.parts:
             output = "\n\n".join(p for p in [result, *self.parts] if p)
         return Finished(
             terminal,

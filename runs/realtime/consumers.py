@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 import time
 import weakref
 from typing import Any
@@ -19,6 +20,7 @@ from urllib.parse import parse_qs, urlencode
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.db import DatabaseError
 from django.http import QueryDict
 
 from runs.access import find_membership, run_and_membership
@@ -26,6 +28,8 @@ from runs.models import Membership
 from runs.realtime import live
 from runs.realtime.layers import RESYNC
 from runs.web.forms import RunFilterForm
+
+logger = logging.getLogger(__name__)
 
 
 @database_sync_to_async
@@ -226,7 +230,15 @@ class PushConsumer(AsyncWebsocketConsumer):
     async def push_resync(self, event: dict[str, Any]) -> None:
         # Pushes were dropped (a full backlog, a lost Redis connection: runs/realtime/layers.py):
         # the snapshot from the database makes the page whole, as on a reconnect.
-        _group, snapshot = await self.authorise(self.scope["user"])
+        try:
+            _group, snapshot = await self.authorise(self.scope["user"])
+        except DatabaseError:
+            # Redis came back while the database restarts: this page cannot be made whole
+            # now, and left open it would show what it missed for good. Closed as for a
+            # restart, the page reconnects and its connect reads the snapshot again.
+            logger.warning("live: a resync's snapshot failed; the socket reconnects")
+            await self.close(code=live.CLOSE_SERVER_RESTARTING)
+            return
         if snapshot is None:
             await self.close()
             return

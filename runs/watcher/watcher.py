@@ -30,7 +30,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection
+from django.db import close_old_connections, connection
 from django.db.models import Q
 from django.utils import timezone
 
@@ -250,6 +250,11 @@ class Watcher:
     # --- One pass over the database -----------------------------------------------------------
 
     async def tick(self) -> None:
+        # The sessions' ORM calls share one thread where no request ever ends, so nothing else
+        # would close its connection: one the database dropped (a restart) would fail every
+        # session for good. Closed here each tick (CONN_MAX_AGE=0: back to the pool), the
+        # next call takes a live one.
+        await sync_to_async(close_old_connections)()
         held = set(await _claim(self.identity, self.capacity))
         for pk in held:
             if pk not in self.sessions:
