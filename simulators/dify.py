@@ -298,6 +298,32 @@ def _not_chat_app() -> JsonResponse:
     return error(400, "not_chat_app", "Please check if your app mode matches the right API route.")
 
 
+def _chat_post(request: HttpRequest) -> tuple[str, dict[str, Any], str] | JsonResponse:
+    """A POST for an end user: the app's key, the JSON body and its `user`, or the refusal
+    Dify answers (a bad key, a body that is no JSON object, no user)."""
+    key, refused = _guard(request, "POST")
+    if refused:
+        return refused
+    body = _json_body(request)
+    if isinstance(body, JsonResponse):
+        return body
+    user = _user_of(body.get("user"))
+    if user is None:
+        return error(400, "invalid_param", "Arg user must be provided.")
+    return key, body, user
+
+
+def _chat_reader(request: HttpRequest) -> tuple[str, str] | JsonResponse:
+    """A GET of a chat app's records: the app's key and the end user it reads for (`user`,
+    else the default), or the refusal Dify answers (a bad key, a workflow app)."""
+    key, refused = _guard(request, "GET")
+    if refused:
+        return refused
+    if app_mode(key) == "workflow":
+        return _not_chat_app()
+    return key, _user_of(request.GET.get("user")) or DEFAULT_USER
+
+
 def _is_uuid(value: Any) -> bool:
     try:
         uuid.UUID(str(value))
@@ -929,15 +955,10 @@ async def _stream(message: Message) -> AsyncIterator[bytes]:
 
 @csrf_exempt
 async def chat_messages(request: HttpRequest) -> HttpResponseBase:
-    key, refused = _guard(request, "POST")
-    if refused:
-        return refused
-    body = _json_body(request)
-    if isinstance(body, JsonResponse):
-        return body
-    user = _user_of(body.get("user"))
-    if user is None:
-        return error(400, "invalid_param", "Arg user must be provided.")
+    posted = _chat_post(request)
+    if isinstance(posted, JsonResponse):
+        return posted
+    key, body, user = posted
     mode = app_mode(key)
     if mode == "workflow":
         return _not_chat_app()
@@ -1066,15 +1087,10 @@ def _start(conversation: Conversation, query: str, directives: Directives, mode:
 
 @csrf_exempt
 async def stop(request: HttpRequest, task_id: str) -> JsonResponse:
-    key, refused = _guard(request, "POST")
-    if refused:
-        return refused
-    body = _json_body(request)
-    if isinstance(body, JsonResponse):
-        return body
-    user = _user_of(body.get("user"))
-    if user is None:
-        return error(400, "invalid_param", "Arg user must be provided.")
+    posted = _chat_post(request)
+    if isinstance(posted, JsonResponse):
+        return posted
+    key, _, user = posted
     if app_mode(key) == "workflow":
         return _not_chat_app()
     message = tasks.get(task_id)
@@ -1098,12 +1114,10 @@ async def stop(request: HttpRequest, task_id: str) -> JsonResponse:
 
 @csrf_exempt
 async def messages(request: HttpRequest) -> JsonResponse:
-    key, refused = _guard(request, "GET")
-    if refused:
-        return refused
-    user = _user_of(request.GET.get("user")) or DEFAULT_USER
-    if app_mode(key) == "workflow":
-        return _not_chat_app()
+    reader = _chat_reader(request)
+    if isinstance(reader, JsonResponse):
+        return reader
+    key, user = reader
     # MessageListQuery (controllers/common/controller_schemas.py).
     problems: list[Problem] = []
     conversation_id = request.GET.get("conversation_id")
@@ -1152,12 +1166,10 @@ SORTS = {
 
 @csrf_exempt
 async def conversation_list(request: HttpRequest) -> JsonResponse:
-    key, refused = _guard(request, "GET")
-    if refused:
-        return refused
-    user = _user_of(request.GET.get("user")) or DEFAULT_USER
-    if app_mode(key) == "workflow":
-        return _not_chat_app()
+    reader = _chat_reader(request)
+    if isinstance(reader, JsonResponse):
+        return reader
+    key, user = reader
     problems: list[Problem] = []
     limit = _limit(request.GET.get("limit") or None, problems)
     if problems:

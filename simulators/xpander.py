@@ -177,17 +177,17 @@ class Fields:
         return value
 
 
-def _json_body(request: HttpRequest) -> tuple[dict[str, Any] | None, JsonResponse | None]:
+def _json_body(request: HttpRequest) -> dict[str, Any] | JsonResponse:
     """The body as an object, or FastAPI's 422 for a missing, malformed or non-object body."""
     if not request.body.strip():
-        return None, invalid([_loc_error([], "Field required", "missing")])
+        return invalid([_loc_error([], "Field required", "missing")])
     try:
         body = json.loads(request.body)
     except ValueError as exc:
         position = getattr(exc, "pos", 0)
-        return None, invalid([_loc_error([position], "JSON decode error", "json_invalid")])
+        return invalid([_loc_error([position], "JSON decode error", "json_invalid")])
     if not isinstance(body, dict):
-        return None, invalid(
+        return invalid(
             [
                 _loc_error(
                     [],
@@ -196,7 +196,7 @@ def _json_body(request: HttpRequest) -> tuple[dict[str, Any] | None, JsonRespons
                 )
             ]
         )
-    return body, None
+    return body
 
 
 # --- state ------------------------------------------------------------------------------------
@@ -658,6 +658,19 @@ def _conversation(key: str, agent_id: str, conversation_id: str) -> Conversation
     return found
 
 
+def _posted_to(
+    request: HttpRequest, agent_id: str, conversation_id: str
+) -> tuple[Conversation, dict[str, Any]] | JsonResponse:
+    """A POST to a conversation: the conversation and the JSON body, or the refusal."""
+    conversation = _lookup(request, "POST", agent_id, conversation_id)
+    if isinstance(conversation, JsonResponse):
+        return conversation
+    body = _json_body(request)
+    if isinstance(body, JsonResponse):
+        return body
+    return conversation, body
+
+
 def _lookup(
     request: HttpRequest, method: str, agent_id: str, conversation_id: str
 ) -> Conversation | JsonResponse:
@@ -679,10 +692,9 @@ async def invoke_stream(request: HttpRequest, agent_id: str) -> HttpResponseBase
     key, refused = _guard(request, "POST")
     if refused:
         return refused
-    body, bad = _json_body(request)
-    if bad:
-        return bad
-    assert body is not None
+    body = _json_body(request)
+    if isinstance(body, JsonResponse):
+        return body
     fields = Fields()
     raw_input = body.get("input")
     if "input" not in body:
@@ -752,13 +764,10 @@ async def run_state(request: HttpRequest, agent_id: str, conversation_id: str) -
 
 @csrf_exempt
 async def messages(request: HttpRequest, agent_id: str, conversation_id: str) -> JsonResponse:
-    conversation = _lookup(request, "POST", agent_id, conversation_id)
-    if isinstance(conversation, JsonResponse):
-        return conversation
-    body, bad = _json_body(request)
-    if bad:
-        return bad
-    assert body is not None
+    posted = _posted_to(request, agent_id, conversation_id)
+    if isinstance(posted, JsonResponse):
+        return posted
+    conversation, body = posted
     fields = Fields()
     text = fields.string(body, "text", [])
     files = fields.strings(body, "files", [])
@@ -826,14 +835,11 @@ async def drain_stream(
 
 @csrf_exempt
 async def stop(request: HttpRequest, agent_id: str, conversation_id: str) -> JsonResponse:
-    conversation = _lookup(request, "POST", agent_id, conversation_id)
-    if isinstance(conversation, JsonResponse):
-        return conversation
     # The OpenAPI marks the body as required: no body is a 422, `{}` is fine.
-    body, bad = _json_body(request)
-    if bad:
-        return bad
-    assert body is not None
+    posted = _posted_to(request, agent_id, conversation_id)
+    if isinstance(posted, JsonResponse):
+        return posted
+    conversation, body = posted
     fields = Fields()
     clear_queue = fields.boolean(body, "clear_queue", False)
     if fields.errors:
