@@ -78,12 +78,15 @@ $(AXE): tests/browser/package.json tests/browser/package-lock.json
 	npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 	@touch $@
 
+# The suite mostly waits on real sockets and processes, so it runs on several workers
+# (pytest-xdist; tests/xdist_worker.py keeps their Redis apart). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 4
 test: setup $(AXE)
-	$(PY) -m pytest -m "not e2e and not chaos"
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not e2e and not chaos"
 	$(PY) -m pytest -m e2e tests/browser
 
 test-unit: setup
-	$(PY) -m pytest -m "not e2e and not chaos"
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not e2e and not chaos"
 
 test-e2e: setup $(AXE)
 	$(PY) -m pytest -m e2e tests/browser

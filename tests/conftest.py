@@ -224,7 +224,9 @@ def _fresh_rate_limits() -> None:
         import redis
 
         client = redis.Redis.from_url(django_settings.REDIS_URL)
-        keys = list(client.scan_iter(match="*:rl:*", count=1000))
+        # Only this run's keys: parallel workers share the Redis, each with its own prefix.
+        mine = f"{django_settings.RUNBRAKE_REDIS_PREFIX}:*:rl:*"
+        keys = list(client.scan_iter(match=mine, count=1000))
         if keys:
             client.delete(*keys)
         client.close()

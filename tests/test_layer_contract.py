@@ -109,3 +109,26 @@ async def test_has_members_reads_redis_subscriptions_through_the_private_path() 
     finally:
         await layer.flush()
         channel_layers.backends.clear()
+
+
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="needs Redis (REDIS_URL)")
+async def test_deployments_with_different_prefixes_share_one_redis_without_crosstalk() -> None:
+    """RUNBRAKE_REDIS_PREFIX: pub/sub ignores Redis's database number, so the prefix is what
+    keeps two deployments (or two test workers, whose run ids both start at 1) apart."""
+    url = os.environ["REDIS_URL"]
+    ours, same, theirs = (
+        layers.RedisPubSubChannelLayer(hosts=[url], prefix=prefix)
+        for prefix in (f"ours-{os.getpid()}", f"ours-{os.getpid()}", f"theirs-{os.getpid()}")
+    )
+    try:
+        same_member, their_member = await same.new_channel(), await theirs.new_channel()
+        await same.group_add("run-1", same_member)
+        await theirs.group_add("run-1", their_member)
+        await theirs.group_send("run-1", {"type": "push.html", "html": "theirs"})
+        await ours.group_send("run-1", {"type": "push.html", "html": "ours"})
+        async with asyncio.timeout(10):
+            assert (await same.receive(same_member))["html"] == "ours"
+            assert (await theirs.receive(their_member))["html"] == "theirs"
+    finally:
+        for layer in (ours, same, theirs):
+            await layer.flush()

@@ -88,6 +88,10 @@ def test_production_settings_pass_check_deploy():
             "RUNBRAKE_DB_THREADS (4) may be at most half of RUNBRAKE_DB_POOL_MAX_SIZE (6)",
         ),
         (
+            {"REDIS_URL": "redis://127.0.0.1:6379/0", "RUNBRAKE_REDIS_PREFIX": "two words"},
+            "RUNBRAKE_REDIS_PREFIX must be 1-40 letters",
+        ),
+        (
             {"DATABASE_URL": "sqlite:///x.db", "RUNBRAKE_DB_THREADS": "2"},
             "must be 0 or 1 on SQLite",
         ),

@@ -13,6 +13,7 @@ another file, or none when empty.
 import base64
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -226,6 +227,15 @@ DATABASES = {"default": _db}
 
 # --- Channels -------------------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")
+# Names in Redis (pub/sub channels, cache keys) start with this: two deployments, or parallel
+# test workers, can share one Redis. Pub/sub ignores Redis's numbered databases, so a
+# different database in REDIS_URL does not keep them apart; this does.
+RUNBRAKE_REDIS_PREFIX = env_str("RUNBRAKE_REDIS_PREFIX", "asgi")
+if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", RUNBRAKE_REDIS_PREFIX):
+    raise ImproperlyConfigured(
+        f"RUNBRAKE_REDIS_PREFIX must be 1-40 letters, digits, '_', '.' or '-', "
+        f"got {RUNBRAKE_REDIS_PREFIX!r}"
+    )
 # Messages waiting per websocket consumer; past it the backlog collapses into one resync.
 RUNBRAKE_CHANNEL_CAPACITY = env_int("RUNBRAKE_CHANNEL_CAPACITY", 100, minimum=1)
 if REDIS_URL:
@@ -238,7 +248,11 @@ if REDIS_URL:
             # Ours (runs/realtime/layers.py): bounded backlogs that overflow into a resync, and a
             # resync of every viewer after a lost Redis connection comes back.
             "BACKEND": "runs.realtime.layers.RedisPubSubChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": RUNBRAKE_CHANNEL_CAPACITY},
+            "CONFIG": {
+                "hosts": [REDIS_URL],
+                "capacity": RUNBRAKE_CHANNEL_CAPACITY,
+                "prefix": RUNBRAKE_REDIS_PREFIX,
+            },
         }
     }
 else:
@@ -253,7 +267,11 @@ else:
 # Redis when scaled out, so every web process counts against the same limits.
 if REDIS_URL:
     CACHES = {
-        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": RUNBRAKE_REDIS_PREFIX,
+        }
     }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
