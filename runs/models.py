@@ -1009,6 +1009,17 @@ class Run(models.Model):
         return self.status in STOP_IN_PROGRESS
 
     @property
+    def stop_call_unanswered(self) -> bool:
+        """A stop call's lease runs and no answer is recorded: the call may still be out (or
+        its sender died holding the lease). The lease is taken before the call is made, so a
+        lease alone never proves the provider had the stop."""
+        return (
+            self.stop_sent_at is not None
+            and not self.stop_answer
+            and timezone.now() < self.stop_sent_at + self._stop_lease()
+        )
+
+    @property
     def can_be_stopped(self) -> bool:
         return self.status in (Status.PENDING, Status.RUNNING)
 

@@ -12,7 +12,7 @@ from asgiref.sync import sync_to_async
 from django.utils import timezone
 
 from runs.models import Channel, ProviderAccount, Run, Status
-from runs.providers.base import Finished, Running, Started
+from runs.providers.base import Finished, Running, Started, StopResult
 from runs.watcher.watcher import OutputWriter, Session, Watcher
 from tests.conftest import sim_account, start_at_provider
 
@@ -358,6 +358,24 @@ async def test_shutdown_lets_an_intelligencebox_stream_finish(acme, bob, sim, se
 
 
 async def _dify_run_with_an_unconfirmed_stop(acme, sim, bob) -> Run:
+    run = await _dify_run_stopping(acme, sim, bob)
+    await sync_to_async(run.record_stop_answer)(DIFY_ACCEPTS, provider_label="Dify")
+    await sync_to_async(run.mark_stop_unconfirmed)()
+    return run
+
+
+# Dify's answer to every stop call, known task or not: it proves the call arrived, nothing more.
+DIFY_ACCEPTS = StopResult(
+    terminal=None,
+    provider_status="stop accepted",
+    message="Dify accepted the stop; waiting for its stream to end.",
+    answer={"result": "success"},
+)
+
+
+async def _dify_run_stopping(acme, sim, bob) -> Run:
+    """A Dify run whose stop was requested: the requester holds the stop call's lease, and
+    the call has not been answered (yet)."""
     account = await sync_to_async(sim_account)(acme, sim, "dify")
     launched = await sync_to_async(Run.objects.launch)(
         account=account, user=bob, prompt="q", options={}, timeout_seconds=600
@@ -367,8 +385,51 @@ async def _dify_run_with_an_unconfirmed_stop(acme, sim, bob) -> Run:
         "task-1", {"conversation_id": "c", "message_id": "m"}
     )
     await sync_to_async(run.request_stop)(actor=bob, channel=Channel.BUTTON)
-    await sync_to_async(run.mark_stop_unconfirmed)()
+    assert run.stop_sent_at is not None
     return run
+
+
+async def test_a_dify_reply_ending_normally_when_no_stop_call_was_ever_answered_is_completed(
+    acme, sim, bob
+):
+    """Found by the chaos soak: the stop's lease was taken, the call never reached Dify (its
+    sender died), and the reply's normal end was taken as the stop landing: Stopped without
+    the provider's word. Dify ends a stopped reply like a finished one, so only a stop Dify
+    has answered makes that end a stop."""
+    run = await _dify_run_stopping(acme, sim, bob)
+    # The lease ran out with no answer recorded: whoever held it never got one.
+    await Run.objects.filter(pk=run.pk).aupdate(
+        stop_sent_at=timezone.now() - dt.timedelta(minutes=5)
+    )
+    await run.arefresh_from_db()
+    account = await ProviderAccount.objects.aget(pk=run.provider_account_id)
+    session = Session(run, account.provider(), writer=OutputWriter(interval=60))
+    session.text = "The whole reply."
+    await session.apply(Finished("completed", "message_end", via="stream"))
+    await run.arefresh_from_db()
+    assert run.status == Status.COMPLETED, run.status
+    assert run.output == "The whole reply."
+    assert run.proof != "stream_end"
+
+
+async def test_a_dify_reply_ending_while_its_stop_call_is_out_waits_for_the_answer(acme, sim, bob):
+    """Dify's stop answer and the stream's end race (two connections, two processes): an end
+    that arrives while the stop call is still out is the stop landing once Dify answers it."""
+    run = await _dify_run_stopping(acme, sim, bob)
+    account = await ProviderAccount.objects.aget(pk=run.provider_account_id)
+    session = Session(run, account.provider(), writer=OutputWriter(interval=60))
+    ending = asyncio.create_task(session.apply(Finished("completed", "message_end", via="stream")))
+    # Undecided while the call is out (its lease runs for seconds; a session that decided
+    # at once would be done long before this).
+    done, _ = await asyncio.wait({ending}, timeout=0.5)
+    assert not done
+    other = await Run.objects.select_related("provider_account").aget(pk=run.pk)
+    await sync_to_async(other.record_stop_answer)(DIFY_ACCEPTS, provider_label="Dify")
+    async with asyncio.timeout(10):
+        await ending
+    await run.arefresh_from_db()
+    assert run.status == Status.STOPPED, run.status
+    assert run.proof == "stream_end"
 
 
 async def test_a_dify_reply_that_ended_with_no_answer_after_the_stop_is_stopped(acme, sim, bob):

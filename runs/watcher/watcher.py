@@ -742,6 +742,21 @@ class Session:
             "the stop. Runbrake sends the stop again and does not count the run as stopped.",
         )
 
+    async def _provider_has_the_stop(self) -> bool:
+        """Whether the provider answered a stop call for this run: for a provider that ends a
+        stopped reply exactly like a finished one (Dify), only then is a normal end the stop
+        landing rather than the run completing first. The answer and the stream's end race
+        (two connections, often two processes), so a call still out is waited for, never
+        longer than its lease."""
+        run = self.run
+        while True:
+            await dbthreads.call(
+                run.pk, run.refresh_from_db, fields=["status", "stop_sent_at", "stop_answer"]
+            )
+            if not run.stop_call_unanswered or run.status not in STOP_IN_PROGRESS:
+                return bool(run.stop_answer)
+            await asyncio.sleep(STOP_ANSWER_POLL)
+
     async def _finished(self, finished: Finished) -> None:
         run = self.run
         await self.flush()
@@ -753,13 +768,13 @@ class Session:
         if (
             finished.status == "completed"
             and self.provider.normal_end_confirms_stop
-            and run.stop_sent_at
             and (
                 run.status == Status.STOPPING
                 # Past the deadline a normal end may be the run finishing despite the stop,
                 # unless it ended with no text at all: stopped before its first word.
                 or (run.status == Status.STOP_UNCONFIRMED and not self.text)
             )
+            and await self._provider_has_the_stop()
         ):
             # Dify ends a stopped reply exactly like a finished one (its stream's message_end,
             # or its history's saved answer).
@@ -794,7 +809,11 @@ class Session:
             return None
         label = self.provider.label
         stopping = run.status in STOP_IN_PROGRESS and run.stop_sent_at is not None
-        if stopping and self.provider.normal_end_confirms_stop:
+        if (
+            stopping
+            and self.provider.normal_end_confirms_stop
+            and await self._provider_has_the_stop()
+        ):
             await dbthreads.call(run.pk, run.keep_text, self.text, self.incomplete)
             await dbthreads.call(
                 run.pk,
@@ -842,6 +861,8 @@ def _minutes(seconds: int) -> str:
 
 # How long after a stop was accepted output may still trickle in before it is reported.
 LATE_OUTPUT_GRACE = 2.0
+# How often a session looks for the stop call's answer it waits for (_provider_has_the_stop).
+STOP_ANSWER_POLL = 0.1
 
 
 # --- The embedded watcher (one per web process in the default setup) --------------------------
