@@ -1370,7 +1370,12 @@ class Run(models.Model):
         return bool(won)
 
     def record_stop_answer(self, result: StopResult, *, provider_label: str) -> None:
-        data = {"provider_status": result.provider_status, "answer": result.answer}
+        data = {
+            "provider_status": result.provider_status,
+            "answer": result.answer,
+            # What the answer proved ("completed": nothing left to stop), or None.
+            "terminal": result.terminal,
+        }
         recheck = timezone.now() + dt.timedelta(seconds=settings.RUNBRAKE_STOP_RECHECK_SECONDS)
         self.record_event(
             RunEvent.Kind.STOP_ANSWER,
@@ -1381,7 +1386,12 @@ class Run(models.Model):
             **self._quota_cleared("stop"),
             # An answer that proves the outcome ends the calls; an acceptance that proves
             # nothing (Dify always says success) is sent again if nothing confirms it soon.
-            stop_next_attempt_at=None if result.terminal else recheck,
+            # "Nothing to stop, it completed" (or failed) without the run's end is looked at
+            # again too: the stream's reader gets the first chance to settle it with its
+            # whole text, and the recheck reads the status if it did not (asend_stop).
+            stop_next_attempt_at=None
+            if result.terminal == "stopped" or result.finished is not None
+            else recheck,
             # A run the provider says was over already has nothing left to confirm: no
             # "unconfirmed" while its end is read.
             **({"stop_deadline": None} if result.terminal in ("completed", "failed") else {}),
@@ -1717,6 +1727,17 @@ class Run(models.Model):
                 self.pk, ProviderAccount.objects.get, pk=self.provider_account_id
             )
         provider = account.provider()
+        if self.stop_answer and not provider.normal_end_confirms_stop:
+            # The provider answered a stop before and nothing has settled the run since: the
+            # reader of its stream may be gone. If its status says the run is over, that is
+            # applied, and no second stop call goes out. (Dify's status is its message
+            # history, which its sessions read with the stop's own rules.)
+            if await self._settled_by_status(provider):
+                return
+            if self.stop_answer.get("terminal") in ("completed", "failed"):
+                # It said there was nothing left to stop: never a second call; look again.
+                await dbthreads.call(self.pk, self.recheck_later, sent_before=sent_before)
+                return
         try:
             result = await provider.stop(
                 self.external_id, self.options, timeout=settings.RUNBRAKE_STOP_CALL_TIMEOUT
@@ -1730,6 +1751,39 @@ class Run(models.Model):
         await dbthreads.call(
             self.pk, self.record_stop_answer, result, provider_label=provider.label
         )
+
+    def recheck_later(self, *, sent_before: dt.datetime | None) -> None:
+        """The claimed attempt was a status read, not a stop call: it is not counted as one,
+        and the status is read again at the next recheck."""
+        recheck = dt.timedelta(seconds=settings.RUNBRAKE_STOP_RECHECK_SECONDS)
+        self._update_quiet(
+            statuses=STOP_IN_PROGRESS,
+            stop_next_attempt_at=timezone.now() + recheck,
+            stop_attempts=F("stop_attempts") - 1,
+            stop_sent_at=sent_before,
+        )
+
+    async def _settled_by_status(self, provider: Provider) -> bool:
+        """Read the provider's status; when it says the run is over, settle it with the text
+        kept so far, marked incomplete (what streamed after the last save was never read)."""
+        try:
+            status = await provider.status(self.external_id, self.provider_refs)
+        except ProviderError:
+            return False
+        if status.terminal is None:
+            return False
+        finished = Finished(
+            status.terminal, status.provider_status, error=status.error, via="status"
+        )
+        await dbthreads.call(
+            self.pk,
+            self.settle,
+            finished,
+            output=self.output,
+            label=provider.label,
+            output_incomplete=True,
+        )
+        return True
 
 
 class RunEvent(models.Model):

@@ -381,9 +381,17 @@ async def test_a_stop_fay_answers_already_completed_is_not_queued_when_status_mu
     await run.astop(actor=bob, channel=Channel.BUTTON)
     await run.arefresh_from_db()
     assert run.stop_answer is not None
-    assert run.stop_next_attempt_at is None  # no second stop call
     assert run.quota_endpoint != "stop"
+    # Its recheck (the status still over its quota) reads, and sends no second stop call.
+    await Run.objects.filter(pk=run.pk).aupdate(stop_next_attempt_at=timezone.now())
+    await run.arefresh_from_db()
+    await run.asend_stop(account=account)
+    await run.arefresh_from_db()
     assert len(replay.requests_to("POST", "/conversation/req-1/stop")) == 1
+    assert run.status == Status.STOPPING
+    assert run.stop_attempts == 1
+    assert run.stop_next_attempt_at is not None
+    assert run.stop_next_attempt_at > timezone.now()
 
 
 async def test_a_status_read_after_a_quota_wait_clears_the_note_and_the_report_waits_its_turn(

@@ -482,3 +482,74 @@ async def test_a_tick_replaces_a_database_connection_that_died_under_the_session
     finally:
         await watcher.shutdown()
     assert found.pk == run.pk
+
+
+async def test_a_stop_intelligencebox_finds_nothing_to_stop_completes_a_run_nobody_else_settled(
+    acme, sim, bob
+):
+    """Found by the chaos soak: the box answers a stop with "no active stream" for a chat it
+    completed, and its stream-status says `completed`. The stream's reader gets the first
+    chance to settle the run with its whole text; when it has not (it died or hangs), the
+    stop's recheck applies the box's own word, marks the kept text as possibly incomplete, and
+    sends no second stop call. Before, the run stayed Stopping for good."""
+    account = await sync_to_async(sim_account)(acme, sim, "intelligencebox")
+    launched = await sync_to_async(Run.objects.launch)(
+        account=account,
+        user=bob,
+        prompt=f"{uuid.uuid4()} sim:duration=0.2 sim:chunks=2",
+        options={},
+        timeout_seconds=600,
+    )
+    run = await _followed_to_its_end_by_a_reader_that_died(launched.pk)
+    await run.astop(actor=bob, channel=Channel.BUTTON)
+    await run.arefresh_from_db()
+    assert run.status == Status.STOPPING  # "no active stream": the reader may still settle it
+    assert run.stop_next_attempt_at is not None  # ... and if it does not, the recheck will
+    # The recheck comes due.
+    await Run.objects.filter(pk=run.pk).aupdate(stop_next_attempt_at=timezone.now())
+    await run.arefresh_from_db()
+    await run.asend_stop(account=account)
+    await run.arefresh_from_db()
+    assert run.status == Status.COMPLETED, run.status
+    assert run.proof == "status_read"
+    assert run.output_incomplete
+    assert len(sim.stop_calls(run.external_id, "intelligencebox")) == 1
+
+
+async def test_an_xpander_stop_accepted_on_a_turn_that_already_failed_fails_the_run_on_recheck(
+    acme, sim, bob
+):
+    """Found by the chaos soak: the conversation was idle (its turn had failed), xpander
+    accepted the stop (200, nothing to stop), and Runbrake sent it again every few seconds
+    until it gave up as Stop unconfirmed. The recheck reads the run-state first."""
+    account = await sync_to_async(sim_account)(acme, sim, "xpander")
+    launched = await sync_to_async(Run.objects.launch)(
+        account=account,
+        user=bob,
+        prompt=f"{uuid.uuid4()} sim:duration=0.2 sim:fail=error",
+        options={},
+        timeout_seconds=600,
+    )
+    run = await _followed_to_its_end_by_a_reader_that_died(launched.pk)
+    await run.astop(actor=bob, channel=Channel.BUTTON)
+    await run.arefresh_from_db()
+    assert run.status == Status.STOPPING
+    await Run.objects.filter(pk=run.pk).aupdate(stop_next_attempt_at=timezone.now())
+    await run.arefresh_from_db()
+    await run.asend_stop(account=account)
+    await run.arefresh_from_db()
+    assert run.status == Status.FAILED, run.status
+    assert run.proof == "status_read"
+    stops = [r for r in sim.requests("xpander") if r["path"].endswith("/stop")]
+    assert len([r for r in stops if run.external_id in r["path"]]) == 1
+
+
+async def _followed_to_its_end_by_a_reader_that_died(pk: int) -> Run:
+    """The run sent and read to its provider's end by a reader that died before saving any of
+    it (nothing but its id and Running recorded)."""
+    run = await Run.objects.select_related("provider_account").aget(pk=pk)
+    async for event in run.provider_account.provider().run(run.prompt, run.options):
+        if isinstance(event, Started):
+            await sync_to_async(run.record_external_id)(event.external_id, event.refs)
+            await sync_to_async(run.mark_running)("running")
+    return run
