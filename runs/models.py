@@ -705,7 +705,25 @@ class RunQuerySet(models.QuerySet["Run"]):
                             watcher_id,
                             orphans,
                         )
+                        self._mark_text_unsure(orphans)
             return list(self.active().filter(watched_by=watcher_id).values_list("pk", flat=True))
+
+    def _mark_text_unsure(self, orphans: list[int]) -> None:
+        """Runs taken from a watcher that stopped renewing (killed, or stalled past its
+        lease): text its sessions had read but not yet saved may be gone, so the kept text is
+        marked incomplete until the provider's own final text replaces it. A graceful
+        hand-over (the watcher saved, then let go) leaves no orphan."""
+        streamed = (Status.RUNNING, *STOP_IN_PROGRESS)
+        unsure = self.filter(pk__in=orphans, status__in=streamed, output_incomplete=False)
+        for run in unsure.exclude(external_id=""):
+            run.record_event(
+                RunEvent.Kind.STREAM_LOST,
+                "The watcher following this run stopped without handing it over; text it "
+                "had read but not saved may be missing, so the text is marked incomplete "
+                "until the provider's final text replaces it.",
+                statuses=streamed,
+                output_incomplete=True,
+            )
 
     def record_outputs(self, outputs: dict[int, tuple[str, int]]) -> set[int]:
         """Save many runs' output so far (the watcher's batched writes: one statement run

@@ -11,7 +11,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.utils import timezone
 
-from runs.models import Channel, ProviderAccount, Run, Status
+from runs.models import Channel, ProviderAccount, Run, RunEvent, Status
 from runs.providers.base import Finished, Running, Started, StopResult
 from runs.watcher.watcher import OutputWriter, Session, Watcher
 from tests.conftest import sim_account, start_at_provider
@@ -217,6 +217,27 @@ def test_a_lapsed_lease_is_taken_over_and_a_released_run_is_free_at_once(launch)
     assert Run.objects.claim_watch("dead", lease_seconds=30, limit=10) == []
     assert Run.objects.release_watch("alive") == 1
     assert Run.objects.claim_watch("next", lease_seconds=30, limit=10) == [run.pk]
+
+
+def test_text_of_a_run_taken_from_a_watcher_that_died_is_marked_incomplete_not_after_a_hand_over(
+    launch,
+):
+    """Found by the chaos soak: viewers had been shown text the dead watcher's session never
+    saved, and the run's page did not say its text was incomplete."""
+    died, handed_over = launch("a sim:duration=60"), launch("b sim:duration=60")
+    for run in (died, handed_over):
+        run.record_external_id(f"ext-{run.pk}")
+        run.mark_running("PROCESSING")
+    Run.objects.record_outputs({died.pk: ("Saved so far", 0), handed_over.pk: ("All saved", 0)})
+    assert Run.objects.claim_watch("dead", lease_seconds=-1, limit=10)
+    Run.objects.filter(pk=handed_over.pk).update(watched_by="")  # what release_watch leaves
+    Run.objects.claim_watch("next", lease_seconds=30, limit=10)
+    died.refresh_from_db()
+    handed_over.refresh_from_db()
+    assert died.output_incomplete
+    assert died.output == "Saved so far"
+    assert died.events.filter(kind=RunEvent.Kind.STREAM_LOST).exists()
+    assert not handed_over.output_incomplete
 
 
 def test_finished_runs_are_not_claimed(launch):
