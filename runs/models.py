@@ -710,20 +710,9 @@ class RunQuerySet(models.QuerySet["Run"]):
 
     def _mark_text_unsure(self, orphans: list[int]) -> None:
         """Runs taken from a watcher that stopped renewing (killed, or stalled past its
-        lease): text its sessions had read but not yet saved may be gone, so the kept text is
-        marked incomplete until the provider's own final text replaces it. A graceful
-        hand-over (the watcher saved, then let go) leaves no orphan."""
-        streamed = (Status.RUNNING, *STOP_IN_PROGRESS)
-        unsure = self.filter(pk__in=orphans, status__in=streamed, output_incomplete=False)
-        for run in unsure.exclude(external_id=""):
-            run.record_event(
-                RunEvent.Kind.STREAM_LOST,
-                "The watcher following this run stopped without handing it over; text it "
-                "had read but not saved may be missing, so the text is marked incomplete "
-                "until the provider's final text replaces it.",
-                statuses=streamed,
-                output_incomplete=True,
-            )
+        lease). A graceful hand-over (the watcher saved, then let go) leaves no orphan."""
+        for run in self.filter(pk__in=orphans):
+            run.mark_text_unsure("The watcher following it stopped without handing it over")
 
     def record_outputs(self, outputs: dict[int, tuple[str, int]]) -> set[int]:
         """Save many runs' output so far (the watcher's batched writes: one statement run
@@ -1206,6 +1195,21 @@ class Run(models.Model):
             )
             announce_after_commit(self.pk)
         self.refresh_from_db()
+
+    def mark_text_unsure(self, what_happened: str) -> None:
+        """The reader of this run's output ended abnormally (its watcher died, its session
+        crashed): text it had read but not saved may be gone, and pages may have shown it.
+        The kept text is marked incomplete until the provider's own final text replaces it.
+        Only a run that can have streamed: sent, and not finished."""
+        if not self.external_id or self.output_incomplete:
+            return
+        self.record_event(
+            RunEvent.Kind.STREAM_LOST,
+            f"{what_happened}; text read but not saved may be missing, so the run's text is "
+            "marked incomplete until the provider's final text replaces it.",
+            statuses=(Status.RUNNING, *STOP_IN_PROGRESS),
+            output_incomplete=True,
+        )
 
     def record_external_id(
         self, external_id: str, refs: dict[str, Any] | None = None, *, acknowledged: bool = True

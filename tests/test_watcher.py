@@ -12,7 +12,7 @@ from asgiref.sync import sync_to_async
 from django.utils import timezone
 
 from runs.models import Channel, ProviderAccount, Run, RunEvent, Status
-from runs.providers.base import Finished, Running, Started, StopResult
+from runs.providers.base import Finished, OutputDelta, Running, Started, StopResult
 from runs.watcher.watcher import OutputWriter, Session, Watcher
 from tests.conftest import sim_account, start_at_provider
 
@@ -574,3 +574,34 @@ async def _followed_to_its_end_by_a_reader_that_died(pk: int) -> Run:
             await sync_to_async(run.record_external_id)(event.external_id, event.refs)
             await sync_to_async(run.mark_running)("running")
     return run
+
+
+async def test_a_run_whose_session_crashed_mid_stream_keeps_its_text_marked_incomplete(
+    acme, sim, bob, monkeypatch
+):
+    """Found by the chaos soak: a session crashed (its database writes failing) after pages
+    had been shown text it never saved; the retried session followed the run to its end
+    and the text was kept as if whole."""
+    account = await sync_to_async(sim_account)(acme, sim, "xpander")
+    run = await sync_to_async(Run.objects.launch)(
+        account=account,
+        user=bob,
+        prompt=f"{uuid.uuid4()} sim:duration=0.5 sim:chunks=6 sim:fail=error",
+        options={},
+        timeout_seconds=600,
+    )
+    apply = Session.apply
+
+    async def crash_on_the_first_text(self: Session, event: object) -> str | None:
+        if isinstance(event, OutputDelta):
+            raise RuntimeError("the database went away")
+        return await apply(self, event)
+
+    watcher = Watcher()
+    monkeypatch.setattr(Session, "apply", crash_on_the_first_text)
+    await watcher.watch(run.pk)  # crashes (logged), as a session does
+    monkeypatch.setattr(Session, "apply", apply)
+    await watcher.watch(run.pk)  # the retry, next tick: follows the turn to its end
+    await run.arefresh_from_db()
+    assert run.status == Status.FAILED
+    assert run.output_incomplete

@@ -84,6 +84,8 @@ class Watcher:
         self.starting: dict[int, asyncio.Event] = {}
         # Runs streaming from a provider that aborts them if the stream's connection closes.
         self.connection_bound: set[int] = set()
+        # Runs whose session crashed: the next one marks their kept text unsure first.
+        self.crashed: set[int] = set()
         self.side_tasks: set[asyncio.Task[Any]] = set()
         self.writer: OutputWriter | None = None
         self._writer_task: asyncio.Task[None] | None = None
@@ -333,8 +335,13 @@ class Watcher:
             raise
         except Exception:
             logger.exception("session for run %s crashed; it is retried next tick", pk)
+            self.crashed.add(pk)
 
     async def _watch(self, pk: int) -> None:
+        if pk in self.crashed:
+            crashed = await dbthreads.call(pk, Run.objects.get, pk=pk)
+            await dbthreads.call(pk, crashed.mark_text_unsure, "The session reading it crashed")
+            self.crashed.discard(pk)
         run = await dbthreads.call(pk, Run.objects.select_related("provider_account").get, pk=pk)
         if run.status not in ACTIVE:
             return
