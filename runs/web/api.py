@@ -297,15 +297,8 @@ async def _create_run(request: HtmxHttpRequest) -> JsonResponse:
             fields={k: list(v) for k, v in form.errors.items()},
         )
     try:
-        run = await sync_to_async(Run.objects.launch)(
-            account=account,
-            user=request.user,
-            prompt=form.cleaned_data["prompt"],
-            options=form.run_options(),
-            timeout_seconds=form.cleaned_data["timeout_seconds"],
-            no_progress_seconds=form.cleaned_data["no_progress_seconds"],
-            channel=Channel.API,
-            idempotency_key=key,
+        run = await sync_to_async(form.launch)(
+            request.user, channel=Channel.API, idempotency_key=key
         )
     except IdempotencyConflict as exc:
         return error(422, "IDEMPOTENCY_KEY_REUSED", str(exc), run_id=exc.run.pk)

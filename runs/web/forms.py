@@ -241,6 +241,21 @@ class LaunchForm(forms.Form):
             )
         return prompt
 
+    def launch(self, user: Any, *, channel: str, idempotency_key: str = "") -> Run:
+        """Launch the run this valid form describes (the page and the API alike). Raises
+        IdempotencyConflict for a key already used with other settings."""
+        data = self.cleaned_data
+        return Run.objects.launch(
+            account=data["provider_account"],
+            user=user,
+            prompt=data["prompt"],
+            options=self.run_options(),
+            timeout_seconds=data["timeout_seconds"],
+            no_progress_seconds=data["no_progress_seconds"],
+            channel=channel,
+            idempotency_key=idempotency_key,
+        )
+
     def run_options(self) -> dict[str, Any]:
         data = self.cleaned_data
         kind = data["provider_account"].kind

@@ -111,13 +111,8 @@ def launch_run(request: HtmxHttpRequest, team_id: int) -> HttpResponseBase:
         context = _list_context(request, membership, form)
         return render(request, "runs/team_runs.html", context, status=400)
     try:
-        run = Run.objects.launch(
-            account=form.cleaned_data["provider_account"],
-            user=request.user,
-            prompt=form.cleaned_data["prompt"],
-            options=form.run_options(),
-            timeout_seconds=form.cleaned_data["timeout_seconds"],
-            no_progress_seconds=form.cleaned_data["no_progress_seconds"],
+        run = form.launch(
+            request.user,
             channel=Channel.BUTTON,
             idempotency_key=form.cleaned_data.get("idempotency_key") or "",
         )
