@@ -1131,11 +1131,13 @@ class Run(models.Model):
         data: dict[str, Any] | None = None,
         **fields: Any,
     ) -> bool:
-        now = timezone.now()
         with transaction.atomic():
             current = (
                 Run.objects.select_for_update().filter(pk=self.pk).values_list("status", flat=True)
             ).first()
+            # Timed once the run is held: a transition that waited for another to commit is
+            # later on the timeline too, never before the one it waited for.
+            now = timezone.now()
             if "provider_status" in fields:
                 fields["provider_status"] = _provider_words(fields["provider_status"])
             if new in TERMINAL:
@@ -1173,20 +1175,20 @@ class Run(models.Model):
     ) -> None:
         """An event that changes no status (a backoff, a stop answer, late provider news);
         with `statuses`, only while the run is in one of them."""
-        now = timezone.now()
         with transaction.atomic():
             runs = Run.objects.filter(pk=self.pk)
             if statuses is not None:
                 runs = runs.filter(status__in=statuses)
-            if not runs.update(updated_at=now, version=F("version") + 1, **fields):
+            if not runs.update(updated_at=timezone.now(), version=F("version") + 1, **fields):
                 self.refresh_from_db()
                 return
             # Read after the update, which holds the row: the caller's copy may be stale (a
-            # stop answer arriving after the stream ended the run).
+            # stop answer arriving after the stream ended the run). Timed then too (as in
+            # _transition), so the timeline keeps the order the run's lock gave.
             status = Run.objects.filter(pk=self.pk).values_list("status", flat=True).get()
             RunEvent.objects.create(
                 run_id=self.pk,
-                at=now,
+                at=timezone.now(),
                 kind=kind,
                 from_status=status,
                 to_status=status,

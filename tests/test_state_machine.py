@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -142,3 +143,62 @@ def test_an_event_records_the_status_the_run_has_not_the_one_its_caller_last_rea
     answer = stale.events.get(kind=RunEvent.Kind.STOP_ANSWER)
     assert (answer.from_status, answer.to_status) == (Status.STOPPED, Status.STOPPED)
     assert stale.status == Status.STOPPED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_transition_that_waited_for_the_run_is_timed_after_the_one_that_held_it(launch, bob):
+    """Found by the chaos soak: the watcher read "completed" and waited for the run's row
+    while the API's stop held it; the stop went first, yet the completion was timed when it
+    began waiting, so the timeline read Completed, then Stop requested (a terminal state that
+    seemed to change). An event is timed once it holds the run."""
+    from django.db import connection, transaction
+
+    if connection.vendor != "postgresql":
+        pytest.skip("needs row locks another connection can be seen waiting on (PostgreSQL)")
+    run = launch()
+    run.mark_running("PROCESSING")
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_run_then_stop_it() -> None:
+        try:
+            with transaction.atomic():
+                Run.objects.select_for_update().filter(pk=run.pk).first()
+                holding.set()
+                release.wait(30)
+                Run.objects.get(pk=run.pk).request_stop(actor=bob, channel=Channel.API)
+        finally:
+            connection.close()
+
+    def complete_it() -> None:
+        try:
+            Run.objects.get(pk=run.pk).mark_completed(proof="status_read", output="done")
+        finally:
+            connection.close()
+
+    stopper = threading.Thread(target=hold_the_run_then_stop_it)
+    stopper.start()
+    assert holding.wait(30)
+    completer = threading.Thread(target=complete_it)
+    completer.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _sessions_waiting_for_a_lock():
+            assert time.monotonic() < deadline, "the completion never waited for the run"
+            time.sleep(0.02)
+    finally:
+        release.set()
+        stopper.join(30)
+        completer.join(30)
+    timeline = list(run.events.order_by("at", "id").values_list("kind", "to_status"))
+    assert timeline[-2:] == [("stop_requested", "stopping"), ("completed", "completed")]
+
+
+def _sessions_waiting_for_a_lock() -> int:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return int(cursor.fetchone()[0])
