@@ -1753,10 +1753,20 @@ class Run(models.Model):
         provider = account.provider()
         if self.stop_answer and not provider.normal_end_confirms_stop:
             # The provider answered a stop before and nothing has settled the run since: the
-            # reader of its stream may be gone. If its status says the run is over, that is
-            # applied, and no second stop call goes out. (Dify's status is its message
-            # history, which its sessions read with the stop's own rules.)
-            if await self._settled_by_status(provider):
+            # reader of its stream may be gone. If the provider says the run is over, that is
+            # applied (the text kept so far marked incomplete: what streamed after the last
+            # save was never read), and no second stop call goes out. (Dify's status is its
+            # message history, which its sessions read with the stop's own rules.)
+            over = await self._ended_by_the_providers_word(provider)
+            if over is not None:
+                await dbthreads.call(
+                    self.pk,
+                    self.settle,
+                    over,
+                    output=self.output,
+                    label=provider.label,
+                    output_incomplete=True,
+                )
                 return
             if self.stop_answer.get("terminal") in ("completed", "failed"):
                 # It said there was nothing left to stop: never a second call; look again.
@@ -1787,27 +1797,28 @@ class Run(models.Model):
             stop_sent_at=sent_before,
         )
 
-    async def _settled_by_status(self, provider: Provider) -> bool:
-        """Read the provider's status; when it says the run is over, settle it with the text
-        kept so far, marked incomplete (what streamed after the last save was never read)."""
+    async def _ended_by_the_providers_word(self, provider: Provider) -> Finished | None:
+        """How the run ended, in the provider's words: its status now; or, once the status no
+        longer knows the run (a provider restart forgot it: IntelligenceBox's `not_found`, or a
+        refusal that will not change), what its answer to the stop already said ("nothing to
+        stop: completed"). None while neither says (a transient error waits for the next
+        recheck)."""
+        answer = self.stop_answer or {}
+        said = answer.get("terminal")
+        earlier = (
+            Finished(said, str(answer.get("provider_status") or said), via="status")
+            if said in ("completed", "failed")
+            else None
+        )
         try:
             status = await provider.status(self.external_id, self.provider_refs)
-        except ProviderError:
-            return False
-        if status.terminal is None:
-            return False
-        finished = Finished(
-            status.terminal, status.provider_status, error=status.error, via="status"
-        )
-        await dbthreads.call(
-            self.pk,
-            self.settle,
-            finished,
-            output=self.output,
-            label=provider.label,
-            output_incomplete=True,
-        )
-        return True
+        except ProviderError as exc:
+            return None if exc.retryable else earlier
+        if status.terminal is not None:
+            return Finished(
+                status.terminal, status.provider_status, error=status.error, via="status"
+            )
+        return earlier
 
 
 class RunEvent(models.Model):

@@ -605,3 +605,44 @@ async def test_a_run_whose_session_crashed_mid_stream_keeps_its_text_marked_inco
     await run.arefresh_from_db()
     assert run.status == Status.FAILED
     assert run.output_incomplete
+
+
+async def test_a_run_the_box_forgot_after_saying_nothing_was_left_to_stop_ends_on_that_answer(
+    replay, acme, bob
+):
+    """Found by the 30-minute soak: the box answered the stop "no active stream" with its
+    stream-status `error`, then was restarted and forgot the chat (`not_found`). The run
+    stayed Stopping for good, its status read every few seconds. The box's own earlier word
+    settles it."""
+    from tests.wire import Answer
+
+    replay.on(
+        "POST",
+        "/api/ai/chat/run-9/stop",
+        Answer.json({"success": False, "message": "No active stream found"}, status=404),
+    )
+    replay.on(
+        "GET",
+        "/api/ai/chat/run-9/stream-status",
+        Answer.json({"status": "error", "isActive": False, "messageCount": 9}),
+        Answer.json({"status": "not_found", "isActive": False}),
+    )
+    account = await ProviderAccount.objects.acreate(
+        team=acme, kind="intelligencebox", name="Box", base_url=replay.url, api_key="k"
+    )
+    launched = await sync_to_async(Run.objects.launch)(
+        account=account, user=bob, prompt="q", options={}, timeout_seconds=600
+    )
+    run = await Run.objects.select_related("provider_account").aget(pk=launched.pk)
+    await sync_to_async(run.record_external_id)("run-9")
+    await sync_to_async(run.mark_running)("active")
+    await run.astop(actor=bob, channel=Channel.BUTTON)
+    await run.arefresh_from_db()
+    assert run.status == Status.STOPPING
+    await Run.objects.filter(pk=run.pk).aupdate(stop_next_attempt_at=timezone.now())
+    await run.arefresh_from_db()
+    await run.asend_stop(account=account)
+    await run.arefresh_from_db()
+    assert run.status == Status.FAILED, run.status
+    assert run.output_incomplete
+    assert len(replay.requests_to("POST", "/api/ai/chat/run-9/stop")) == 1
