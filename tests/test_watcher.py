@@ -526,11 +526,7 @@ async def test_a_stop_intelligencebox_finds_nothing_to_stop_completes_a_run_nobo
     await run.arefresh_from_db()
     assert run.status == Status.STOPPING  # "no active stream": the reader may still settle it
     assert run.stop_next_attempt_at is not None  # ... and if it does not, the recheck will
-    # The recheck comes due.
-    await Run.objects.filter(pk=run.pk).aupdate(stop_next_attempt_at=timezone.now())
-    await run.arefresh_from_db()
-    await run.asend_stop(account=account)
-    await run.arefresh_from_db()
+    await _the_stops_recheck_comes(run, account)
     assert run.status == Status.COMPLETED, run.status
     assert run.proof == "status_read"
     assert run.output_incomplete
@@ -555,10 +551,7 @@ async def test_an_xpander_stop_accepted_on_a_turn_that_already_failed_fails_the_
     await run.astop(actor=bob, channel=Channel.BUTTON)
     await run.arefresh_from_db()
     assert run.status == Status.STOPPING
-    await Run.objects.filter(pk=run.pk).aupdate(stop_next_attempt_at=timezone.now())
-    await run.arefresh_from_db()
-    await run.asend_stop(account=account)
-    await run.arefresh_from_db()
+    await _the_stops_recheck_comes(run, account)
     assert run.status == Status.FAILED, run.status
     assert run.proof == "status_read"
     stops = [r for r in sim.requests("xpander") if r["path"].endswith("/stop")]
@@ -639,10 +632,15 @@ async def test_a_run_the_box_forgot_after_saying_nothing_was_left_to_stop_ends_o
     await run.astop(actor=bob, channel=Channel.BUTTON)
     await run.arefresh_from_db()
     assert run.status == Status.STOPPING
+    await _the_stops_recheck_comes(run, account)
+    assert run.status == Status.FAILED, run.status
+    assert run.output_incomplete
+    assert len(replay.requests_to("POST", "/api/ai/chat/run-9/stop")) == 1
+
+
+async def _the_stops_recheck_comes(run: Run, account: ProviderAccount) -> None:
+    """The stop's recheck time arrives and the watcher's stop pass takes it (asend_stop)."""
     await Run.objects.filter(pk=run.pk).aupdate(stop_next_attempt_at=timezone.now())
     await run.arefresh_from_db()
     await run.asend_stop(account=account)
     await run.arefresh_from_db()
-    assert run.status == Status.FAILED, run.status
-    assert run.output_incomplete
-    assert len(replay.requests_to("POST", "/api/ai/chat/run-9/stop")) == 1
