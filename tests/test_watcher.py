@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -514,14 +515,9 @@ async def test_a_stop_intelligencebox_finds_nothing_to_stop_completes_a_run_nobo
     stop's recheck applies the box's own word, marks the kept text as possibly incomplete, and
     sends no second stop call. Before, the run stayed Stopping for good."""
     account = await sync_to_async(sim_account)(acme, sim, "intelligencebox")
-    launched = await sync_to_async(Run.objects.launch)(
-        account=account,
-        user=bob,
-        prompt=f"{uuid.uuid4()} sim:duration=0.2 sim:chunks=2",
-        options={},
-        timeout_seconds=600,
+    run = await _followed_to_its_end_by_a_reader_that_died(
+        account, bob, "sim:duration=0.2 sim:chunks=2"
     )
-    run = await _followed_to_its_end_by_a_reader_that_died(launched.pk)
     await run.astop(actor=bob, channel=Channel.BUTTON)
     await run.arefresh_from_db()
     assert run.status == Status.STOPPING  # "no active stream": the reader may still settle it
@@ -540,14 +536,9 @@ async def test_an_xpander_stop_accepted_on_a_turn_that_already_failed_fails_the_
     accepted the stop (200, nothing to stop), and Runbrake sent it again every few seconds
     until it gave up as Stop unconfirmed. The recheck reads the run-state first."""
     account = await sync_to_async(sim_account)(acme, sim, "xpander")
-    launched = await sync_to_async(Run.objects.launch)(
-        account=account,
-        user=bob,
-        prompt=f"{uuid.uuid4()} sim:duration=0.2 sim:fail=error",
-        options={},
-        timeout_seconds=600,
+    run = await _followed_to_its_end_by_a_reader_that_died(
+        account, bob, "sim:duration=0.2 sim:fail=error"
     )
-    run = await _followed_to_its_end_by_a_reader_that_died(launched.pk)
     await run.astop(actor=bob, channel=Channel.BUTTON)
     await run.arefresh_from_db()
     assert run.status == Status.STOPPING
@@ -558,10 +549,19 @@ async def test_an_xpander_stop_accepted_on_a_turn_that_already_failed_fails_the_
     assert len([r for r in stops if run.external_id in r["path"]]) == 1
 
 
-async def _followed_to_its_end_by_a_reader_that_died(pk: int) -> Run:
-    """The run sent and read to its provider's end by a reader that died before saving any of
-    it (nothing but its id and Running recorded)."""
-    run = await Run.objects.select_related("provider_account").aget(pk=pk)
+async def _followed_to_its_end_by_a_reader_that_died(
+    account: ProviderAccount, user: Any, behaviour: str
+) -> Run:
+    """A run launched with these `sim:` directives, sent and read to its provider's end by a
+    reader that died before saving any of it (nothing but its id and Running recorded)."""
+    launched = await sync_to_async(Run.objects.launch)(
+        account=account,
+        user=user,
+        prompt=f"{uuid.uuid4()} {behaviour}",
+        options={},
+        timeout_seconds=600,
+    )
+    run = await Run.objects.select_related("provider_account").aget(pk=launched.pk)
     async for event in run.provider_account.provider().run(run.prompt, run.options):
         if isinstance(event, Started):
             await sync_to_async(run.record_external_id)(event.external_id, event.refs)
