@@ -159,6 +159,7 @@ def _stops_reached_provider(
                     f"({stop.get('outcome')}) but no stop intent was ever saved",
                 )
             )
+    created = _created(requests)
     for run_id, trail in events.items():
         run = runs.get(run_id)
         # A person's stop (a button, the API, an admin), not Runbrake's own timeout or stall.
@@ -169,7 +170,18 @@ def _stops_reached_provider(
             continue
         calls = [r for r in _requests_for(run, requests) if STOP_PATH.search(r["path"])]
         ended = next((e for e in trail if e["to"] in TERMINAL), None)
-        never_sent = run.get("proof") == "never_sent" or not run.get("refs")
+        # Refused at the start: every create the provider answered was a refusal (the
+        # provider's log says whether one went through).
+        refused = run.get("proof") == "start_refused"
+        if refused and run.get("marker") in created:
+            found.append(
+                Violation(
+                    2,
+                    run_id,
+                    "stopped as refused at the start, but the provider created it",
+                )
+            )
+        never_sent = run.get("proof") == "never_sent" or refused or not run.get("refs")
         finished_first = ended is not None and ended["to"] in FINISHED
         # Still owed: every call so far failed to reach a provider that was down, and Runbrake
         # keeps sending it (Stop unconfirmed says so on the page).
@@ -202,10 +214,8 @@ def _stops_reached_provider(
     return found
 
 
-def _one_create_per_launch(
-    runs: dict[int, dict[str, Any]], requests: list[dict[str, Any]], history: dict[str, Any]
-) -> list[Violation]:
-    found = []
+def _created(requests: list[dict[str, Any]]) -> dict[str, int]:
+    """Successful creates at the providers, per launch marker (refusals are not creates)."""
     created: dict[str, int] = defaultdict(int)
     for r in requests:
         if r["method"] != "POST" or not CREATE_PATH.search(r["path"]):
@@ -215,7 +225,14 @@ def _one_create_per_launch(
             continue
         for marker in set(MARKER.findall(r.get("body", ""))):
             created[marker] += 1
-    for marker, n in created.items():
+    return created
+
+
+def _one_create_per_launch(
+    runs: dict[int, dict[str, Any]], requests: list[dict[str, Any]], history: dict[str, Any]
+) -> list[Violation]:
+    found = []
+    for marker, n in _created(requests).items():
         if n > 1:
             found.append(Violation(3, None, f"launch {marker} was created {n} times at a provider"))
     per_marker: dict[str, list[int]] = defaultdict(list)

@@ -464,6 +464,7 @@ class Proof(models.TextChoices):
     WEBHOOK = "webhook", "a signed webhook from the provider"
     PROVIDER_REFUSAL = "provider_refusal", "the provider refusing the run"
     NEVER_SENT = "never_sent", "never having been sent to the provider"
+    START_REFUSED = "start_refused", "the provider refusing the start call, none sent since"
     ADMIN_FORCE = "admin_force", "an admin's force-mark, not the provider"
     RUNBRAKE = "runbrake", "Runbrake, without word from the provider"
 
@@ -1287,6 +1288,13 @@ class Run(models.Model):
         self.refresh_from_db()
         return bool(won)
 
+    def release_start(self) -> None:
+        """The start call was refused in a way that proves nothing started: no call is out
+        while the session waits to send it again, so whoever holds the run next may start it
+        (or, stopped meanwhile, settle it) instead of waiting out a call that may be lost."""
+        Run.objects.filter(pk=self.pk, external_id="").update(start_attempted_at=None)
+        self.refresh_from_db()
+
     def mark_running(self, provider_status: str = "") -> bool:
         return self._transition(
             (Status.PENDING,),
@@ -1504,8 +1512,7 @@ class Run(models.Model):
         """The launch waits for the create quota: the start call was never sent, so the claim
         on it is released (a restarted watcher sends it, once) and the run shows Queued."""
         self.record_quota_wait("create", exc.retry_after or 0.0, exc.message)
-        Run.objects.filter(pk=self.pk, external_id="").update(start_attempted_at=None)
-        self.refresh_from_db()
+        self.release_start()
 
     def clear_quota_wait(self, *endpoints: str) -> None:
         """The call that waited went out: the run no longer waits (only for these kinds of
@@ -1555,6 +1562,24 @@ class Run(models.Model):
             proof=proof,
             stop_next_attempt_at=None,
             **self._usage_fields(usage),
+        )
+
+    def mark_stopped_unstarted(self, *, refused: bool | None = None) -> bool:
+        """Stopped before the provider started it, so there is nothing to call: the start
+        call was never sent, or (`refused`) every one sent was refused in a way that proves
+        nothing started (a 429, a 5xx, a refused connection) and none went out after the stop.
+        Unsaid, the timeline tells: before the provider names a run, the only waits to try
+        again follow a refused start call."""
+        if refused is None:
+            refused = self.events.filter(kind=RunEvent.Kind.BACKOFF).exists()
+        if refused:
+            return self.mark_stopped(
+                confirmation="the provider refusing the start call (nothing started there), "
+                "with none sent after the stop",
+                proof=Proof.START_REFUSED,
+            )
+        return self.mark_stopped(
+            confirmation="never having been sent to the provider", proof=Proof.NEVER_SENT
         )
 
     def force_mark_stopped(self, *, actor: Any, reason: str) -> bool:

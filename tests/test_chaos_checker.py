@@ -181,6 +181,30 @@ def test_a_retry_after_an_unanswered_stop_call_is_fine() -> None:
     assert check(history) == []
 
 
+def refused_at_the_start() -> dict[str, Any]:
+    """The clean run, stopped while its refused create waited to be sent again: no stop call
+    (nothing started), Stopped on the refusals' word."""
+    history = clean()
+    history["runs"][0].update(proof="start_refused", refs=[])
+    history["events"][1:] = [
+        event(100.3, "backoff", "pending", "pending"),
+        event(100.6, "stop_requested", "pending", "stopping"),
+        event(100.7, "stopped", "stopping", "stopped", proof="start_refused"),
+    ]
+    history["provider_requests"] = [dict(history["provider_requests"][0], status=429)]
+    return history
+
+
+def test_a_run_stopped_while_its_refused_start_waited_needs_no_stop_call() -> None:
+    assert check(refused_at_the_start()) == []
+
+
+def test_it_reports_a_run_stopped_as_refused_at_the_start_that_the_provider_created() -> None:
+    history = refused_at_the_start()
+    history["provider_requests"].append(dict(history["provider_requests"][0], status=200))
+    assert broken(history) == {2}
+
+
 def test_it_reports_a_launch_created_twice_at_the_provider() -> None:
     history = clean()
     history["provider_requests"].append(dict(history["provider_requests"][0], t=101.0))

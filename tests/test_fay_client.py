@@ -8,7 +8,14 @@ from typing import Any
 import httpx
 import pytest
 
-from runs.providers.base import Finished, ProviderConfig, Running, Started, Waiting
+from runs.providers.base import (
+    Finished,
+    ProviderConfig,
+    Running,
+    Started,
+    StartRetry,
+    Waiting,
+)
 from runs.providers.errors import ProviderError, QuotaExhausted
 from runs.providers.fay import FayProvider
 from tests.wire import event_of
@@ -160,7 +167,11 @@ async def test_it_raises_quota_exhausted_when_fay_refuses_a_create_with_429(fay_
 async def test_transient_server_errors_are_retried(fay_url):
     prompt = f"{uuid.uuid4()} sim:pending=0 sim:duration=0.05 sim:fail=server_error"
     events = await collect(fay(fay_url), prompt)
-    assert sum(isinstance(e, Waiting) for e in events) == 1
+    # Every refusal is reported (the watcher releases the start's claim while it waits), the
+    # episode announced once, and each resend is preceded by the moment to hold it back.
+    waits = [e for e in events if isinstance(e, Waiting)]
+    assert [w.announce for w in waits] == [True, False, False]
+    assert sum(isinstance(e, StartRetry) for e in events) == 3
     assert events[-1].status == "completed"
 
 

@@ -151,6 +151,41 @@ async def test_transient_rate_limits_are_waited_out(kind, account, bob):
     assert kinds.count("backoff") == 1
 
 
+def start_calls(sim, kind: str, run: Run) -> int:
+    """How many start calls (the POST carrying the prompt) the provider received for `run`."""
+    return sum(
+        1
+        for r in sim.requests(kind)
+        if r["method"] == "POST" and "/stop" not in r["path"] and run.prompt in str(r["body"])
+    )
+
+
+@pytest.mark.parametrize("kind", PROVIDERS)
+async def test_a_stop_while_a_refused_start_call_waits_to_be_sent_again_sends_it_no_more(
+    kind, account, bob, sim
+):
+    # Found by the chaos soak (run 76, xpander): the stop came while the start call waited
+    # out a 429, the start was sent again anyway, and the run ended *Stop unconfirmed*.
+    run = await launch_on(kind, account, bob, "busy sim:duration=30 sim:fail=rate_limit")
+    session = asyncio.create_task(Watcher().watch(run.pk))
+    try:
+        deadline = time.monotonic() + 15
+        while not await run.events.filter(kind="backoff").aexists():
+            assert time.monotonic() < deadline, "the start call was never refused"
+            await asyncio.sleep(0.02)
+        refused = start_calls(sim, kind, run)
+        await run.astop(actor=bob, channel=Channel.BUTTON, reason="wrong prompt")
+        await asyncio.wait_for(session, 20)
+    finally:
+        session.cancel()
+    await run.arefresh_from_db()
+    assert run.status == Status.STOPPED
+    assert run.proof == "start_refused"
+    assert "refusing the start call" in run.stop_confirmation
+    # The refusals proved nothing started; nothing was sent after the stop.
+    assert start_calls(sim, kind, run) == refused
+
+
 @pytest.mark.parametrize("kind", PROVIDERS)
 async def test_a_dropped_stream_is_reconciled_and_the_run_completes(kind, account, bob, sim):
     run = await launch_on(kind, account, bob, "flaky sim:duration=1.5 sim:drop_stream")

@@ -99,6 +99,35 @@ async def test_a_stop_before_the_run_was_sent_never_reaches_the_provider(launch,
     assert not [r for r in sim.requests() if r["body"] and prompt in str(r["body"])]
 
 
+async def test_a_run_whose_watcher_died_waiting_to_resend_a_refused_start_is_settled_once_stopped(
+    launch, bob, sim
+):
+    """Found by the chaos soak (run 76): a watcher was killed while its session waited to send
+    a refused start call again, and the next holder waited out a start call that was not out
+    (the claim was never released) while the stop went unconfirmed."""
+    prompt = f"{uuid.uuid4()} sim:pending=0 sim:duration=60 sim:fail=server_error"
+    run = await sync_to_async(launch)(prompt)
+    dying = asyncio.create_task(Watcher().watch(run.pk))
+    for _ in range(400):
+        if await run.events.filter(kind=RunEvent.Kind.BACKOFF).aexists():
+            break
+        await asyncio.sleep(0.025)
+    dying.cancel()  # the watcher is gone: its session sends nothing more
+    await asyncio.gather(dying, return_exceptions=True)
+
+    def creates() -> int:
+        return sum(1 for r in sim.requests() if r["body"] and prompt in str(r["body"]))
+
+    sent = await sync_to_async(creates)()
+    assert sent >= 1
+    await run.astop(actor=bob, channel=Channel.BUTTON)
+    await Watcher().watch(run.pk)  # whoever holds the run next
+    await run.arefresh_from_db()
+    assert run.status == Status.STOPPED
+    assert run.proof == "start_refused"
+    assert await sync_to_async(creates)() == sent
+
+
 async def test_a_stop_pressed_while_the_create_is_in_flight_is_sent_when_the_id_arrives(
     launch, bob, sim, fay_account
 ):

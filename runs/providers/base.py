@@ -140,10 +140,18 @@ class OutputDelta:
 
 @dataclass(frozen=True)
 class Waiting:
-    """The provider asked us to slow down; the client waits `seconds` and carries on."""
+    """The provider asked us to slow down; the client waits `seconds` and carries on.
+    `announce` is False for a later refusal in a backoff episode already announced."""
 
     reason: str
     seconds: float
+    announce: bool = True
+
+
+@dataclass(frozen=True)
+class StartRetry:
+    """A refused start call (a refusal that proves nothing started: `retry_in`) is about to
+    be sent again: the consumer's last moment to keep it from going out (a stop came)."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +198,7 @@ class StreamEnded:
     was requested, so the watcher decides (usually by reading the provider's status)."""
 
 
-Event = Started | Running | OutputDelta | Waiting | QuotaWait | Finished | StreamEnded
+Event = Started | Running | OutputDelta | Waiting | StartRetry | QuotaWait | Finished | StreamEnded
 
 
 @dataclass(frozen=True)
@@ -476,22 +484,24 @@ def retry_in(exc: ProviderError, attempt: int, *, idempotent: bool = False) -> f
     return exc.retry_after if exc.retry_after is not None else backoff_delay(attempt)
 
 
-async def wait_to_retry(exc: ProviderError, attempt: int) -> AsyncGenerator[Waiting]:
-    """After a call's `attempt`-th failure: wait before trying again, saying so once per
-    backoff episode (a Waiting event on the first failure, not on every one); or raise `exc`
-    when trying again is not safe or no longer worth it (`retry_in`)."""
+async def wait_to_retry(exc: ProviderError, attempt: int) -> AsyncGenerator[Waiting | StartRetry]:
+    """After a start call's `attempt`-th failure: wait before sending it again, or raise `exc`
+    when trying again is not safe or no longer worth it (`retry_in`). Every refusal is a
+    Waiting event (announced once per backoff episode), and a StartRetry comes just before
+    the call goes out again: the consumer learns that nothing is out at the provider while
+    it waits, and may stop there (closing this generator) if the run was stopped meanwhile."""
     if (delay := retry_in(exc, attempt)) is None:
         raise exc
-    if attempt == 1:
-        yield Waiting(exc.message, delay)
+    yield Waiting(exc.message, delay, announce=attempt == 1)
     await asyncio.sleep(delay)
+    yield StartRetry()
 
 
 async def start_stream(
     provider: Provider, path: str, body: Any
-) -> AsyncGenerator[ServerSentEvent | Waiting]:
+) -> AsyncGenerator[ServerSentEvent | Waiting | StartRetry]:
     """Open a run's stream, retrying only refusals that prove nothing started (429, 5xx,
-    refused connections), with one Waiting event per backoff episode."""
+    refused connections), with the events of `wait_to_retry`."""
     attempt = 0
     while True:
         # Closed here whatever happens, so a caller that stops early frees the connection now.

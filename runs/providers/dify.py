@@ -24,6 +24,7 @@ from .base import (
     Provider,
     Running,
     Started,
+    StartRetry,
     StatusResult,
     StopResult,
     StreamEnded,
@@ -136,7 +137,7 @@ class DifyProvider(Provider):
         ended: Finished | None = None
         async with contextlib.aclosing(start_stream(self, "/chat-messages", body)) as stream:
             async for sse in stream:
-                if isinstance(sse, Waiting):
+                if isinstance(sse, Waiting | StartRetry):
                     yield sse
                     continue
                 if sse.event == "ping" or not sse.data:

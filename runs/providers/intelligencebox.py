@@ -30,6 +30,7 @@ from .base import (
     Provider,
     Running,
     Started,
+    StartRetry,
     StatusResult,
     StopResult,
     StreamEnded,
@@ -246,7 +247,7 @@ class IntelligenceBoxProvider(Provider):
         # not leave them to the garbage collector.
         async with contextlib.aclosing(start_stream(self, "/api/ai/chat", body)) as stream:
             async for sse in stream:
-                if isinstance(sse, Waiting):
+                if isinstance(sse, Waiting | StartRetry):
                     yield sse
                     continue
                 # The documented examples of the older format separate events by a single

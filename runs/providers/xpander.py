@@ -24,6 +24,7 @@ from .base import (
     Running,
     Source,
     Started,
+    StartRetry,
     StatusResult,
     StopResult,
     StreamEnded,
@@ -396,7 +397,7 @@ class XpanderProvider(Provider):
         reader = TurnReader(refs={"agent_id": agent_id})
         async with contextlib.aclosing(self._turn_stream(agent, body)) as stream:
             async for sse in stream:
-                if isinstance(sse, Waiting):
+                if isinstance(sse, Waiting | StartRetry):
                     yield sse
                     continue
                 event = parse_json(sse.data) if sse.data else None
@@ -413,7 +414,7 @@ class XpanderProvider(Provider):
 
     async def _turn_stream(
         self, agent: str, body: dict[str, Any]
-    ) -> AsyncGenerator[ServerSentEvent | Waiting]:
+    ) -> AsyncGenerator[ServerSentEvent | Waiting | StartRetry]:
         """Run a turn. The gateway's run-turn-stream page does not show its path (Assumption
         (ours): `…/gateway/invoke/stream`); a 404 there, before anything started, falls back to
         the documented Invoke Agent stream, which takes the same body and streams the same

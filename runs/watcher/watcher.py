@@ -53,6 +53,7 @@ from runs.providers.base import (
     QuotaWait,
     Running,
     Started,
+    StartRetry,
     StreamEnded,
     Waiting,
 )
@@ -271,6 +272,8 @@ class Watcher:
             Q(watched_by=self.identity) | Q(watched_by="") | Q(watch_lease_until__lt=now)
         )
         async for run in mine.stop_due(now):
+            if not run.external_id:
+                self._cut_start_backoff(run.pk)
             self._spawn(run.asend_stop())
 
         async for run in mine.stop_overdue(now):
@@ -312,6 +315,15 @@ class Watcher:
             if pk in keep or task is None:
                 continue
             logger.info("watcher %s stops following run %s (ended or taken)", self.identity, pk)
+            task.cancel()
+
+    def _cut_start_backoff(self, pk: int) -> None:
+        """A stop came while this watcher's session waits to send a refused start call
+        again: nothing is out at the provider, so the wait is cut short; the next session
+        finds the run stopped before it started (`_follow_or_start`)."""
+        session, task = self.live_sessions.get(pk), self.sessions.get(pk)
+        if session is not None and session.start_backing_off and task is not None:
+            session.start_backing_off = False
             task.cancel()
 
     def _start_session(self, pk: int) -> None:
@@ -391,13 +403,8 @@ class Watcher:
                 return
 
     async def _never_sent(self, run: Run) -> None:
-        # Stopped before it was ever sent: nothing to call, nothing billed.
-        await dbthreads.call(
-            run.pk,
-            run.mark_stopped,
-            confirmation="never having been sent to the provider",
-            proof=Proof.NEVER_SENT,
-        )
+        # Stopped before the provider started it: nothing to call, nothing billed.
+        await dbthreads.call(run.pk, run.mark_stopped_unstarted)
 
     async def _wait_queued(self, run: Run, seconds: float) -> bool:
         """Wait for a queued launch's turn, a tick at a time so a stop pressed meanwhile ends
@@ -607,6 +614,9 @@ class Session:
         self.resend = False
         self.reported_output_after_stop = False
         self.progress_marker: str | None = None
+        # Waiting to send a refused start call again: nothing is out at the provider, so a
+        # stop may cut the wait short (Watcher.tick).
+        self.start_backing_off = False
 
     async def consume(self, events: AsyncGenerator[Event]) -> None:
         # Reading the stream never waits for the database: deltas land in memory and the
@@ -654,12 +664,13 @@ class Session:
             following = None
             try:
                 async for event in source:
-                    if await self.apply(event) == FOLLOW:
+                    outcome = await self.apply(event)
+                    if outcome == FOLLOW:
                         following = self.provider.follow(
                             self.run.external_id, self.run.provider_refs
                         )
                         break
-                    if self.run.is_terminal:
+                    if outcome == LET_GO or self.run.is_terminal:
                         break
             finally:
                 await source.aclose()
@@ -672,7 +683,9 @@ class Session:
         run = self.run
         if not isinstance(event, OutputDelta):
             await self.flush()
-        if run.quota_endpoint in SESSION_CALLS and not isinstance(event, QuotaWait | Waiting):
+        if run.quota_endpoint in SESSION_CALLS and not isinstance(
+            event, QuotaWait | Waiting | StartRetry
+        ):
             # The call that waited went out: the run no longer waits for the quota.
             await dbthreads.call(run.pk, run.clear_quota_wait, *SESSION_CALLS)
         match event:
@@ -707,20 +720,52 @@ class Session:
                 if not self.dirty:
                     self.dirty = True
                     self.writer.mark(self)
-            case Waiting(reason=reason, seconds=seconds):
-                await dbthreads.call(
-                    run.pk,
-                    run.record_event,
-                    RunEvent.Kind.BACKOFF,
-                    f"{reason} Waiting {seconds:.1f} s.",
-                    data={"seconds": seconds},
-                )
+            case Waiting(reason=reason, seconds=seconds, announce=announce):
+                if announce:
+                    await dbthreads.call(
+                        run.pk,
+                        run.record_event,
+                        RunEvent.Kind.BACKOFF,
+                        f"{reason} Waiting {seconds:.1f} s.",
+                        data={"seconds": seconds},
+                    )
+                if not run.external_id:
+                    # Only a start call is refused before the provider named the run.
+                    return await self._start_refused()
+            case StartRetry():
+                return await self._start_again()
             case QuotaWait(endpoint=endpoint, seconds=seconds, message=message):
                 await dbthreads.call(run.pk, run.record_quota_wait, endpoint, seconds, message)
             case Finished() as finished:
                 await self._finished(finished)
             case StreamEnded():
                 return await self._stream_ended()
+        return None
+
+    async def _start_refused(self) -> str | None:
+        """The start call was refused, so nothing is out at the provider while the session
+        waits to send it again: the claim on it is released (a watcher taking the run over
+        need not wait out a call that may be lost), and a stop already pressed ends the run
+        here, with nothing more sent."""
+        run = self.run
+        await dbthreads.call(run.pk, run.release_start)
+        if run.status in STOP_IN_PROGRESS:
+            await dbthreads.call(run.pk, run.mark_stopped_unstarted, refused=True)
+            return LET_GO
+        self.start_backing_off = True
+        return None
+
+    async def _start_again(self) -> str | None:
+        """The refused start call is about to go out again: not if the run was stopped
+        meanwhile, and only under this session's claim (one start call at a time, ever)."""
+        run = self.run
+        self.start_backing_off = False
+        await dbthreads.call(run.pk, run.refresh_from_db)
+        if run.status in STOP_IN_PROGRESS:
+            await dbthreads.call(run.pk, run.mark_stopped_unstarted, refused=True)
+            return LET_GO
+        if not run.external_id and not await dbthreads.call(run.pk, run.claim_start):
+            return LET_GO
         return None
 
     async def _check_output_after_stop(self) -> None:
@@ -856,6 +901,8 @@ class Session:
 
 
 FOLLOW = "follow"
+# The session stops reading its events: another process has the run's start now.
+LET_GO = "let go"
 # The calls a session makes (a stop's quota wait is the stop path's to clear).
 SESSION_CALLS = ("create", "status", "output")
 
