@@ -1289,11 +1289,36 @@ class Run(models.Model):
         return bool(won)
 
     def release_start(self) -> None:
-        """The start call was refused in a way that proves nothing started: no call is out
-        while the session waits to send it again, so whoever holds the run next may start it
-        (or, stopped meanwhile, settle it) instead of waiting out a call that may be lost."""
+        """No start call is out (the provider refused the last, or the launch waits for its
+        quota): whoever holds the run next may start it (or, stopped meanwhile, settle it)
+        instead of waiting out a call that may be lost."""
         Run.objects.filter(pk=self.pk, external_id="").update(start_attempted_at=None)
         self.refresh_from_db()
+
+    def never_answered_for(self) -> bool:
+        """The run's id is our own (sent with the start call, never accepted) and the
+        provider never said anything of it: no acceptance, no running, no output."""
+        said = (RunEvent.Kind.ACCEPTED, RunEvent.Kind.RUNNING)
+        return (
+            not self.output
+            and self.events.filter(kind=RunEvent.Kind.SENT).exists()
+            and not self.events.filter(kind__in=said).exists()
+        )
+
+    def record_start_refused(self, message: str, seconds: float, *, announce: bool) -> None:
+        """The start call was refused in a way that proves nothing started: its claim is
+        released, and the first refusal of a backoff episode goes on the timeline in the same
+        update (the timeline is what later says the run was refused, not never sent)."""
+        if not announce:
+            self.release_start()
+            return
+        self.record_event(
+            RunEvent.Kind.BACKOFF,
+            message,
+            data={"seconds": seconds},
+            statuses=ACTIVE,
+            start_attempted_at=None,
+        )
 
     def mark_running(self, provider_status: str = "") -> bool:
         return self._transition(
@@ -1428,12 +1453,20 @@ class Run(models.Model):
             # "unconfirmed" while its end is read.
             **({"stop_deadline": None} if result.terminal in ("completed", "failed") else {}),
         )
+        # The text kept so far, unless the provider gives its whole final text: it may miss
+        # what a watcher that died had shown but not saved (its lease tells).
+        unsure = self.output_incomplete or self._reader_may_have_died()
         if result.finished is not None:
             final = result.finished
-            text = final.output if final.output is not None else self.output
-            self.settle(final, output=text, label=provider_label)
+            if final.output is not None:
+                self.settle(final, output=final.output, label=provider_label)
+            else:
+                self.settle(
+                    final, output=self.output, label=provider_label, output_incomplete=unsure
+                )
             return
         if result.terminal == "stopped":
+            self.keep_text(self.output, unsure)
             by_status = result.via == "status"
             self.mark_stopped(
                 confirmation=f"{provider_label}'s status after the stop call"
@@ -1712,6 +1745,29 @@ class Run(models.Model):
             message=message,
             usage=usage,
         )
+
+    def _reader_may_have_died(self) -> bool:
+        """A watcher holds the run (its session reads the provider's output and shows it to
+        the pages before saving it) but has missed renewals of its lease (renewed every
+        tick). If it died, the text it had shown and not saved is gone; if it lives, its
+        session saves that text itself when it lets the run go (`keep_text_after_end`)."""
+        if not self.external_id or not self.watched_by or self.watch_lease_until is None:
+            return False
+        fresh = settings.RUNBRAKE_WATCHER_LEASE_SECONDS - 2 * settings.RUNBRAKE_WATCHER_TICK
+        return self.watch_lease_until < timezone.now() + dt.timedelta(seconds=fresh)
+
+    def keep_text_after_end(self, text: str, incomplete: bool) -> None:
+        """The run ended without the session that reads it (a stop answer, a webhook): the
+        session's text, which the pages were shown as it came, is kept when it carries on
+        from the saved text (saves skip ended runs), whole unless the session itself lost
+        some. A completed run keeps the provider's own final text."""
+        self.refresh_from_db()
+        ended = (Status.STOPPED, Status.FAILED)
+        if self.status not in ended or not text.startswith(self.output):
+            return
+        if text == self.output and (incomplete or not self.output_incomplete):
+            return
+        self._update_quiet(statuses=ended, output=text, output_incomplete=incomplete)
 
     def keep_text(self, output: str, incomplete: bool) -> None:
         """Keep the text so far before a stopped or failed transition (which writes none)."""

@@ -724,7 +724,9 @@ async def invoke_stream(request: HttpRequest, agent_id: str) -> HttpResponseBase
     kind = directives.get("fail")
     if faults.take(identity, kind):
         if kind == "rate_limit":
-            return detail(429, "Rate limit exceeded", Retry_After="1")
+            # `sim:retry_after=<s>` (default 1): how long the refusal asks the client to wait.
+            wait = directives.number("retry_after", 1.0)
+            return detail(429, "Rate limit exceeded", Retry_After=f"{wait:g}")
         return detail(500, "Internal Server Error")
     # The run got through: an identical request later is a new run with its own faults.
     faults.remaining.pop(identity, None)

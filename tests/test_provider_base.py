@@ -8,7 +8,13 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from runs.models import Channel, ProviderAccount, Run, RunEvent, Status
-from runs.providers.base import MAX_RETRY_AFTER, ProviderConfig, Started, retry_after_seconds
+from runs.providers.base import (
+    MAX_RETRY_AFTER,
+    ProviderConfig,
+    Started,
+    retry_after_seconds,
+    retry_in,
+)
 from runs.providers.errors import ProviderError
 from runs.providers.fay import FayProvider
 from tests.wire import Answer, event_of, fixture
@@ -108,3 +114,23 @@ async def test_a_start_that_is_never_answered_is_a_timeout_in_words(replay, monk
         [event async for event in provider.run("q", {})]
     await provider.aclose()
     assert refused.value.code == "PROVIDER_TIMEOUT"
+
+
+@pytest.mark.parametrize(
+    ("error", "start_again"),
+    [
+        (ProviderError("RATE_LIMITED", "slow down", retryable=True, http_status=429), True),
+        (ProviderError("PROVIDER_ERROR", "oops", retryable=True, http_status=503), True),
+        (ProviderError("PROVIDER_UNREACHABLE", "no connection", retryable=True), True),
+        # The request may have reached the provider and started a run: never a second start.
+        (ProviderError("PROVIDER_TIMEOUT", "too slow", retryable=True), False),
+        (ProviderError("PROVIDER_TRANSPORT_ERROR", "connection lost", retryable=True), False),
+        (ProviderError("UNAUTHORIZED", "bad key", http_status=401), False),
+    ],
+)
+def test_a_start_call_is_sent_again_only_when_its_failure_proves_nothing_started(
+    error: ProviderError, start_again: bool
+) -> None:
+    assert (retry_in(error, 1) is not None) is start_again
+    # A read may be repeated after any failure worth retrying.
+    assert (retry_in(error, 1, idempotent=True) is not None) is error.retryable

@@ -186,6 +186,45 @@ async def test_a_stop_while_a_refused_start_call_waits_to_be_sent_again_sends_it
     assert start_calls(sim, kind, run) == refused
 
 
+async def test_a_stop_cuts_short_a_long_wait_to_resend_a_refused_start(account, bob, sim):
+    """The provider asked for a minute before the start call goes out again; the stop does
+    not wait for it (nothing is out at the provider meanwhile)."""
+    run = await launch_on("xpander", account, bob, "busy sim:fail=rate_limit sim:retry_after=60")
+    watcher = Watcher(tick=0.05)
+    try:
+        await watcher.tick()
+        deadline = time.monotonic() + 15
+        while not await run.events.filter(kind="backoff").aexists():
+            assert time.monotonic() < deadline, "the start call was never refused"
+            await asyncio.sleep(0.02)
+        refused = start_calls(sim, "xpander", run)
+        await run.astop(actor=bob, channel=Channel.BUTTON)
+        deadline = time.monotonic() + 15  # a quarter of the wait the provider asked for
+        while (await Run.objects.aget(pk=run.pk)).status != Status.STOPPED:
+            assert time.monotonic() < deadline, "the stop waited for the provider's minute"
+            await watcher.tick()
+            await asyncio.sleep(0.05)
+    finally:
+        await watcher.shutdown()
+    await run.arefresh_from_db()
+    assert run.proof == "start_refused"
+    assert start_calls(sim, "xpander", run) == refused
+
+
+async def test_a_stopped_chat_the_box_never_heard_of_is_stopped_on_its_status(account, bob, sim):
+    """IntelligenceBox's chat id is Runbrake's own, saved before the start call: a watcher
+    that died while the box refused that call leaves an id the box never knew. Stopped, the
+    run ends on the box's word that no such chat runs, not Stop unconfirmed for good."""
+    run = await launch_on("intelligencebox", account, bob, "never started sim:duration=30")
+    await sync_to_async(run.record_external_id)(f"run-{uuid.uuid4()}", acknowledged=False)
+    await sync_to_async(run.request_stop)(actor=bob, channel=Channel.BUTTON)
+    await Watcher().watch(run.pk)
+    await run.arefresh_from_db()
+    assert run.status == Status.STOPPED
+    assert run.proof == "status_read"
+    assert "not knowing the run" in run.stop_confirmation
+
+
 @pytest.mark.parametrize("kind", PROVIDERS)
 async def test_a_dropped_stream_is_reconciled_and_the_run_completes(kind, account, bob, sim):
     run = await launch_on(kind, account, bob, "flaky sim:duration=1.5 sim:drop_stream")

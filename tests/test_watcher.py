@@ -13,6 +13,7 @@ from asgiref.sync import sync_to_async
 from django.utils import timezone
 
 from runs.models import Channel, ProviderAccount, Run, RunEvent, Status
+from runs.providers import ProviderError
 from runs.providers.base import Finished, OutputDelta, Running, Started, StopResult
 from runs.watcher.watcher import OutputWriter, Session, Watcher
 from tests.conftest import sim_account, start_at_provider
@@ -126,6 +127,115 @@ async def test_a_run_whose_watcher_died_waiting_to_resend_a_refused_start_is_set
     assert run.status == Status.STOPPED
     assert run.proof == "start_refused"
     assert await sync_to_async(creates)() == sent
+
+
+async def test_a_run_whose_stop_went_unconfirmed_before_it_was_ever_sent_is_never_sent(
+    launch, bob, sim
+):
+    prompt = f"{uuid.uuid4()} sim:pending=0 sim:duration=60"
+    run = await sync_to_async(launch)(prompt)
+    await run.astop(actor=bob, channel=Channel.BUTTON)
+    await Run.objects.filter(pk=run.pk).aupdate(stop_deadline=timezone.now())
+    await sync_to_async(run.mark_stop_unconfirmed)()
+    assert run.status == Status.STOP_UNCONFIRMED
+    await Watcher().watch(run.pk)
+    await run.arefresh_from_db()
+    assert run.status == Status.STOPPED
+    assert run.proof == "never_sent"
+    assert not [r for r in sim.requests() if r["body"] and prompt in str(r["body"])]
+
+
+async def test_a_start_the_provider_refuses_for_good_while_the_run_is_stopping_is_stopped(
+    launch, bob
+):
+    # The session gives up on the start call (a refusal not worth retrying, or the last
+    # try) just as a stop is under way: nothing started, so the run is stopped, not left
+    # for "Runbrake restarted while this run was being started".
+    run = await sync_to_async(launch)("refused sim:duration=60")
+    assert await sync_to_async(run.claim_start)()
+    await run.astop(actor=bob, channel=Channel.BUTTON)
+    refusal = ProviderError("UNAUTHORIZED", "Fay refused the API key.", http_status=401)
+    await Watcher()._provider_failed(run, refusal)
+    await run.arefresh_from_db()
+    assert run.status == Status.STOPPED
+    assert run.proof == "start_refused"
+
+
+FAY_STOPPED = StopResult("stopped", "STOPPED", "Fay stopped the research.", {"status": "STOPPED"})
+
+
+async def _session_with_unsaved_text(run: Run) -> tuple[Session, asyncio.Task[None], OutputWriter]:
+    """A session that read "Saved. " (saved) then "Shown, not saved." (sent to the pages as
+    an append, not saved yet: saves come every second), its stream still open."""
+    writer = OutputWriter(interval=60)
+    saving = asyncio.create_task(writer.run_forever())
+    account = await ProviderAccount.objects.aget(pk=run.provider_account_id)
+    session = Session(run, account.provider(), writer=writer)
+    more, quiet = asyncio.Event(), asyncio.Event()
+
+    async def stream() -> Any:
+        yield OutputDelta("Saved. ")
+        await more.wait()
+        yield OutputDelta("Shown, not saved.")
+        await quiet.wait()  # the provider says nothing more
+
+    reading = asyncio.create_task(session.consume(stream()))
+    for _ in range(400):
+        if session.text == "Saved. ":
+            break
+        await asyncio.sleep(0.01)
+    await session.flush()
+    more.set()
+    for _ in range(400):
+        if session.text.endswith("not saved."):
+            break
+        await asyncio.sleep(0.01)
+    assert (await Run.objects.aget(pk=run.pk)).output == "Saved. "
+    reading.add_done_callback(lambda _t: saving.cancel())
+    return session, reading, writer
+
+
+async def test_text_shown_but_not_saved_when_a_stop_answer_ended_the_run_is_kept(launch, bob, sim):
+    """Found by the 30-minute soak (run 24): the stop path settled the run on the provider's
+    word with the text saved so far, and what the session had shown since was never saved
+    (saves skip ended runs): pages had shown more than the run kept, unmarked."""
+    run = await sync_to_async(launch)("shown sim:pending=0 sim:duration=60")
+    await sync_to_async(start_at_provider)(run)
+    _session, reading, _writer = await _session_with_unsaved_text(run)
+    other = await Run.objects.select_related("provider_account").aget(pk=run.pk)
+    await sync_to_async(other.request_stop)(actor=bob, channel=Channel.BUTTON)
+    await sync_to_async(other.record_stop_answer)(FAY_STOPPED, provider_label="Fay")
+    assert other.status == Status.STOPPED
+    reading.cancel()  # its watcher drops the session of a run that ended without it
+    await asyncio.gather(reading, return_exceptions=True)
+    await run.arefresh_from_db()
+    assert run.output == "Saved. Shown, not saved."
+    assert not run.output_incomplete
+
+
+@pytest.mark.parametrize(("lease_left", "unsure"), [(1.0, True), (4.9, False)])
+def test_a_stop_answer_ending_a_run_whose_watcher_stopped_renewing_marks_its_text_unsure(
+    launch, bob, settings, lease_left, unsure
+):
+    """The soak's run 24 again, its watcher killed: nobody can save what it had shown, so
+    the stop answer that ends the run says the text may be incomplete. A watcher renewing
+    its lease (every tick) is alive, and saves its text itself."""
+    settings.RUNBRAKE_WATCHER_LEASE_SECONDS = 5.0
+    settings.RUNBRAKE_WATCHER_TICK = 1.0
+    run = launch("held sim:pending=0 sim:duration=60")
+    start_at_provider(run)
+    run.mark_running("PROCESSING")
+    Run.objects.record_outputs({run.pk: ("Saved. ", 0)})
+    Run.objects.filter(pk=run.pk).update(
+        watched_by="watcher-a",
+        watch_lease_until=timezone.now() + dt.timedelta(seconds=lease_left),
+    )
+    run.refresh_from_db()
+    run.request_stop(actor=bob, channel=Channel.BUTTON)
+    run.record_stop_answer(FAY_STOPPED, provider_label="Fay")
+    run.refresh_from_db()
+    assert run.status == Status.STOPPED
+    assert run.output_incomplete is unsure
 
 
 async def test_a_stop_pressed_while_the_create_is_in_flight_is_sent_when_the_id_arrives(

@@ -472,15 +472,23 @@ def parse_json(text: str) -> Any:
 MAX_START_ATTEMPTS = 5
 
 
+def proves_nothing_started(exc: ProviderError) -> bool:
+    """Whether a failed start call certainly started nothing: the provider answered it with a
+    refusal (any HTTP error status: 429, 5xx, a bad key, Dify's concurrency ceiling), or the
+    connection was never made. A timeout, or a connection lost after the request went out,
+    may have started a run."""
+    return exc.http_status is not None or exc.code == "PROVIDER_UNREACHABLE"
+
+
 def retry_in(exc: ProviderError, attempt: int, *, idempotent: bool = False) -> float | None:
     """Seconds to wait before trying a failed call again (its `attempt`-th failure), or None
-    to give up and raise. Only answers that prove nothing happened (429, 5xx, a refused
-    connection) are retried; a timeout may have started a run, so it is retried only for
-    `idempotent` calls (reads)."""
+    to give up and raise. A call that may start a run is retried only when the failure
+    proves nothing started (`proves_nothing_started`); `idempotent` calls (reads) on any
+    retryable failure."""
     if not exc.retryable or attempt >= MAX_START_ATTEMPTS:
         return None
-    if exc.code == "PROVIDER_TIMEOUT" and not idempotent:
-        return None
+    if not idempotent and not proves_nothing_started(exc):
+        return None  # it may have started a run: sending it again could start a second
     return exc.retry_after if exc.retry_after is not None else backoff_delay(attempt)
 
 

@@ -56,6 +56,7 @@ from runs.providers.base import (
     StartRetry,
     StreamEnded,
     Waiting,
+    proves_nothing_started,
 )
 from runs.providers.errors import QuotaExhausted
 from runs.realtime import live
@@ -272,9 +273,8 @@ class Watcher:
             Q(watched_by=self.identity) | Q(watched_by="") | Q(watch_lease_until__lt=now)
         )
         async for run in mine.stop_due(now):
-            if not run.external_id:
-                self._cut_start_backoff(run.pk)
             self._spawn(run.asend_stop())
+        await self._cut_start_backoffs()
 
         async for run in mine.stop_overdue(now):
             await dbthreads.call(run.pk, run.mark_stop_unconfirmed)
@@ -317,14 +317,20 @@ class Watcher:
             logger.info("watcher %s stops following run %s (ended or taken)", self.identity, pk)
             task.cancel()
 
-    def _cut_start_backoff(self, pk: int) -> None:
-        """A stop came while this watcher's session waits to send a refused start call
-        again: nothing is out at the provider, so the wait is cut short; the next session
-        finds the run stopped before it started (`_follow_or_start`)."""
-        session, task = self.live_sessions.get(pk), self.sessions.get(pk)
-        if session is not None and session.start_backing_off and task is not None:
-            session.start_backing_off = False
-            task.cancel()
+    async def _cut_start_backoffs(self) -> None:
+        """A stop came while a session of this watcher waits to send a refused start call
+        again: nothing is out at the provider, so the wait (a Retry-After may be long) is cut
+        short; the next session finds the run stopped before it started
+        (`_follow_or_start`)."""
+        waiting = {pk for pk, s in self.live_sessions.items() if s.start_backing_off}
+        if not waiting:
+            return
+        stopped = Run.objects.filter(pk__in=waiting, status__in=STOP_IN_PROGRESS)
+        async for pk in stopped.values_list("pk", flat=True):
+            session, task = self.live_sessions.get(pk), self.sessions.get(pk)
+            if session is not None and session.start_backing_off and task is not None:
+                session.start_backing_off = False
+                task.cancel()
 
     def _start_session(self, pk: int) -> None:
         if self._stopping:
@@ -375,7 +381,7 @@ class Watcher:
                 if not await dbthreads.call(run.pk, run.claim_start):
                     await self._start_claimed_elsewhere(run)
                     return
-                if run.status == Status.STOPPING:
+                if run.status in STOP_IN_PROGRESS:
                     await self._never_sent(run)
                     return
                 events = provider.run(run.prompt, run.options)
@@ -413,7 +419,7 @@ class Watcher:
         deadline = asyncio.get_running_loop().time() + seconds
         while not self._stopping:
             await dbthreads.call(run.pk, run.refresh_from_db)
-            if run.status == Status.STOPPING:
+            if run.status in STOP_IN_PROGRESS:
                 await self._never_sent(run)
                 return False
             if run.status != Status.PENDING or run.external_id:
@@ -457,6 +463,26 @@ class Watcher:
     async def _provider_failed(self, run: Run, exc: ProviderError) -> None:
         await dbthreads.call(run.pk, run.refresh_from_db)
         if run.is_terminal:
+            return
+        if run.status in STOP_IN_PROGRESS and not run.external_id and proves_nothing_started(exc):
+            # The provider refused the start call for good (or it gave up trying): stopped
+            # before it started.
+            await dbthreads.call(run.pk, run.mark_stopped_unstarted, refused=True)
+            return
+        if (
+            run.status in STOP_IN_PROGRESS
+            and exc.code == "NOT_FOUND"
+            and await dbthreads.call(run.pk, run.never_answered_for)
+        ):
+            # An id of our own (IntelligenceBox) that the provider never answered for: its
+            # start call was refused or never sent, and the provider says no such run exists.
+            await dbthreads.call(
+                run.pk,
+                run.mark_stopped,
+                confirmation="the provider's status not knowing the run, which it never "
+                "answered for: nothing runs there",
+                proof=Proof.STATUS_READ,
+            )
             return
         if run.status in STOP_IN_PROGRESS:
             # Following failed but a stop is under way: keep the stop path in charge.
@@ -627,6 +653,11 @@ class Session:
             await self._consume(events)
         finally:
             await self.flush()
+            # Saves skip a run that ended without this session (a stop answer, a webhook):
+            # what it showed the pages since its last save is kept here.
+            await dbthreads.call(
+                self.run.pk, self.run.keep_text_after_end, self.text, self.incomplete
+            )
 
     @property
     def run_id(self) -> int:
@@ -721,6 +752,9 @@ class Session:
                     self.dirty = True
                     self.writer.mark(self)
             case Waiting(reason=reason, seconds=seconds, announce=announce):
+                if not run.external_id:
+                    # Only a start call is refused before the provider named the run.
+                    return await self._start_refused(reason, seconds, announce=announce)
                 if announce:
                     await dbthreads.call(
                         run.pk,
@@ -729,9 +763,6 @@ class Session:
                         f"{reason} Waiting {seconds:.1f} s.",
                         data={"seconds": seconds},
                     )
-                if not run.external_id:
-                    # Only a start call is refused before the provider named the run.
-                    return await self._start_refused()
             case StartRetry():
                 return await self._start_again()
             case QuotaWait(endpoint=endpoint, seconds=seconds, message=message):
@@ -742,29 +773,40 @@ class Session:
                 return await self._stream_ended()
         return None
 
-    async def _start_refused(self) -> str | None:
+    async def _start_refused(self, reason: str, seconds: float, *, announce: bool) -> str | None:
         """The start call was refused, so nothing is out at the provider while the session
-        waits to send it again: the claim on it is released (a watcher taking the run over
-        need not wait out a call that may be lost), and a stop already pressed ends the run
-        here, with nothing more sent."""
+        waits to send it again. A stop already pressed ends the run here, with nothing more
+        sent (this session still holds the start's claim: no other start is out either).
+        Otherwise the claim is released with the refusal on the timeline, in one update: a
+        watcher taking the run over need not wait out a call that may be lost."""
         run = self.run
-        await dbthreads.call(run.pk, run.release_start)
-        if run.status in STOP_IN_PROGRESS:
-            await dbthreads.call(run.pk, run.mark_stopped_unstarted, refused=True)
-            return LET_GO
-        self.start_backing_off = True
-        return None
-
-    async def _start_again(self) -> str | None:
-        """The refused start call is about to go out again: not if the run was stopped
-        meanwhile, and only under this session's claim (one start call at a time, ever)."""
-        run = self.run
-        self.start_backing_off = False
         await dbthreads.call(run.pk, run.refresh_from_db)
         if run.status in STOP_IN_PROGRESS:
             await dbthreads.call(run.pk, run.mark_stopped_unstarted, refused=True)
             return LET_GO
-        if not run.external_id and not await dbthreads.call(run.pk, run.claim_start):
+        await dbthreads.call(
+            run.pk,
+            run.record_start_refused,
+            f"{reason} Waiting {seconds:.1f} s.",
+            seconds,
+            announce=announce,
+        )
+        self.start_backing_off = True
+        return None
+
+    async def _start_again(self) -> str | None:
+        """The refused start call is about to go out again: only under this session's claim
+        (one start call at a time, ever; another watcher may have taken the run meanwhile),
+        and not if the run was stopped meanwhile."""
+        run = self.run
+        self.start_backing_off = False
+        if run.external_id:
+            # An id of our own (IntelligenceBox): there is no start claim to take.
+            await dbthreads.call(run.pk, run.refresh_from_db)
+        elif not await dbthreads.call(run.pk, run.claim_start):
+            return LET_GO
+        if run.status in STOP_IN_PROGRESS:
+            await dbthreads.call(run.pk, run.mark_stopped_unstarted, refused=True)
             return LET_GO
         return None
 
