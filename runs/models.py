@@ -1748,26 +1748,38 @@ class Run(models.Model):
 
     def _reader_may_have_died(self) -> bool:
         """A watcher holds the run (its session reads the provider's output and shows it to
-        the pages before saving it) but has missed renewals of its lease (renewed every
-        tick). If it died, the text it had shown and not saved is gone; if it lives, its
-        session saves that text itself when it lets the run go (`keep_text_after_end`)."""
+        the pages before saving it) but has missed a renewal of its lease: a live watcher
+        renews at least every third of a lease (its heartbeat), so more than half a lease
+        gone means it stalled or died. If it died, the text it had shown and not saved is
+        gone; if it lives, its session saves that text when it lets the run go
+        (`keep_text_after_end`). (A watcher that died less than half a lease before the run
+        ended is not caught here.)"""
         if not self.external_id or not self.watched_by or self.watch_lease_until is None:
             return False
-        fresh = settings.RUNBRAKE_WATCHER_LEASE_SECONDS - 2 * settings.RUNBRAKE_WATCHER_TICK
-        return self.watch_lease_until < timezone.now() + dt.timedelta(seconds=fresh)
+        half = dt.timedelta(seconds=settings.RUNBRAKE_WATCHER_LEASE_SECONDS / 2)
+        return self.watch_lease_until < timezone.now() + half
 
     def keep_text_after_end(self, text: str, incomplete: bool) -> None:
         """The run ended without the session that reads it (a stop answer, a webhook): the
         session's text, which the pages were shown as it came, is kept when it carries on
-        from the saved text (saves skip ended runs), whole unless the session itself lost
-        some. A completed run keeps the provider's own final text."""
+        from the saved text (saves skip ended runs). A mark of incomplete text stays: this
+        session cannot vouch for what it never read. A completed run keeps the provider's
+        own final text."""
         self.refresh_from_db()
         ended = (Status.STOPPED, Status.FAILED)
-        if self.status not in ended or not text.startswith(self.output):
+        if self.status not in ended or text == self.output or not text.startswith(self.output):
             return
-        if text == self.output and (incomplete or not self.output_incomplete):
-            return
-        self._update_quiet(statuses=ended, output=text, output_incomplete=incomplete)
+        with transaction.atomic():
+            # Only over the text just read: another session letting go of the same run
+            # (after a takeover) never loses its longer text to this one.
+            if Run.objects.filter(pk=self.pk, status__in=ended, version=self.version).update(
+                output=text,
+                output_incomplete=self.output_incomplete or incomplete,
+                updated_at=timezone.now(),
+                version=F("version") + 1,
+            ):
+                announce_after_commit(self.pk)
+        self.refresh_from_db()
 
     def keep_text(self, output: str, incomplete: bool) -> None:
         """Keep the text so far before a stopped or failed transition (which writes none)."""

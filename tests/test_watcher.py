@@ -184,12 +184,14 @@ async def _session_with_unsaved_text(run: Run) -> tuple[Session, asyncio.Task[No
         if session.text == "Saved. ":
             break
         await asyncio.sleep(0.01)
+    assert session.text == "Saved. ", "the session never read the first delta"
     await session.flush()
     more.set()
     for _ in range(400):
         if session.text.endswith("not saved."):
             break
         await asyncio.sleep(0.01)
+    assert session.text.endswith("not saved."), "the session never read the second delta"
     assert (await Run.objects.aget(pk=run.pk)).output == "Saved. "
     reading.add_done_callback(lambda _t: saving.cancel())
     return session, reading, writer
@@ -213,7 +215,8 @@ async def test_text_shown_but_not_saved_when_a_stop_answer_ended_the_run_is_kept
     assert not run.output_incomplete
 
 
-@pytest.mark.parametrize(("lease_left", "unsure"), [(1.0, True), (4.9, False)])
+# A live watcher renews every third of its 5 s lease: 3.2 s left is one between renewals.
+@pytest.mark.parametrize(("lease_left", "unsure"), [(2.0, True), (3.2, False)])
 def test_a_stop_answer_ending_a_run_whose_watcher_stopped_renewing_marks_its_text_unsure(
     launch, bob, settings, lease_left, unsure
 ):
@@ -221,7 +224,6 @@ def test_a_stop_answer_ending_a_run_whose_watcher_stopped_renewing_marks_its_tex
     the stop answer that ends the run says the text may be incomplete. A watcher renewing
     its lease (every tick) is alive, and saves its text itself."""
     settings.RUNBRAKE_WATCHER_LEASE_SECONDS = 5.0
-    settings.RUNBRAKE_WATCHER_TICK = 1.0
     run = launch("held sim:pending=0 sim:duration=60")
     start_at_provider(run)
     run.mark_running("PROCESSING")
@@ -236,6 +238,26 @@ def test_a_stop_answer_ending_a_run_whose_watcher_stopped_renewing_marks_its_tex
     run.refresh_from_db()
     assert run.status == Status.STOPPED
     assert run.output_incomplete is unsure
+
+
+def test_a_session_letting_go_of_an_ended_run_never_clears_its_incomplete_mark(launch, bob):
+    """Text the provider produced that no session read (a stop's recheck found the run over)
+    stays marked: a session can vouch only for what it read."""
+    run = launch("marked sim:pending=0 sim:duration=60")
+    start_at_provider(run)
+    run.mark_running("PROCESSING")
+    Run.objects.record_outputs({run.pk: ("Read. ", 0)})
+    run.refresh_from_db()
+    run.keep_text("Read. ", True)
+    run.request_stop(actor=bob, channel=Channel.BUTTON)
+    run.record_stop_answer(FAY_STOPPED, provider_label="Fay")
+    run.keep_text_after_end("Read. ", False)
+    run.refresh_from_db()
+    assert run.output_incomplete  # the stop answer kept it, and so does the session
+    run.keep_text_after_end("Read. And more.", False)
+    run.refresh_from_db()
+    assert run.output == "Read. And more."
+    assert run.output_incomplete
 
 
 async def test_a_stop_pressed_while_the_create_is_in_flight_is_sent_when_the_id_arrives(

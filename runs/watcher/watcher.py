@@ -312,7 +312,9 @@ class Watcher:
         keep = {pk async for pk in still_mine.values_list("pk", flat=True)}
         for pk in others:
             task = self.sessions.get(pk)
-            if pk in keep or task is None:
+            # Once: a session letting go saves what it showed (Session.consume), and a
+            # second cancel would cut that short.
+            if pk in keep or task is None or task.cancelling():
                 continue
             logger.info("watcher %s stops following run %s (ended or taken)", self.identity, pk)
             task.cancel()
@@ -652,12 +654,14 @@ class Session:
         try:
             await self._consume(events)
         finally:
-            await self.flush()
-            # Saves skip a run that ended without this session (a stop answer, a webhook):
-            # what it showed the pages since its last save is kept here.
-            await dbthreads.call(
-                self.run.pk, self.run.keep_text_after_end, self.text, self.incomplete
-            )
+            try:
+                await self.flush()
+            finally:
+                # Saves skip a run that ended without this session (a stop answer, a
+                # webhook): what it showed the pages since its last save is kept here.
+                await dbthreads.call(
+                    self.run.pk, self.run.keep_text_after_end, self.text, self.incomplete
+                )
 
     @property
     def run_id(self) -> int:
