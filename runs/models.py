@@ -1433,6 +1433,23 @@ class Run(models.Model):
             # What the answer proved ("completed": nothing left to stop), or None.
             "terminal": result.terminal,
         }
+        # An answer that ends the run on the text kept so far (not the provider's whole final
+        # text) may miss what the watcher reading the run showed the pages and has not saved
+        # yet (it saves every second). A live reader says so when it lets go of the run
+        # (`keep_text_after_end`); one that died never does, and the text stays marked. A dead
+        # reader cannot be told from a live one here: its lease may be seconds from lapsing.
+        ends_on_kept_text = (
+            result.finished.output is None
+            if result.finished is not None
+            else result.terminal == "stopped"
+        )
+        if (
+            ends_on_kept_text
+            and self.external_id
+            and self.watched_by
+            and not self.output_incomplete
+        ):
+            data["text_unconfirmed_by"] = self.watched_by
         recheck = timezone.now() + dt.timedelta(seconds=settings.RUNBRAKE_STOP_RECHECK_SECONDS)
         self.record_event(
             RunEvent.Kind.STOP_ANSWER,
@@ -1453,9 +1470,7 @@ class Run(models.Model):
             # "unconfirmed" while its end is read.
             **({"stop_deadline": None} if result.terminal in ("completed", "failed") else {}),
         )
-        # The text kept so far, unless the provider gives its whole final text: it may miss
-        # what a watcher that died had shown but not saved (its lease tells).
-        unsure = self.output_incomplete or self._reader_may_have_died()
+        unsure = self.output_incomplete or "text_unconfirmed_by" in data
         if result.finished is not None:
             final = result.finished
             if final.output is not None:
@@ -1746,35 +1761,35 @@ class Run(models.Model):
             usage=usage,
         )
 
-    def _reader_may_have_died(self) -> bool:
-        """A watcher holds the run (its session reads the provider's output and shows it to
-        the pages before saving it) but has missed a renewal of its lease: a live watcher
-        renews at least every third of a lease (its heartbeat), so more than half a lease
-        gone means it stalled or died. If it died, the text it had shown and not saved is
-        gone; if it lives, its session saves that text when it lets the run go
-        (`keep_text_after_end`). (A watcher that died less than half a lease before the run
-        ended is not caught here.)"""
-        if not self.external_id or not self.watched_by or self.watch_lease_until is None:
-            return False
-        half = dt.timedelta(seconds=settings.RUNBRAKE_WATCHER_LEASE_SECONDS / 2)
-        return self.watch_lease_until < timezone.now() + half
-
-    def keep_text_after_end(self, text: str, incomplete: bool) -> None:
-        """The run ended without the session that reads it (a stop answer, a webhook): the
-        session's text, which the pages were shown as it came, is kept when it carries on
-        from the saved text (saves skip ended runs). A mark of incomplete text stays: this
-        session cannot vouch for what it never read. A completed run keeps the provider's
-        own final text."""
+    def keep_text_after_end(self, text: str, incomplete: bool, *, reader: str) -> None:
+        """The run ended without the session that reads it for watcher `reader` (a stop
+        answer, a webhook): what the session showed the pages is kept when it carries on
+        from the saved text (saves skip ended runs). When the stop answer left the text
+        unconfirmed until this reader let go, the reader vouches for it now, unless the
+        session itself lost some. Any other mark of incomplete text stays: a session vouches
+        only for what it read. A completed run keeps the provider's own final text."""
         self.refresh_from_db()
-        ended = (Status.STOPPED, Status.FAILED)
-        if self.status not in ended or text == self.output or not text.startswith(self.output):
+        unconfirmed_by = (self.stop_answer or {}).get("text_unconfirmed_by")
+        # A completion counts only when it, too, ended on the kept text (a stop answer).
+        ended = (Status.STOPPED, Status.FAILED, *((Status.COMPLETED,) if unconfirmed_by else ()))
+        if self.status not in ended:
+            return
+        if text.startswith(self.output):
+            kept = text
+        elif self.output.startswith(text):
+            kept = self.output  # everything it showed is saved (more came another way)
+        else:
+            return  # the provider's own text replaced what streamed
+        vouched = bool(reader) and not incomplete and unconfirmed_by == reader
+        still_incomplete = self.output_incomplete and not vouched
+        if kept == self.output and still_incomplete == self.output_incomplete:
             return
         with transaction.atomic():
-            # Only over the text just read: another session letting go of the same run
+            # Only over the row just read: another session letting go of the same run
             # (after a takeover) never loses its longer text to this one.
             if Run.objects.filter(pk=self.pk, status__in=ended, version=self.version).update(
-                output=text,
-                output_incomplete=self.output_incomplete or incomplete,
+                output=kept,
+                output_incomplete=still_incomplete,
                 updated_at=timezone.now(),
                 version=F("version") + 1,
             ):

@@ -388,7 +388,11 @@ class Watcher:
                     return
                 events = provider.run(run.prompt, run.options)
             session = Session(
-                run, provider, writer=self._output_writer(), on_started=lambda: self._started(pk)
+                run,
+                provider,
+                writer=self._output_writer(),
+                on_started=lambda: self._started(pk),
+                reader=self.identity,
             )
             self.live_sessions[pk] = session
             if provider.disconnect_aborts:
@@ -626,8 +630,11 @@ class Session:
         *,
         writer: OutputWriter,
         on_started: Any = None,
+        reader: str = "",
     ) -> None:
         self.run = run
+        # The watcher this session reads for (who vouches for its text: keep_text_after_end).
+        self.reader = reader
         self.provider = provider
         self.on_started = on_started
         self.writer = writer
@@ -660,7 +667,11 @@ class Session:
                 # Saves skip a run that ended without this session (a stop answer, a
                 # webhook): what it showed the pages since its last save is kept here.
                 await dbthreads.call(
-                    self.run.pk, self.run.keep_text_after_end, self.text, self.incomplete
+                    self.run.pk,
+                    self.run.keep_text_after_end,
+                    self.text,
+                    self.incomplete,
+                    reader=self.reader,
                 )
 
     @property
