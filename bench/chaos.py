@@ -626,6 +626,7 @@ class Workload:
                 headers={"Authorization": f"Bearer {token}"},
             )
             entry["http_status"] = r.status_code
+            entry["answered_t"] = time.time()
             with contextlib.suppress(ValueError):
                 entry["outcome"] = r.json().get("status") or r.json().get("error", {}).get("code")
         except httpx.HTTPError as exc:

@@ -149,7 +149,10 @@ def _stops_reached_provider(
             continue
         trail = events.get(stop["run"], [])
         saved = any(e["kind"] == "stop_requested" for e in trail)
-        over_before = any(e["to"] in TERMINAL and e["t"] <= stop["t"] for e in trail)
+        # Over before the API answered ("already stopped"): a request held up on its way
+        # (a paused web process) may find the provider ended the run meanwhile.
+        answered = stop.get("answered_t", stop["t"])
+        over_before = any(e["to"] in TERMINAL and e["t"] <= answered for e in trail)
         if not (saved or over_before):
             found.append(
                 Violation(

@@ -150,6 +150,24 @@ def test_it_reports_an_acknowledged_stop_whose_intent_was_never_saved() -> None:
     assert broken(history) == {2}
 
 
+def test_a_stop_answered_after_the_provider_had_stopped_the_run_needs_no_intent() -> None:
+    """The 30-minute soak's run 925: the stop was sent, the provider ended the run on its own
+    (its stream aborted) while the request waited on a paused web process, and the API then
+    answered "already stopped". Sent before the end, answered after it: nothing to save."""
+    history = clean()
+    history["events"] = [e for e in history["events"] if e["kind"] in ("created", "running")] + [
+        event(104.0, "stopped", "running", "stopped", proof="status_read")
+    ]
+    history["provider_requests"] = history["provider_requests"][:1]
+    history["stops"] = [
+        {"run": RUN, "t": 103.0, "answered_t": 105.0, "via": "api", "http_status": 200}
+    ]
+    history["stops"][0]["outcome"] = "stopped"
+    assert check(history) == []
+    del history["stops"][0]["answered_t"]  # an older history: judged by the send time
+    assert broken(history) == {2}
+
+
 def test_it_reports_a_requested_stop_that_never_reached_the_provider() -> None:
     history = clean()
     history["provider_requests"] = history["provider_requests"][:1]
