@@ -163,6 +163,13 @@ def _stops_reached_provider(
                 )
             )
     created = _created(requests)
+    # Launches whose start call reached a provider at all (answered or not).
+    reached = {
+        marker
+        for r in requests
+        if r["method"] == "POST" and CREATE_PATH.search(r["path"])
+        for marker in MARKER.findall(r.get("body", ""))
+    }
     for run_id, trail in events.items():
         run = runs.get(run_id)
         # A person's stop (a button, the API, an admin), not Runbrake's own timeout or stall.
@@ -184,7 +191,14 @@ def _stops_reached_provider(
                     "stopped as refused at the start, but the provider created it",
                 )
             )
-        never_sent = run.get("proof") == "never_sent" or refused or not run.get("refs")
+        # Nothing to stop where no start call ever arrived (an id of Runbrake's own, the
+        # provider down for every try).
+        never_sent = (
+            run.get("proof") == "never_sent"
+            or refused
+            or not run.get("refs")
+            or run.get("marker") not in reached
+        )
         finished_first = ended is not None and ended["to"] in FINISHED
         # Still owed: every call so far failed to reach a provider that was down, and Runbrake
         # keeps sending it (Stop unconfirmed says so on the page).

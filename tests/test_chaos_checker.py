@@ -168,6 +168,15 @@ def test_a_stop_answered_after_the_provider_had_stopped_the_run_needs_no_intent(
     assert broken(history) == {2}
 
 
+def test_a_run_whose_start_never_reached_the_provider_needs_no_stop_call() -> None:
+    """The 30-minute soak's runs 303, 783, 1586 (IntelligenceBox: the chat id is Runbrake's
+    own): the box was down for every start call, so there was nothing to stop there."""
+    history = clean()
+    history["runs"][0].update(proof="status_read")
+    history["provider_requests"] = []
+    assert check(history) == []
+
+
 def test_it_reports_a_requested_stop_that_never_reached_the_provider() -> None:
     history = clean()
     history["provider_requests"] = history["provider_requests"][:1]
@@ -316,6 +325,10 @@ def test_an_id_several_runs_share_does_not_lend_one_runs_stop_call_to_another() 
     history["events"].append({**event(101.0, "stop_requested", "pending", "stopping"), "run": 8})
     history["events"].append({**event(102.0, "stopped", "stopping", "stopped"), "run": 8})
     history["provider_requests"][1]["path"] = "/sim/fay/api/v1/chaos-agent/req-7/stop"
+    # Run 8 reached the provider too (its create), so its stop owes a call of its own.
+    history["provider_requests"].append(
+        dict(history["provider_requests"][0], t=100.3, body='{"prompt": "Soak run chaos-L2."}')
+    )
     history["viewers"][1]["seen"]["8"] = ["stopped", -1, 102.5]
     found = check(history)
     assert [(v.invariant, v.run) for v in found] == [(2, 8)]
