@@ -162,14 +162,8 @@ def _stops_reached_provider(
                     f"({stop.get('outcome')}) but no stop intent was ever saved",
                 )
             )
-    created = _created(requests)
-    # Launches whose start call reached a provider at all (answered or not).
-    reached = {
-        marker
-        for r in requests
-        if r["method"] == "POST" and CREATE_PATH.search(r["path"])
-        for marker in MARKER.findall(r.get("body", ""))
-    }
+    created = _creates(requests)
+    reached = _creates(requests, answered_or_not=True)
     for run_id, trail in events.items():
         run = runs.get(run_id)
         # A person's stop (a button, the API, an admin), not Runbrake's own timeout or stall.
@@ -231,14 +225,15 @@ def _stops_reached_provider(
     return found
 
 
-def _created(requests: list[dict[str, Any]]) -> dict[str, int]:
-    """Successful creates at the providers, per launch marker (refusals are not creates)."""
+def _creates(requests: list[dict[str, Any]], *, answered_or_not: bool = False) -> dict[str, int]:
+    """Successful creates at the providers, per launch marker (refusals are not creates); or,
+    `answered_or_not`, every start call that reached a provider at all."""
     created: dict[str, int] = defaultdict(int)
     for r in requests:
         if r["method"] != "POST" or not CREATE_PATH.search(r["path"]):
             continue
         status = r.get("status")
-        if status is None or not 200 <= status < 300:
+        if not answered_or_not and (status is None or not 200 <= status < 300):
             continue
         for marker in set(MARKER.findall(r.get("body", ""))):
             created[marker] += 1
@@ -249,7 +244,7 @@ def _one_create_per_launch(
     runs: dict[int, dict[str, Any]], requests: list[dict[str, Any]], history: dict[str, Any]
 ) -> list[Violation]:
     found = []
-    for marker, n in _created(requests).items():
+    for marker, n in _creates(requests).items():
         if n > 1:
             found.append(Violation(3, None, f"launch {marker} was created {n} times at a provider"))
     per_marker: dict[str, list[int]] = defaultdict(list)

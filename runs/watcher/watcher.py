@@ -664,15 +664,26 @@ class Session:
             try:
                 await self.flush()
             finally:
-                # Saves skip a run that ended without this session (a stop answer, a
-                # webhook): what it showed the pages since its last save is kept here.
-                await dbthreads.call(
-                    self.run.pk,
-                    self.run.keep_text_after_end,
-                    self.text,
-                    self.incomplete,
-                    reader=self.reader,
-                )
+                if self._may_owe_text():
+                    # Saves skip a run that ended without this session (a stop answer, a
+                    # webhook): what it showed the pages since its last save is kept here.
+                    await dbthreads.call(
+                        self.run.pk,
+                        self.run.keep_text_after_end,
+                        self.text,
+                        self.incomplete,
+                        reader=self.reader,
+                    )
+
+    def _may_owe_text(self) -> bool:
+        """Whether the run may have ended without this session's text, or waits for it to
+        vouch for that text. Not when the session ended the run itself with its own text
+        (the usual end: no read of the run for nothing)."""
+        run = self.run
+        if not run.is_terminal:
+            return True  # it may have ended elsewhere since this copy was read
+        unconfirmed_by = (run.stop_answer or {}).get("text_unconfirmed_by")
+        return run.output != self.text or (bool(self.reader) and unconfirmed_by == self.reader)
 
     @property
     def run_id(self) -> int:
