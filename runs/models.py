@@ -709,6 +709,12 @@ class RunQuerySet(models.QuerySet["Run"]):
                         self._mark_text_unsure(orphans)
             return list(self.active().filter(watched_by=watcher_id).values_list("pk", flat=True))
 
+    def mark_unconfirmed_text(self, now: dt.datetime) -> int:
+        """Runs whose reader never vouched for the text it showed before they ended (it
+        died) have their kept text marked incomplete; how many."""
+        due = self.filter(text_unconfirmed_until__lt=now)
+        return sum(run.mark_text_unconfirmed() for run in due)
+
     def _mark_text_unsure(self, orphans: list[int]) -> None:
         """Runs taken from a watcher that stopped renewing (killed, or stalled past its
         lease). A graceful hand-over (the watcher saved, then let go) leaves no orphan."""
@@ -911,6 +917,11 @@ class Run(models.Model):
     watched_by = models.CharField(max_length=100, blank=True)
     watch_lease_until = models.DateTimeField(null=True, blank=True)
 
+    # The run ended on its kept text (a stop answer) while a watcher read it: until this
+    # time, that watcher may vouch for what it showed the pages (Run.keep_text_after_end);
+    # after it, the text is marked incomplete (RunQuerySet.mark_unconfirmed_text).
+    text_unconfirmed_until = models.DateTimeField(null=True, blank=True)
+
     output = models.TextField(blank=True)
     # The stream was lost and the provider could not give the rest of the text: what is shown
     # is what arrived, and the page says so (until the provider's final text replaces it).
@@ -974,6 +985,12 @@ class Run(models.Model):
             # The list pages newest first by id, and counts by status, within one team.
             models.Index(fields=["team", "-id"], name="run_team_newest"),
             models.Index(fields=["team", "status"], name="run_team_status"),
+            # The sweep of text no reader vouched for reads only the few rows waiting.
+            models.Index(
+                fields=["text_unconfirmed_until"],
+                condition=models.Q(text_unconfirmed_until__isnull=False),
+                name="run_text_unconfirmed",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -1443,6 +1460,7 @@ class Run(models.Model):
             if result.finished is not None
             else result.terminal == "stopped"
         )
+        unconfirmed: dict[str, Any] = {}
         if (
             ends_on_kept_text
             and self.external_id
@@ -1450,12 +1468,16 @@ class Run(models.Model):
             and not self.output_incomplete
         ):
             data["text_unconfirmed_by"] = self.watched_by
+            # A live reader lets go within a tick of the end; twice its lease is ample.
+            wait = dt.timedelta(seconds=2 * settings.RUNBRAKE_WATCHER_LEASE_SECONDS)
+            unconfirmed = {"text_unconfirmed_until": timezone.now() + wait}
         recheck = timezone.now() + dt.timedelta(seconds=settings.RUNBRAKE_STOP_RECHECK_SECONDS)
         self.record_event(
             RunEvent.Kind.STOP_ANSWER,
             result.message,
             data=data,
             stop_answer=data,
+            **unconfirmed,
             stop_error="",
             **self._quota_cleared("stop"),
             # An answer that proves the outcome ends the calls; an acceptance that proves
@@ -1470,18 +1492,19 @@ class Run(models.Model):
             # "unconfirmed" while its end is read.
             **({"stop_deadline": None} if result.terminal in ("completed", "failed") else {}),
         )
-        unsure = self.output_incomplete or "text_unconfirmed_by" in data
         if result.finished is not None:
             final = result.finished
             if final.output is not None:
                 self.settle(final, output=final.output, label=provider_label)
             else:
                 self.settle(
-                    final, output=self.output, label=provider_label, output_incomplete=unsure
+                    final,
+                    output=self.output,
+                    label=provider_label,
+                    output_incomplete=self.output_incomplete,
                 )
             return
         if result.terminal == "stopped":
-            self.keep_text(self.output, unsure)
             by_status = result.via == "status"
             self.mark_stopped(
                 confirmation=f"{provider_label}'s status after the stop call"
@@ -1764,9 +1787,9 @@ class Run(models.Model):
     def keep_text_after_end(self, text: str, incomplete: bool, *, reader: str) -> None:
         """The run ended without the session that reads it for watcher `reader` (a stop
         answer, a webhook): what the session showed the pages is kept when it carries on
-        from the saved text (saves skip ended runs). When the stop answer left the text
-        unconfirmed until this reader let go, the reader vouches for it now, unless the
-        session itself lost some. Any other mark of incomplete text stays: a session vouches
+        from the saved text (saves skip ended runs), and marked incomplete if the session
+        lost some. When the stop answer left the text unconfirmed until this reader let go,
+        it vouches for it now. No mark of incomplete text is ever cleared: a session vouches
         only for what it read. A completed run keeps the provider's own final text."""
         self.refresh_from_db()
         unconfirmed_by = (self.stop_answer or {}).get("text_unconfirmed_by")
@@ -1780,21 +1803,42 @@ class Run(models.Model):
             kept = self.output  # everything it showed is saved (more came another way)
         else:
             return  # the provider's own text replaced what streamed
-        vouched = bool(reader) and not incomplete and unconfirmed_by == reader
-        still_incomplete = self.output_incomplete and not vouched
-        if kept == self.output and still_incomplete == self.output_incomplete:
+        fields: dict[str, Any] = {}
+        if kept != self.output:
+            fields["output"] = kept
+        if incomplete and not self.output_incomplete:
+            fields["output_incomplete"] = True
+        if reader and unconfirmed_by == reader and self.text_unconfirmed_until is not None:
+            fields["text_unconfirmed_until"] = None
+        if not fields:
             return
         with transaction.atomic():
             # Only over the row just read: another session letting go of the same run
             # (after a takeover) never loses its longer text to this one.
             if Run.objects.filter(pk=self.pk, status__in=ended, version=self.version).update(
-                output=kept,
-                output_incomplete=still_incomplete,
-                updated_at=timezone.now(),
-                version=F("version") + 1,
+                updated_at=timezone.now(), version=F("version") + 1, **fields
             ):
                 announce_after_commit(self.pk)
         self.refresh_from_db()
+
+    def mark_text_unconfirmed(self) -> bool:
+        """The watcher that read this run never vouched for the text it showed before the
+        run ended (it died): what it had not saved is gone, so the kept text is marked
+        incomplete, once."""
+        with transaction.atomic():
+            if not Run.objects.filter(pk=self.pk, text_unconfirmed_until__isnull=False).update(
+                text_unconfirmed_until=None
+            ):
+                return False
+            self.record_event(
+                RunEvent.Kind.STREAM_LOST,
+                "The watcher reading this run stopped before it confirmed the text it had "
+                "shown; text shown but not saved may be missing, so the kept text is marked "
+                "incomplete.",
+                statuses=TERMINAL,
+                output_incomplete=True,
+            )
+        return True
 
     def keep_text(self, output: str, incomplete: bool) -> None:
         """Keep the text so far before a stopped or failed transition (which writes none)."""

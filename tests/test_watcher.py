@@ -233,24 +233,66 @@ def _held_run_with_saved_text(launch: Any, holder: str) -> Run:
 
 def test_a_stop_answer_ending_a_run_a_watcher_reads_leaves_its_text_to_that_watcher(launch, bob):
     """The soak's runs 24 and 928: the watcher reading the run was killed (run 928: a second
-    before the stop answer, its lease as fresh as a live one's). Nobody can tell a dead reader
-    from a live one yet, so the stop answer marks the kept text unsure until the reader lets go
-    of the run and says what it showed; a reader that never does (it died) leaves the mark."""
+    before the stop answer, its lease as fresh as a live one's). A dead reader cannot be told
+    from a live one at once, so the stop answer leaves the kept text unconfirmed: the reader
+    vouches for it when it lets go of the run. Pages do not say "incomplete" meanwhile (a
+    live reader vouches within a tick: every Cancel would flash it)."""
     run = _held_run_with_saved_text(launch, "watcher-a")
     run.request_stop(actor=bob, channel=Channel.BUTTON)
     run.record_stop_answer(FAY_STOPPED, provider_label="Fay")
     run.refresh_from_db()
     assert run.status == Status.STOPPED
-    assert run.output_incomplete
+    assert not run.output_incomplete
+    assert run.text_unconfirmed_until is not None
     # Another watcher's session cannot vouch for what watcher-a showed.
     run.keep_text_after_end("Saved. ", False, reader="watcher-b")
     run.refresh_from_db()
-    assert run.output_incomplete
+    assert run.text_unconfirmed_until is not None
     # watcher-a lets go: all it showed is saved (or it saves the rest now).
     run.keep_text_after_end("Saved. And the rest.", False, reader="watcher-a")
     run.refresh_from_db()
     assert run.output == "Saved. And the rest."
     assert not run.output_incomplete
+    assert run.text_unconfirmed_until is None
+    # Nothing left for the sweep of unconfirmed text.
+    assert Run.objects.mark_unconfirmed_text(timezone.now() + dt.timedelta(hours=1)) == 0
+
+
+def test_text_whose_reader_never_vouched_for_it_is_marked_incomplete(launch, bob):
+    """A reader that died never lets go: once its time is up, a watcher's tick marks the
+    kept text incomplete, with a timeline entry saying why, once."""
+    run = _held_run_with_saved_text(launch, "watcher-a")
+    run.request_stop(actor=bob, channel=Channel.BUTTON)
+    run.record_stop_answer(FAY_STOPPED, provider_label="Fay")
+    run.refresh_from_db()
+    assert Run.objects.mark_unconfirmed_text(timezone.now()) == 0  # still its reader's time
+    assert run.text_unconfirmed_until is not None
+    later = run.text_unconfirmed_until + dt.timedelta(seconds=1)
+    assert Run.objects.mark_unconfirmed_text(later) == 1
+    assert Run.objects.mark_unconfirmed_text(later) == 0  # once
+    run.refresh_from_db()
+    assert run.output_incomplete
+    assert run.status == Status.STOPPED
+    assert run.events.filter(kind=RunEvent.Kind.STREAM_LOST).count() == 1
+    # A reader coming back too late adds its text but cannot clear the mark.
+    run.keep_text_after_end("Saved. Late.", False, reader="watcher-a")
+    run.refresh_from_db()
+    assert run.output == "Saved. Late."
+    assert run.output_incomplete
+
+
+async def test_any_watchers_tick_marks_text_whose_reader_is_gone(launch, bob, sim):
+    run = await sync_to_async(_held_run_with_saved_text)(launch, "watcher-that-died")
+    await sync_to_async(run.request_stop)(actor=bob, channel=Channel.BUTTON)
+    await sync_to_async(run.record_stop_answer)(FAY_STOPPED, provider_label="Fay")
+    await Run.objects.filter(pk=run.pk).aupdate(text_unconfirmed_until=timezone.now())
+    watcher = Watcher()
+    try:
+        await watcher.tick()
+    finally:
+        await watcher.shutdown()
+    await run.arefresh_from_db()
+    assert run.output_incomplete
 
 
 def test_a_reader_that_showed_less_than_was_saved_still_vouches_for_the_text(launch, bob):
@@ -263,6 +305,7 @@ def test_a_reader_that_showed_less_than_was_saved_still_vouches_for_the_text(lau
     run.refresh_from_db()
     assert run.output == "Saved. "
     assert not run.output_incomplete
+    assert run.text_unconfirmed_until is None
 
 
 def test_a_session_letting_go_of_an_ended_run_never_clears_its_incomplete_mark(launch, bob):

@@ -279,6 +279,9 @@ class Watcher:
         async for run in mine.stop_overdue(now):
             await dbthreads.call(run.pk, run.mark_stop_unconfirmed)
 
+        # Text whose reader never vouched for it (it died): any watcher marks it, once.
+        await sync_to_async(Run.objects.mark_unconfirmed_text)(now)
+
         async for run in mine.past_timeout(now):
             self._spawn(
                 run.astop(
