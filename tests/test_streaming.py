@@ -225,6 +225,27 @@ async def test_a_stopped_chat_the_box_never_heard_of_is_stopped_on_its_status(ac
     assert "not knowing the run" in run.stop_confirmation
 
 
+async def test_the_tick_that_cuts_a_refused_starts_wait_short_also_ends_the_run(account, bob, sim):
+    """Not one tick later: the page that pressed Cancel waits for no second tick (the demo
+    showed Stopped 1.6 s after Cancel, a tick and a half)."""
+    run = await launch_on("xpander", account, bob, "busy sim:fail=rate_limit sim:retry_after=60")
+    watcher = Watcher(tick=60)  # no tick but the ones this test runs
+    try:
+        await watcher.tick()
+        deadline = time.monotonic() + 15
+        while not await run.events.filter(kind="backoff").aexists():
+            assert time.monotonic() < deadline, "the start call was never refused"
+            await asyncio.sleep(0.02)
+        await run.astop(actor=bob, channel=Channel.BUTTON)
+        await watcher.tick()
+        await asyncio.wait_for(watcher.drain(), 15)
+        await run.arefresh_from_db()
+        assert run.status == Status.STOPPED
+        assert run.proof == "start_refused"
+    finally:
+        await watcher.shutdown()
+
+
 @pytest.mark.parametrize("kind", PROVIDERS)
 async def test_a_dropped_stream_is_reconciled_and_the_run_completes(kind, account, bob, sim):
     run = await launch_on(kind, account, bob, "flaky sim:duration=1.5 sim:drop_stream")

@@ -331,18 +331,26 @@ class Watcher:
         if not waiting:
             return
         stopped = Run.objects.filter(pk__in=waiting, status__in=STOP_IN_PROGRESS)
+        cut = []
         async for pk in stopped.values_list("pk", flat=True):
             session, task = self.live_sessions.get(pk), self.sessions.get(pk)
             if session is not None and session.start_backing_off and task is not None:
                 session.start_backing_off = False
                 task.cancel()
+                cut.append((pk, task))
+        for pk, task in cut:
+            await asyncio.gather(task, return_exceptions=True)
+            self._start_session(pk)  # now, not a tick later: the page waits for it
 
     def _start_session(self, pk: int) -> None:
         if self._stopping:
             return
         task = asyncio.create_task(self.watch(pk), name=f"run-{pk}")
         self.sessions[pk] = task
-        task.add_done_callback(lambda _t: self.sessions.pop(pk, None))
+        # Only its own entry: a session started anew for the run may already be there.
+        task.add_done_callback(
+            lambda done: self.sessions.pop(pk) if self.sessions.get(pk) is done else None
+        )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
