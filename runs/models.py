@@ -61,11 +61,19 @@ logger = logging.getLogger(__name__)
 # What changed, said once the transaction has committed. The model says it; whoever shows runs
 # listens (runs/realtime/signals.py pushes to open pages and wakes the watchers), so the state
 # machine depends on nobody that displays it.
-run_changed = Signal()  # run_id: int, created: bool
+run_changed = Signal()  # run_id: int, created: bool, wake_watchers: bool
 
 
-def announce_after_commit(run_id: int, *, created: bool = False) -> None:
-    transaction.on_commit(lambda: run_changed.send(sender=Run, run_id=run_id, created=created))
+def announce_after_commit(
+    run_id: int, *, created: bool = False, wake_watchers: bool = False
+) -> None:
+    """After commit, tell who shows the run; `wake_watchers` when only a watcher can act on
+    the change now (a launch, a stop of a run the provider has not named)."""
+    transaction.on_commit(
+        lambda: run_changed.send(
+            sender=Run, run_id=run_id, created=created, wake_watchers=created or wake_watchers
+        )
+    )
 
 
 class TeamQuerySet(models.QuerySet["Team"]):
@@ -1147,6 +1155,7 @@ class Run(models.Model):
         actor: Any = None,
         channel: str = Channel.SYSTEM,
         data: dict[str, Any] | None = None,
+        wake_watchers: bool = False,
         **fields: Any,
     ) -> bool:
         with transaction.atomic():
@@ -1178,7 +1187,7 @@ class Run(models.Model):
                     message=message,
                     data=data or {},
                 )
-                announce_after_commit(self.pk)
+                announce_after_commit(self.pk, wake_watchers=wake_watchers)
         self.refresh_from_db()
         return won
 
@@ -1390,6 +1399,8 @@ class Run(models.Model):
             stop_channel=channel,
             stop_reason=reason,
             stop_deadline=now + dt.timedelta(seconds=settings.RUNBRAKE_STOP_GRACE_SECONDS),
+            # Unnamed, the run has nothing for the requester to call: a watcher ends it.
+            wake_watchers=not self.external_id,
             **first_call,
         )
         if not won and self.status in FINISHED:

@@ -246,6 +246,29 @@ async def test_the_tick_that_cuts_a_refused_starts_wait_short_also_ends_the_run(
         await watcher.shutdown()
 
 
+async def test_a_stop_of_a_run_the_provider_has_not_named_wakes_the_watcher(account, bob, sim):
+    """Only a watcher can end a run that has no provider id yet (nothing for the requester
+    to call): the stop wakes it, as a launch does, instead of waiting for its next tick
+    (the demo showed Stopped a second after Cancel)."""
+    run = await launch_on("xpander", account, bob, "busy sim:fail=rate_limit sim:retry_after=60")
+    watcher = Watcher(tick=60)  # its first tick now, the next a minute away
+    looping = asyncio.create_task(watcher.run_forever())
+    try:
+        deadline = time.monotonic() + 15
+        while not await run.events.filter(kind="backoff").aexists():
+            assert time.monotonic() < deadline, "the start call was never refused"
+            await asyncio.sleep(0.02)
+        await sync_to_async(run.request_stop)(actor=bob, channel=Channel.BUTTON)
+        deadline = time.monotonic() + 15
+        while (await Run.objects.aget(pk=run.pk)).status != Status.STOPPED:
+            assert time.monotonic() < deadline, "the stop waited for the watcher's next tick"
+            await asyncio.sleep(0.05)
+    finally:
+        await watcher.shutdown()
+        looping.cancel()
+        await asyncio.gather(looping, return_exceptions=True)
+
+
 @pytest.mark.parametrize("kind", PROVIDERS)
 async def test_a_dropped_stream_is_reconciled_and_the_run_completes(kind, account, bob, sim):
     run = await launch_on(kind, account, bob, "flaky sim:duration=1.5 sim:drop_stream")

@@ -478,8 +478,9 @@ def unserve_watcher(handler: Callable[[dict[str, Any]], None]) -> None:
 
 
 def nudge_watchers() -> None:
-    """A run was launched (sync code, after commit): the watchers start it now rather than at
-    their next tick. Lost on the way, it costs one tick."""
+    """A run was launched, or one the provider has not named was stopped (sync code, after
+    commit): the watchers act on it now rather than at their next tick. Lost on the way, it
+    costs one tick."""
     _to_watchers({"type": NUDGE}, from_sync=True)
 
 

@@ -18,9 +18,11 @@ from runs.realtime import live
 
 
 @receiver(run_changed, sender=Run)
-def _run_changed(sender: Any, run_id: int, created: bool, **kwargs: Any) -> None:
+def _run_changed(
+    sender: Any, run_id: int, created: bool, wake_watchers: bool = False, **kwargs: Any
+) -> None:
     live.push_run(run_id, created=created)
-    if created:
+    if wake_watchers:
         live.nudge_watchers()
 
 
