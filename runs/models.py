@@ -1570,30 +1570,44 @@ class Run(models.Model):
             **fields,
         )
 
-    def record_quota_wait(self, endpoint: str, seconds: float, reason: str) -> None:
+    def record_quota_wait(
+        self, endpoint: str, seconds: float, reason: str, *, refused_by_provider: bool = False
+    ) -> None:
         """A call this run needs (a status or output read) waits for the account's quota; one
-        event per waiting episode, the time shown on the run kept current."""
+        event per waiting episode, the time shown on the run kept current. The first call the
+        provider itself refused gets an event of its own, even mid-episode: the timeline is the
+        record that a call went out (and proves, being refused, that nothing started)."""
         now = timezone.now()
         fields = {
             "quota_endpoint": endpoint,
             "quota_until": now + dt.timedelta(seconds=seconds),
             "quota_reason": reason[:300],
         }
-        if self.quota_endpoint == endpoint:
+        if self.quota_endpoint == endpoint and not (
+            refused_by_provider and not self._provider_refused_over_quota()
+        ):
             self._update_quiet(statuses=ACTIVE, **fields)
             return
-        self.record_event(
-            RunEvent.Kind.QUOTA_WAIT,
-            reason,
-            data={"endpoint": endpoint, "wait_seconds": round(seconds, 1)},
-            statuses=ACTIVE,
-            **fields,
-        )
+        data: dict[str, Any] = {"endpoint": endpoint, "wait_seconds": round(seconds, 1)}
+        if refused_by_provider:
+            data["refused_by_provider"] = True
+        self.record_event(RunEvent.Kind.QUOTA_WAIT, reason, data=data, statuses=ACTIVE, **fields)
+
+    def _provider_refused_over_quota(self) -> bool:
+        return self.events.filter(
+            kind=RunEvent.Kind.QUOTA_WAIT, data__refused_by_provider=True
+        ).exists()
 
     def queue_for_quota(self, exc: QuotaExhausted) -> None:
-        """The launch waits for the create quota: the start call was never sent, so the claim
-        on it is released (a restarted watcher sends it, once) and the run shows Queued."""
-        self.record_quota_wait("create", exc.retry_after or 0.0, exc.message)
+        """The launch waits for the create quota: the start call was never sent, or the
+        provider refused it as over quota, so nothing started and the claim on it is released
+        (a restarted watcher sends it, once) and the run shows Queued."""
+        self.record_quota_wait(
+            "create",
+            exc.retry_after or 0.0,
+            exc.message,
+            refused_by_provider=exc.refused_by_provider,
+        )
         self.release_start()
 
     def clear_quota_wait(self, *endpoints: str) -> None:
@@ -1651,9 +1665,13 @@ class Run(models.Model):
         call was never sent, or (`refused`) every one sent was refused in a way that proves
         nothing started (a 429, a 5xx, a refused connection) and none went out after the stop.
         Unsaid, the timeline tells: before the provider names a run, the only waits to try
-        again follow a refused start call."""
+        again follow a refused start call, and a launch queued for the quota says whether the
+        provider refused one."""
         if refused is None:
-            refused = self.events.filter(kind=RunEvent.Kind.BACKOFF).exists()
+            refused = (
+                self.events.filter(kind=RunEvent.Kind.BACKOFF).exists()
+                or self._provider_refused_over_quota()
+            )
         if refused:
             return self.mark_stopped(
                 confirmation="the provider refusing the start call (nothing started there), "

@@ -482,3 +482,32 @@ async def _until_at_fay(sim: Any, request_id: str) -> None:
             return
         await _yield(0.1)
     raise AssertionError("the research never completed at the simulator")
+
+
+async def test_a_launch_fay_refused_as_over_quota_then_stopped_says_fay_refused_it(acme, sim, bob):
+    """Runbrake's count said there was room (the key is used elsewhere too); Fay answered the
+    create 429. The run is Stopped on Fay's refusal, not as "never sent": a call went out."""
+    key = f"sim-free-{uuid.uuid4().hex[:8]}"
+    account = await sync_to_async(fay_account)(acme, sim, QuotaTier.UNLIMITED, key)
+    provider = account.provider()
+    for _ in range(10):  # someone else spends the key's hourly creates
+        events = provider.run(f"{uuid.uuid4()} sim:pending=0 sim:duration=1", {})
+        event_of(Started, await anext(events))
+        await events.aclose()
+    run = await sync_to_async(launch)(account, bob, f"{uuid.uuid4()} sim:pending=0 sim:duration=60")
+    watcher = Watcher(tick=0.05)
+    watcher._start_session(run.pk)
+    await _until(run, lambda r: r.is_queued)
+    creates = creates_for(sim, key[-4:])
+    assert len(creates) == 11
+    assert creates[-1]["body"]["prompt"] == run.prompt  # Fay answered it 429
+
+    outcome = await run.astop(actor=bob, channel=Channel.BUTTON)
+    assert outcome.requested
+    await _until(run, lambda r: r.status == Status.STOPPED)
+    assert run.proof == "start_refused"
+    assert "refusing the start call" in run.stop_confirmation
+    assert len(creates_for(sim, key[-4:])) == 11  # nothing sent after the stop
+    for task in list(watcher.sessions.values()):
+        task.cancel()
+    await watcher.drain()

@@ -270,7 +270,7 @@ class Provider:
         """The provider answered a call with its own quota refusal (a 429): every process
         learns of it through the budget, and the caller waits as a QuotaExhausted says."""
         refusal = await self.budget.refused(endpoint, exc.retry_after)
-        return QuotaExhausted(endpoint, refusal.seconds, refusal.reason)
+        return QuotaExhausted(endpoint, refusal.seconds, refusal.reason, refused_by_provider=True)
 
     @property
     def client(self) -> httpx.AsyncClient:

@@ -30,9 +30,14 @@ class ProviderError(Exception):
 
 
 class QuotaExhausted(ProviderError):
-    """The account's budget for this kind of call is spent: nothing was sent. `retry_after`
-    says when the next call of this kind may go out; `message` says which quota, in words."""
+    """The account's budget for this kind of call is spent. `retry_after` says when the next
+    call of this kind may go out; `message` says which quota, in words. Nothing was sent,
+    unless `refused_by_provider`: the call went out and the provider refused it as over its
+    quota (which proves it did nothing)."""
 
-    def __init__(self, endpoint: str, retry_after: float, message: str) -> None:
+    def __init__(
+        self, endpoint: str, retry_after: float, message: str, *, refused_by_provider: bool = False
+    ) -> None:
         super().__init__("QUOTA_EXHAUSTED", message, retryable=True, retry_after=retry_after)
         self.endpoint = endpoint
+        self.refused_by_provider = refused_by_provider
