@@ -211,6 +211,32 @@ async def test_a_stop_cuts_short_a_long_wait_to_resend_a_refused_start(account, 
     assert start_calls(sim, "xpander", run) == refused
 
 
+async def test_a_watcher_shutting_down_hands_back_a_launch_waiting_to_resend_its_start(
+    account, bob, sim, settings
+):
+    """A deploy's graceful shutdown waits for start calls that are out, so no provider id is
+    lost; a launch waiting out the provider's refusal has none out. It is handed back at once,
+    unsent, for the next watcher to start, instead of holding the shutdown for the provider's
+    minute and then being cut off in the middle of its resend."""
+    settings.RUNBRAKE_PROVIDER_TIMEOUT = 120.0  # what the shutdown would wait for a call out
+    run = await launch_on("xpander", account, bob, "busy sim:fail=rate_limit sim:retry_after=60")
+    watcher = Watcher(tick=60)
+    await watcher.tick()
+    deadline = time.monotonic() + 15
+    while not await run.events.filter(kind="backoff").aexists():
+        assert time.monotonic() < deadline, "the start call was never refused"
+        await asyncio.sleep(0.02)
+    refused = start_calls(sim, "xpander", run)
+
+    await asyncio.wait_for(watcher.shutdown(), 20)  # not the provider's 60 s, nor 120 s
+
+    await run.arefresh_from_db()
+    assert run.status == Status.PENDING
+    assert run.start_attempted_at is None  # no start call out: the next holder may send it
+    assert not run.watched_by
+    assert start_calls(sim, "xpander", run) == refused
+
+
 async def test_a_stopped_chat_the_box_never_heard_of_is_stopped_on_its_status(account, bob, sim):
     """IntelligenceBox's chat id is Runbrake's own, saved before the start call: a watcher
     that died while the box refused that call leaves an id the box never knew. Stopped, the

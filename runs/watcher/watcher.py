@@ -403,6 +403,7 @@ class Watcher:
                 provider,
                 writer=self._output_writer(),
                 on_started=lambda: self._started(pk),
+                may_start_again=lambda: self._may_start_again(pk),
                 reader=self.identity,
             )
             self.live_sessions[pk] = session
@@ -476,6 +477,15 @@ class Watcher:
         done = self.starting.pop(pk, None)
         if done is not None:
             done.set()
+
+    def _may_start_again(self, pk: int) -> bool:
+        """A session is about to resend a refused start call. Not while shutting down: the run
+        is handed back unsent (a call cut off mid-flight could lose the provider's id). Else
+        the call is out again, and a shutdown waits for its answer as for the first."""
+        if self._stopping:
+            return False
+        self.starting[pk] = asyncio.Event()
+        return True
 
     async def _provider_failed(self, run: Run, exc: ProviderError) -> None:
         await dbthreads.call(run.pk, run.refresh_from_db)
@@ -641,6 +651,7 @@ class Session:
         *,
         writer: OutputWriter,
         on_started: Any = None,
+        may_start_again: Any = None,
         reader: str = "",
     ) -> None:
         self.run = run
@@ -648,6 +659,7 @@ class Session:
         self.reader = reader
         self.provider = provider
         self.on_started = on_started
+        self.may_start_again = may_start_again
         self.writer = writer
         self.text = run.output
         # Set when the stream was lost and the provider cannot give the text since: what is
@@ -829,6 +841,8 @@ class Session:
             announce=announce,
         )
         self.start_backing_off = True
+        if self.on_started is not None:
+            self.on_started()  # no start call is out: a shutdown need not wait for one
         return None
 
     async def _start_again(self) -> str | None:
@@ -837,6 +851,8 @@ class Session:
         and not if the run was stopped meanwhile."""
         run = self.run
         self.start_backing_off = False
+        if self.may_start_again is not None and not self.may_start_again():
+            return LET_GO  # the watcher is shutting down: the next holder sends it
         if run.external_id:
             # An id of our own (IntelligenceBox): there is no start claim to take.
             await dbthreads.call(run.pk, run.refresh_from_db)
