@@ -169,10 +169,7 @@ async def test_a_stop_while_a_refused_start_call_waits_to_be_sent_again_sends_it
     run = await launch_on(kind, account, bob, "busy sim:duration=30 sim:fail=rate_limit")
     session = asyncio.create_task(Watcher().watch(run.pk))
     try:
-        deadline = time.monotonic() + 15
-        while not await run.events.filter(kind="backoff").aexists():
-            assert time.monotonic() < deadline, "the start call was never refused"
-            await asyncio.sleep(0.02)
+        await until_refused(run)
         refused = start_calls(sim, kind, run)
         await run.astop(actor=bob, channel=Channel.BUTTON, reason="wrong prompt")
         await asyncio.wait_for(session, 20)
@@ -186,6 +183,14 @@ async def test_a_stop_while_a_refused_start_call_waits_to_be_sent_again_sends_it
     assert start_calls(sim, kind, run) == refused
 
 
+async def until_refused(run: Run) -> None:
+    """Until the provider refused the run's start call (its timeline says so)."""
+    deadline = time.monotonic() + 15
+    while not await run.events.filter(kind="backoff").aexists():
+        assert time.monotonic() < deadline, "the start call was never refused"
+        await asyncio.sleep(0.02)
+
+
 async def test_a_stop_cuts_short_a_long_wait_to_resend_a_refused_start(account, bob, sim):
     """The provider asked for a minute before the start call goes out again; the stop does
     not wait for it (nothing is out at the provider meanwhile)."""
@@ -193,10 +198,7 @@ async def test_a_stop_cuts_short_a_long_wait_to_resend_a_refused_start(account, 
     watcher = Watcher(tick=0.05)
     try:
         await watcher.tick()
-        deadline = time.monotonic() + 15
-        while not await run.events.filter(kind="backoff").aexists():
-            assert time.monotonic() < deadline, "the start call was never refused"
-            await asyncio.sleep(0.02)
+        await until_refused(run)
         refused = start_calls(sim, "xpander", run)
         await run.astop(actor=bob, channel=Channel.BUTTON)
         deadline = time.monotonic() + 15  # a quarter of the wait the provider asked for
@@ -222,10 +224,7 @@ async def test_a_watcher_shutting_down_hands_back_a_launch_waiting_to_resend_its
     run = await launch_on("xpander", account, bob, "busy sim:fail=rate_limit sim:retry_after=60")
     watcher = Watcher(tick=60)
     await watcher.tick()
-    deadline = time.monotonic() + 15
-    while not await run.events.filter(kind="backoff").aexists():
-        assert time.monotonic() < deadline, "the start call was never refused"
-        await asyncio.sleep(0.02)
+    await until_refused(run)
     refused = start_calls(sim, "xpander", run)
 
     await asyncio.wait_for(watcher.shutdown(), 20)  # not the provider's 60 s, nor 120 s
@@ -258,10 +257,7 @@ async def test_the_tick_that_cuts_a_refused_starts_wait_short_also_ends_the_run(
     watcher = Watcher(tick=60)  # no tick but the ones this test runs
     try:
         await watcher.tick()
-        deadline = time.monotonic() + 15
-        while not await run.events.filter(kind="backoff").aexists():
-            assert time.monotonic() < deadline, "the start call was never refused"
-            await asyncio.sleep(0.02)
+        await until_refused(run)
         await run.astop(actor=bob, channel=Channel.BUTTON)
         await watcher.tick()
         await asyncio.wait_for(watcher.drain(), 15)
@@ -280,10 +276,7 @@ async def test_a_stop_of_a_run_the_provider_has_not_named_wakes_the_watcher(acco
     watcher = Watcher(tick=60)  # its first tick now, the next a minute away
     looping = asyncio.create_task(watcher.run_forever())
     try:
-        deadline = time.monotonic() + 15
-        while not await run.events.filter(kind="backoff").aexists():
-            assert time.monotonic() < deadline, "the start call was never refused"
-            await asyncio.sleep(0.02)
+        await until_refused(run)
         await sync_to_async(run.request_stop)(actor=bob, channel=Channel.BUTTON)
         deadline = time.monotonic() + 15
         while (await Run.objects.aget(pk=run.pk)).status != Status.STOPPED:
