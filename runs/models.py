@@ -1540,9 +1540,9 @@ class Run(models.Model):
         )
 
     def record_stop_queued(self, exc: QuotaExhausted, *, sent_before: dt.datetime | None) -> None:
-        """The stop call waits for the account's stop quota: nothing was sent, nothing failed.
-        It goes out the moment the budget allows, and the deadline for the provider to confirm
-        starts then."""
+        """The stop call waits for the account's stop quota: nothing was sent (or the provider
+        refused it as over its quota, which stops nothing), nothing failed. It goes out the
+        moment the budget allows, and the deadline for the provider to confirm starts then."""
         now = timezone.now()
         wait = dt.timedelta(seconds=exc.retry_after or 0.0)
         grace = dt.timedelta(seconds=settings.RUNBRAKE_STOP_GRACE_SECONDS)
@@ -1553,7 +1553,7 @@ class Run(models.Model):
             "quota_reason": exc.message[:300],
             "stop_next_attempt_at": now + wait,
             "stop_deadline": now + wait + grace,
-            # The claimed attempt never went out.
+            # The claimed attempt never went out, or was refused unheard: it does not count.
             "stop_attempts": F("stop_attempts") - 1,
             "stop_sent_at": sent_before,
             "stop_error": "",
@@ -1565,13 +1565,23 @@ class Run(models.Model):
             RunEvent.Kind.STOP_QUEUED,
             f"{exc.message} The stop is queued, not failed: it goes out at "
             f"{timezone.localtime(now + wait):%H:%M:%S %Z}.",
-            data={"endpoint": "stop", "wait_seconds": round(wait.total_seconds(), 1)},
+            data={
+                "endpoint": "stop",
+                "wait_seconds": round(wait.total_seconds(), 1),
+                "refused_by_provider": exc.refused_by_provider,
+            },
             statuses=STOP_IN_PROGRESS,
             **fields,
         )
 
     def record_quota_wait(
-        self, endpoint: str, seconds: float, reason: str, *, refused_by_provider: bool = False
+        self,
+        endpoint: str,
+        seconds: float,
+        reason: str,
+        *,
+        refused_by_provider: bool = False,
+        release_start: bool = False,
     ) -> None:
         """A call this run needs (a status or output read) waits for the account's quota; one
         event per waiting episode, the time shown on the run kept current. The first call the
@@ -1583,6 +1593,10 @@ class Run(models.Model):
             "quota_until": now + dt.timedelta(seconds=seconds),
             "quota_reason": reason[:300],
         }
+        if release_start and not self.external_id:
+            # In the same update as the wait: a watcher dying between the two would leave a
+            # claim on a start call that is not out (taken for one lost in a restart).
+            fields["start_attempted_at"] = None
         if self.quota_endpoint == endpoint and not (
             refused_by_provider and not self._provider_refused_over_quota()
         ):
@@ -1595,7 +1609,7 @@ class Run(models.Model):
 
     def _provider_refused_over_quota(self) -> bool:
         return self.events.filter(
-            kind=RunEvent.Kind.QUOTA_WAIT, data__refused_by_provider=True
+            kind=RunEvent.Kind.QUOTA_WAIT, data__endpoint="create", data__refused_by_provider=True
         ).exists()
 
     def queue_for_quota(self, exc: QuotaExhausted) -> None:
@@ -1607,8 +1621,8 @@ class Run(models.Model):
             exc.retry_after or 0.0,
             exc.message,
             refused_by_provider=exc.refused_by_provider,
+            release_start=True,
         )
-        self.release_start()
 
     def clear_quota_wait(self, *endpoints: str) -> None:
         """The call that waited went out: the run no longer waits (only for these kinds of

@@ -511,3 +511,41 @@ async def test_a_launch_fay_refused_as_over_quota_then_stopped_says_fay_refused_
     for task in list(watcher.sessions.values()):
         task.cancel()
     await watcher.drain()
+
+
+def test_a_queued_launch_releases_its_start_claim_in_the_same_update_as_the_wait(acme, sim, bob):
+    """Two updates left a window: a watcher dying between them kept a claim on a start call
+    that was never out, which the next holder takes for one lost in a restart (and fails)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    account = fay_account(acme, sim, QuotaTier.UNLIMITED, "sim-x")
+    run = launch(account, bob, "queued")
+    assert run.claim_start()
+    with CaptureQueriesContext(connection) as queries:
+        run.queue_for_quota(QuotaExhausted("create", 60.0, "Over the hourly launches."))
+    updates = [q["sql"] for q in queries if q["sql"].startswith('UPDATE "runs_run"')]
+    assert len(updates) == 1
+    assert "start_attempted_at" in updates[0]
+    run.refresh_from_db()
+    assert run.start_attempted_at is None
+    assert run.is_queued
+
+
+async def test_a_queued_launch_whose_turn_comes_as_a_shutdown_begins_is_not_sent(
+    acme, sim, bob, monkeypatch
+):
+    """The shutdown waits only for the start calls it saw out; a queued launch sent after it
+    began would be cut off mid-flight. Here the shutdown begins while the queue's wait reads
+    the run (a database call: the event loop runs on)."""
+    account = await sync_to_async(fay_account)(acme, sim, QuotaTier.UNLIMITED, "sim-x")
+    run = await sync_to_async(launch)(account, bob, "queued")
+    watcher = Watcher(tick=0.05)
+    read = Run.refresh_from_db
+
+    def read_as_the_shutdown_begins(self: Run, *args: Any, **kwargs: Any) -> None:
+        watcher._stopping = True
+        read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "refresh_from_db", read_as_the_shutdown_begins)
+    assert await watcher._wait_queued(run, 0.0) is False

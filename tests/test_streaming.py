@@ -14,7 +14,7 @@ from asgiref.sync import sync_to_async
 from django.utils import timezone
 
 from runs.models import Channel, ProviderAccount, Run, Status
-from runs.watcher.watcher import Watcher
+from runs.watcher.watcher import LET_GO, Watcher
 from tests.conftest import sim_account
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -234,6 +234,74 @@ async def test_a_watcher_shutting_down_hands_back_a_launch_waiting_to_resend_its
     assert run.start_attempted_at is None  # no start call out: the next holder may send it
     assert not run.watched_by
     assert start_calls(sim, "xpander", run) == refused
+
+
+async def refused_launch_under(watcher: Watcher, kind: str, account, bob, sim) -> tuple[Run, Any]:
+    """A launch whose start call `kind` refused, waiting (a minute) to send it again under
+    `watcher`, and that session; the resend is then driven by hand."""
+    run = await launch_on(kind, account, bob, "busy sim:fail=rate_limit sim:retry_after=60")
+    await watcher.tick()
+    await until_refused(run)
+    return run, watcher.live_sessions[run.pk]
+
+
+async def test_a_refused_start_coming_due_during_a_shutdown_is_handed_back_unsent(
+    account, bob, sim
+):
+    """The shutdown waits only for the start calls it saw out: one resent after it began
+    would be cut off mid-flight (its provider id lost). The next watcher sends it instead."""
+    watcher = Watcher(tick=60)
+    run, session = await refused_launch_under(watcher, "xpander", account, bob, sim)
+    refused = start_calls(sim, "xpander", run)
+    watcher._stopping = True  # the shutdown's first step
+
+    assert await session._start_again() == LET_GO
+    await run.arefresh_from_db()
+    assert run.status == Status.PENDING
+    assert run.start_attempted_at is None
+    assert run.pk not in watcher.starting  # nothing out for the shutdown to wait for
+    await asyncio.wait_for(watcher.shutdown(), 20)
+    assert start_calls(sim, "xpander", run) == refused
+
+    heir = Watcher(tick=60)
+    try:
+        await heir.tick()
+        deadline = time.monotonic() + 15
+        while start_calls(sim, "xpander", run) == refused:
+            assert time.monotonic() < deadline, "the next watcher never sent the start call"
+            await asyncio.sleep(0.05)
+    finally:
+        await heir.shutdown()
+
+
+async def test_a_refused_start_stopped_during_a_shutdown_is_stopped_there(account, bob, sim):
+    watcher = Watcher(tick=60)
+    run, session = await refused_launch_under(watcher, "xpander", account, bob, sim)
+    refused = start_calls(sim, "xpander", run)
+    await sync_to_async(run.request_stop)(actor=bob, channel=Channel.BUTTON)
+    watcher._stopping = True
+
+    assert await session._start_again() == LET_GO
+    await asyncio.wait_for(watcher.shutdown(), 20)
+    await run.arefresh_from_db()
+    assert run.status == Status.STOPPED
+    assert run.proof == "start_refused"
+    assert start_calls(sim, "xpander", run) == refused
+
+
+async def test_an_intelligencebox_start_is_resent_even_during_a_shutdown(account, bob, sim):
+    """Its chat id is Runbrake's own, saved before the first call: handed back unsent, the
+    next holder would find a chat the box never heard of and fail it. The resend goes out,
+    and the shutdown lets the box's stream finish as for any of its runs."""
+    watcher = Watcher(tick=60)
+    run, session = await refused_launch_under(watcher, "intelligencebox", account, bob, sim)
+    watcher._stopping = True
+    try:
+        assert await session._start_again() is None  # go on: send it
+        assert run.pk not in watcher.starting  # no provider id to wait for: it has one
+    finally:
+        watcher._stopping = False
+        await watcher.shutdown()
 
 
 async def test_a_stopped_chat_the_box_never_heard_of_is_stopped_on_its_status(account, bob, sim):

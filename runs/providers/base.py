@@ -14,6 +14,8 @@ Contract:
   means.
 - Calls that a provider counts against a quota go through `Provider.spend()`, which asks the
   account's `Budget` first: past the quota it raises `QuotaExhausted` before anything is sent.
+  A provider's own quota refusal becomes the same `QuotaExhausted` (`over_quota()`), marked
+  `refused_by_provider`: that call went out.
 """
 
 from __future__ import annotations

@@ -444,7 +444,9 @@ class Watcher:
                 return False
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
-                return True
+                # Not once a shutdown began meanwhile (during the read above): it waits only
+                # for the start calls it saw out, so this one could be cut off mid-flight.
+                return not self._stopping
             await asyncio.sleep(min(left, self.tick_seconds))
         return False
 
@@ -479,9 +481,10 @@ class Watcher:
             done.set()
 
     def _may_start_again(self, pk: int) -> bool:
-        """A session is about to resend a refused start call. Not while shutting down: the run
-        is handed back unsent (a call cut off mid-flight could lose the provider's id). Else
-        the call is out again, and a shutdown waits for its answer as for the first."""
+        """A session holding a run's start claim is about to resend a refused start call.
+        Not while shutting down: the run is handed back unsent (a call cut off mid-flight
+        could lose the provider's id). Else the call is out again, and a shutdown waits for
+        its provider id as for the first call's."""
         if self._stopping:
             return False
         self.starting[pk] = asyncio.Event()
@@ -848,18 +851,22 @@ class Session:
     async def _start_again(self) -> str | None:
         """The refused start call is about to go out again: only under this session's claim
         (one start call at a time, ever; another watcher may have taken the run meanwhile),
-        and not if the run was stopped meanwhile."""
+        and not if the run was stopped meanwhile, nor while the watcher shuts down (then the
+        run is handed back with nothing out, for the next holder to start)."""
         run = self.run
         self.start_backing_off = False
-        if self.may_start_again is not None and not self.may_start_again():
-            return LET_GO  # the watcher is shutting down: the next holder sends it
         if run.external_id:
-            # An id of our own (IntelligenceBox): there is no start claim to take.
+            # An id of our own (IntelligenceBox): there is no start claim to take, and the
+            # resend goes out even during a shutdown, which lets such streams finish (a box
+            # never sent its chat would fail it for the next holder as unknown).
             await dbthreads.call(run.pk, run.refresh_from_db)
         elif not await dbthreads.call(run.pk, run.claim_start):
             return LET_GO
         if run.status in STOP_IN_PROGRESS:
             await dbthreads.call(run.pk, run.mark_stopped_unstarted, refused=True)
+            return LET_GO
+        if not run.external_id and self.may_start_again is not None and not self.may_start_again():
+            await dbthreads.call(run.pk, run.release_start)
             return LET_GO
         return None
 
