@@ -25,7 +25,7 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -653,8 +653,9 @@ class Session:
         provider: Provider,
         *,
         writer: OutputWriter,
-        on_started: Any = None,
-        may_start_again: Any = None,
+        on_started: Callable[[], None] | None = None,
+        # Asked before a refused start call is resent: False hands the run back unsent.
+        may_start_again: Callable[[], bool] | None = None,
         reader: str = "",
     ) -> None:
         self.run = run
