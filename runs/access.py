@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db.models import F
 from django.http import Http404
 
 from runs.models import Membership, Run, RunQuerySet
@@ -57,11 +58,28 @@ def run_for_user(user: Any, pk: int, *related: str) -> Run:
 
 def run_and_membership(user: Any, pk: int, *related: str) -> tuple[Run, Membership] | None:
     """The user's run `pk` and their membership of its team (what they may do to it), or None
-    when it is in none of their teams."""
-    run = _visible_runs(user, related).filter(pk=pk).first()
+    when it is in none of their teams. One query: the stop path and every run page's socket
+    start here, and the membership row is the one `for_user` already joins."""
+    run = (
+        _visible_runs(user, ("team", *related))
+        .filter(pk=pk)
+        .annotate(
+            viewer_membership_id=F("team__memberships__id"),
+            viewer_role=F("team__memberships__role"),
+        )
+        .first()
+    )
     if run is None:
         return None
-    return run, Membership.objects.select_related("team").get(team_id=run.team_id, user=user)
+    # Taken off the run: they describe the viewer, not the run.
+    viewer = vars(run)
+    membership = Membership.from_db(
+        Membership.objects.db,
+        ["id", "team_id", "user_id", "role"],
+        [viewer.pop("viewer_membership_id"), run.team_id, user.pk, viewer.pop("viewer_role")],
+    )
+    membership.team = run.team
+    return run, membership
 
 
 def run_to_stop(user: Any, pk: int) -> tuple[Run, Membership] | None:

@@ -362,3 +362,64 @@ async def test_a_resync_the_database_cannot_answer_closes_the_socket_so_the_page
         assert layer is not None
         await layer.group_send(live.team_group(acme.pk), {"type": "push.resync"})
         assert await _closed_with(communicator) == live.CLOSE_SERVER_RESTARTING
+
+
+# --- Snapshots of a run page, rendered once per version ------------------------------------------
+
+
+async def test_pages_reconnecting_to_one_run_share_its_render_cut_to_each_viewer(
+    alice, bob, carol, launch, monkeypatch
+):
+    """A mass reconnect (a deploy, a restarted proxy) brings many pages of the same few runs
+    back at once: the detail is rendered once per version, and still cut to each viewer's
+    role, and a change is in the very next snapshot."""
+    run = await sync_to_async(launch)("reconnected to")
+    renders: list[int] = []
+    render_detail = live.render_detail
+
+    def counted(run: Run, **kwargs: object) -> str:
+        renders.append(run.pk)
+        return render_detail(run, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(live, "render_detail", counted)
+
+    async def snapshot(user: object) -> str:
+        async with websocket(f"/ws/runs/{run.pk}/", user) as (socket, connected):
+            assert connected
+            return await socket.receive_from(timeout=5)
+
+    admin, member, viewer = await snapshot(alice), await snapshot(bob), await snapshot(carol)
+    assert renders == [run.pk]
+    assert "stop-form" in admin
+    assert "stop-form" in member
+    assert "stop-form" not in viewer
+    assert 'data-status="pending"' in viewer
+
+    await sync_to_async(run.mark_running)("PROCESSING")
+    await live.drain()
+    again = await snapshot(carol)
+    assert 'data-status="running"' in again
+    assert "stop-form" not in again
+    assert 'data-status="running"' in await snapshot(alice)
+    # The new version rendered once more (by the snapshot or a push), not once per page.
+    assert len(renders) == 2
+
+
+async def test_a_kept_snapshot_is_read_again_once_it_is_a_second_old(bob, launch, monkeypatch):
+    """What changes without a new version (an account renamed in the admin) reaches a
+    reconnecting page within SNAPSHOT_SECONDS."""
+    run = await sync_to_async(launch)("renamed under it")
+
+    async def snapshot() -> str:
+        async with websocket(f"/ws/runs/{run.pk}/", bob) as (socket, connected):
+            assert connected
+            return await socket.receive_from(timeout=5)
+
+    monkeypatch.setattr(live, "SNAPSHOT_SECONDS", 60.0)
+    assert "Fay renamed" not in await snapshot()
+    account = run.provider_account
+    account.name = "Fay renamed"
+    await account.asave(update_fields=["name"])
+    assert "Fay renamed" not in await snapshot()  # the same version, kept
+    monkeypatch.setattr(live, "SNAPSHOT_SECONDS", 0.0)  # ... until it is that old
+    assert "Fay renamed" in await snapshot()

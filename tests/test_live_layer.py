@@ -67,3 +67,42 @@ async def test_a_newer_snapshot_of_a_run_replaces_one_not_yet_taken() -> None:
         "team-3", {"type": "push.html", "html": "run 7 again", "meta": {"id": 7}}
     )
     assert (await layer.receive(behind))["html"] == "run 7 again"
+
+
+async def test_a_push_to_many_sockets_lets_the_rest_of_the_process_run_between_batches() -> None:
+    """The hub hands a message to its sockets in batches of FANOUT_BATCH, turning the event
+    loop between them: a push to 1,000 sockets must not hold every request, handshake and
+    stream of the process until the last socket has it."""
+    import asyncio
+    from typing import Any
+
+    from runs.realtime import live
+
+    order: list[str] = []
+    first_delivered, all_delivered = asyncio.Event(), asyncio.Event()
+
+    class Socket:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def deliver(self, message: dict[str, Any], cuts: dict[Any, str]) -> None:
+            order.append(self.name)
+            first_delivered.set()
+            if sum(name != "meanwhile" for name in order) == len(sockets):
+                all_delivered.set()
+
+    async def meanwhile() -> None:
+        await first_delivered.wait()
+        order.append("meanwhile")
+
+    hub = live.Hub(LocalChannelLayer())
+    sockets = [Socket(f"socket-{i}") for i in range(live.FANOUT_BATCH * 3)]
+    for socket in sockets:
+        await hub.join("run-1", socket)
+    other = asyncio.create_task(meanwhile())
+    await hub.layer.group_send("run-1", {"type": "push.html", "html": "x", "meta": None})
+    await asyncio.wait_for(asyncio.gather(other, all_delivered.wait()), timeout=5)
+    assert sorted(name for name in order if name != "meanwhile") == sorted(s.name for s in sockets)
+    assert order.index("meanwhile") <= live.FANOUT_BATCH
+    for socket in sockets:
+        hub.leave("run-1", socket)

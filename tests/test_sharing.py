@@ -276,3 +276,22 @@ async def test_a_run_that_enters_the_filter_later_is_inserted(bob, acme, launch)
         inserted = await communicator.receive_from(timeout=5)
         assert inserted.startswith('<tbody hx-swap-oob="afterbegin:#run-rows">')
         assert f'id="run-row-{run.pk}"' in inserted
+
+
+def test_this_users_run_and_role_come_in_one_query_and_another_teams_run_is_none(
+    acme, launch, alice, bob, carol, mallory, django_assert_num_queries
+):
+    """The stop path and every run page's socket start here (runs/access.py): the run, its
+    team and the asking user's own role, from one query, in a team where every role is held."""
+    from runs.access import run_and_membership
+
+    run = launch("whose role?")
+    for user, role in ((alice, "admin"), (bob, "member"), (carol, "viewer")):
+        with django_assert_num_queries(1):
+            found = run_and_membership(user, run.pk, "provider_account")
+            assert found is not None
+            got, membership = found
+            assert (got.pk, membership.role, membership.user_id) == (run.pk, role, user.pk)
+            assert membership.team.name == acme.name  # loaded with the run: no query
+            assert got.provider_account.pk == run.provider_account_id
+    assert run_and_membership(mallory, run.pk) is None

@@ -54,7 +54,7 @@ def _run_snapshot(user: Any, run_id: int) -> tuple[Membership, str] | None:
     if found is None:
         return None
     run, membership = found
-    return membership, live.render_detail(live.load(run.pk))
+    return membership, live.snapshot_detail(run)
 
 
 # This process's open sockets, closed with "server restarting" when it shuts down.

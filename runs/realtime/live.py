@@ -29,6 +29,7 @@ import contextvars
 import json
 import logging
 import re
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -38,6 +39,8 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import DatabaseError, close_old_connections
 from django.template.loader import render_to_string
+from django.utils.timezone import get_current_timezone_name
+from django.utils.translation import get_language
 
 from runs import dbthreads
 from runs.models import Membership, Role, Run
@@ -174,6 +177,55 @@ def render_detail(run: Run, *, oob: bool = False) -> str:
     return render_to_string("runs/partials.html#run-status", {"run": run, "oob": oob})
 
 
+# A run page's snapshot, kept by the run's state. A mass reconnect (a deploy, a restarted
+# proxy) brings hundreds of pages of the same few runs back within seconds, and rendering the
+# detail was most of a handshake's time (P3 in docs/PERFORMANCE.md). The detail is the same
+# for every viewer (each socket cuts it to its role afterwards), and every change the state
+# machine or the output writer makes bumps the run's version, which is in the key; what
+# changes without one (an account renamed in the admin, the clock in a quota note) is at most
+# SNAPSHOT_SECONDS old. Bounded: past SNAPSHOT_CACHE_SIZE entries the expired ones go, then all.
+SNAPSHOT_SECONDS = 1.0
+SNAPSHOT_CACHE_SIZE = 2000
+_details: dict[tuple[Any, ...], tuple[float, str]] = {}
+_details_lock = threading.Lock()
+
+
+def _detail_key(run: Run) -> tuple[Any, ...]:
+    return (
+        run.pk,
+        run.version,
+        run.created_at,
+        run.updated_at,
+        get_current_timezone_name(),
+        get_language(),
+    )
+
+
+def _keep_detail(run: Run, html: str) -> None:
+    now = time.monotonic()
+    with _details_lock:
+        if len(_details) >= SNAPSHOT_CACHE_SIZE:
+            for key, (at, _html) in list(_details.items()):
+                if now - at >= SNAPSHOT_SECONDS:
+                    del _details[key]
+            if len(_details) >= SNAPSHOT_CACHE_SIZE:
+                _details.clear()
+        _details[_detail_key(run)] = (now, html)
+
+
+def snapshot_detail(run: Run) -> str:
+    """The run's detail for a page that (re)connects: `run` is its row as just read (the
+    access check's), and the detail is rendered only when no page or push of this process
+    rendered this version in the last SNAPSHOT_SECONDS (sync: database and templates)."""
+    found = _details.get(_detail_key(run))
+    if found is not None and time.monotonic() - found[0] < SNAPSHOT_SECONDS:
+        return found[1]
+    current = load(run.pk)
+    html = render_detail(current)
+    _keep_detail(current, html)
+    return html
+
+
 def render_run_response(run: Run, *, on_run_page: bool) -> str:
     """What an htmx action on a run answers: the fragments the page it came from shows (the
     run's own page has the detail; a list has the row)."""
@@ -229,11 +281,16 @@ def _render(
         run = load(run_id)
     except Run.DoesNotExist:
         return None
+    detail_html = None
+    if detail:
+        detail_html = render_detail(run)
+        # A page that connects next gets this very render as its snapshot.
+        _keep_detail(run, detail_html)
     return (
         run.team_id,
         render_row(run, created=created) if row else None,
         {**facts(run), "created": created},
-        render_detail(run) if detail else None,
+        detail_html,
     )
 
 
@@ -537,6 +594,10 @@ class Listener(Protocol):
         this message, for versions of it that several viewers see the same way."""
 
 
+# Sockets handed one message between two turns of the event loop (see Hub._read).
+FANOUT_BATCH = 32
+
+
 class Hub:
     """A process's subscriptions to the channel layer: each group with sockets here is
     received once and handed to every local socket in a plain loop, instead of one
@@ -599,11 +660,18 @@ class Hub:
                     await asyncio.sleep(0.5)
                     continue
                 cuts: dict[Any, str] = {}
-                for member in list(self.members.get(group, ())):
+                for count, member in enumerate(list(self.members.get(group, ())), 1):
                     try:
                         member.deliver(message, cuts)
                     except Exception:
                         logger.exception("live group %s: a socket failed a push", group)
+                    if count % FANOUT_BATCH == 0:
+                        # A socket's send mostly completes inside deliver (an eager task):
+                        # without a pause, a push to 1,000 sockets holds the loop for the
+                        # whole fan-out (half a second under daphne), and every request,
+                        # handshake and stream of the process waits. Order is kept: this
+                        # group's next message is not received before this one is handed out.
+                        await asyncio.sleep(0)
         finally:
             try:
                 await layer.group_discard(group, channel)
