@@ -1,11 +1,12 @@
 """The floors: what this machine costs with nothing of Runbrake in the way, so that a missed
 row can be read against what is possible here.
 
-    floors.py app <port>          a bare ASGI app on the product's uvicorn stack (uvicorn,
-                                  websockets, uvloop, no compression): websockets that get a
-                                  snapshot and then only listen, `POST /fanout?tag=` sends one
-                                  pre-built frame to every socket in a plain loop and answers
-                                  how long the loop took, `GET /health` answers "ok".
+    floors.py app <port> [daphne] a bare ASGI app on the product's uvicorn stack (uvicorn,
+                                  websockets, uvloop, no compression), or on daphne as `serve`
+                                  runs it (the embedded default's server): websockets that get
+                                  a snapshot and then only listen, `POST /fanout?tag=` sends
+                                  one pre-built frame to every socket in a plain loop and
+                                  answers how long the loop took, `GET /health` answers "ok".
     floors.py sse '<json spec>'   a bare reader of N simulator streams (httpx + httpx-sse +
                                   json, as the IntelligenceBox client reads them; no Django,
                                   no database): CPU per chunk and the chunks' lag -> JSON
@@ -75,7 +76,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-def serve(port: int) -> None:
+def serve(port: int, server: str = "uvicorn") -> None:
+    if server == "daphne":
+        serve_daphne(port)
+        return
     import uvicorn
 
     uvicorn.run(
@@ -89,6 +93,20 @@ def serve(port: int) -> None:
         access_log=False,
         backlog=4096,
     )
+
+
+def serve_daphne(port: int) -> None:
+    """The bare app on daphne with the message limits `manage.py serve` gives it."""
+    import daphne.server  # noqa: F401 - installs the asyncio reactor before anything else
+    from daphne.server import Server
+
+    Server(
+        application=app,
+        endpoints=[f"tcp:port={port}:interface=127.0.0.1"],
+        websocket_max_message_size=64 * 1024,
+        websocket_max_frame_size=64 * 1024,
+        verbosity=0,
+    ).run()
 
 
 # --- the bare SSE reader ----------------------------------------------------------------------
@@ -189,10 +207,12 @@ def _ts(iso: str) -> float:
 # --- driving them (from bench/run.py) ------------------------------------------------------------
 
 
-def bare_websockets(fanout: int, trials: int, capacity: int, reconnect_box: float) -> Any:
+def bare_websockets(
+    fanout: int, trials: int, capacity: int, reconnect_box: float, server: str = "uvicorn"
+) -> Any:
     """Fan-out to `fanout` sockets of the bare app (P2's floor), then memory per socket and
     connect rate at `capacity` sockets (P3's), a mass reconnect of half of them, and
-    sequential requests (P5's per-request floor)."""
+    sequential requests (P5's per-request floor). `capacity` 0: the fan-out only."""
     import httpx
     from common import PY, ROOT, Proc, free_port, rss_kib, summary
     from measure import Clients, connect_all, watch
@@ -201,7 +221,7 @@ def bare_websockets(fanout: int, trials: int, capacity: int, reconnect_box: floa
     url = f"http://127.0.0.1:{port}"
     proc = Proc(
         "bare-app",
-        [PY, str(ROOT / "bench" / "floors.py"), "app", str(port)],
+        [PY, str(ROOT / "bench" / "floors.py"), "app", str(port), server],
         dict(os.environ),
         cwd=ROOT,
     )
@@ -225,6 +245,14 @@ def bare_websockets(fanout: int, trials: int, capacity: int, reconnect_box: floa
                 got, _lost = watch(gens, 10, tag, fan)
                 lat += got
                 time.sleep(0.2)
+            fanned = {
+                "server": server,
+                "fanout_sockets": fanout,
+                "fanout_latency": summary(lat),
+                "send_us_per_socket": round(1000 * sum(send_ms) / max(1, len(send_ms)) / fanout, 1),
+            }
+            if not capacity:
+                return fanned
             more = [Clients(ws, ["bare"], (capacity - fanout) // 2) for _ in range(2)]
             gens += more
             opened, _failed, seconds = connect_all(more)
@@ -250,9 +278,7 @@ def bare_websockets(fanout: int, trials: int, capacity: int, reconnect_box: floa
             g.close()
         proc.stop()
     return {
-        "fanout_sockets": fanout,
-        "fanout_latency": summary(lat),
-        "send_us_per_socket": round(1000 * sum(send_ms) / max(1, len(send_ms)) / fanout, 1),
+        **fanned,
         "sockets": sockets,
         "kib_per_socket": round((rss1 - rss0) / max(1, sockets), 1),
         "connect_per_second": round(opened / seconds, 1) if seconds else None,
@@ -291,7 +317,7 @@ def _wait(url: str, proc: Any, timeout: float = 30) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "app":
-        serve(int(sys.argv[2]))
+        serve(int(sys.argv[2]), *sys.argv[3:4])
     elif sys.argv[1] == "sse":
         print(json.dumps(asyncio.run(read_streams(json.loads(sys.argv[2])))))
     else:

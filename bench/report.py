@@ -171,6 +171,7 @@ def _sockets(r: dict[str, Any]) -> str:
 
 def rows(floors: dict[str, Any], sizes: dict[str, Any]) -> list[Row]:
     ws = floors.get("websockets") or {}
+    wsd = floors.get("websockets_daphne") or {}
     sse = floors.get("sse") or {}
     big = max(sizes.get("p4_sizes") or [0])
     sse_lag = (
@@ -205,9 +206,15 @@ def rows(floors: dict[str, Any], sizes: dict[str, Any]) -> list[Row]:
             " ms",
             sized=lambda r: (_p(r, "p2", "viewers") or 0) >= 1000,
             floor=lambda r: (
-                f"bare fan-out to {_num(ws.get('fanout_sockets'))} sockets "
-                f"p99 {_num(_get(ws, 'fanout_latency', 'p99'), ' ms')} "
+                f"bare fan-out to {_num(ws.get('fanout_sockets'))} sockets p99: uvicorn "
+                f"{_num(_get(ws, 'fanout_latency', 'p99'), ' ms')} "
                 f"({_num(ws.get('send_us_per_socket'))} µs a send)"
+                + (
+                    f", daphne {_num(_get(wsd, 'fanout_latency', 'p99'), ' ms')} "
+                    f"({_num(wsd.get('send_us_per_socket'))} µs a send)"
+                    if wsd.get("fanout_latency")
+                    else ""
+                )
             ),
         ),
         Row(
@@ -394,7 +401,8 @@ def floors_table(floors: dict[str, Any]) -> list[str]:
         return ["Not measured.", ""]
     lines = [
         "What the same machine does with nothing of Runbrake in the way (`bench/floors.py`): a "
-        "bare ASGI app on the product's uvicorn stack (websockets, uvloop, no compression) "
+        "bare ASGI app on the product's uvicorn stack (websockets, uvloop, no compression; "
+        "its fan-out also on daphne, the embedded default's server) "
         "and a bare reader of the simulator's SSE streams (httpx + httpx-sse + json, no "
         "Django, no database). Measured once per run, beside the rows above.",
         "",
@@ -410,6 +418,17 @@ def floors_table(floors: dict[str, Any]) -> list[str]:
             "receipt p50 / p99 | "
             f"{_pair(ws, 'fanout_latency')} ms |",
             f"| ASGI send loop, per socket | {_num(ws.get('send_us_per_socket'))} µs |",
+            *(
+                [
+                    f"| the same frame to {_num(wsd.get('fanout_sockets'))} sockets on daphne "
+                    f"(the embedded default's server), receipt p50 / p99 | "
+                    f"{_pair(wsd, 'fanout_latency')} ms |",
+                    f"| daphne's send loop, per socket | "
+                    f"{_num(wsd.get('send_us_per_socket'))} µs |",
+                ]
+                if (wsd := floors.get("websockets_daphne") or {}).get("fanout_latency")
+                else []
+            ),
             f"| memory per idle socket at {_num(ws.get('sockets'))} | "
             f"{_num(ws.get('kib_per_socket'), ' KiB')} |",
             f"| connects per second | {_num(ws.get('connect_per_second'))} |",

@@ -356,6 +356,18 @@ def run_floors(sims: list[Server]) -> dict[str, Any]:
         size("p3_sockets"),
         size("p3_reconnect_box_s"),
     )
+    # The embedded default's server (daphne) frames and writes each send itself: its own
+    # fan-out floor, beside uvicorn's (P2 on SQLite runs on it).
+    attempt(
+        out,
+        "websockets_daphne",
+        floors.bare_websockets,
+        size("p2_viewers"),
+        size("p2_trials"),
+        0,
+        0,
+        "daphne",
+    )
     attempt(
         out,
         "sse",
